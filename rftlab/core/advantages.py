@@ -1,0 +1,170 @@
+"""Advantage estimators: group-relative (GRPO / DAPO / Dr. GRPO) and GAE (PPO), plus whitening."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rftlab.core.masked import masked_mean, masked_var
+from rftlab.core.registry import Registry
+
+#: Scale functions of ``group_advantages``: ``fn(grouped, eps) -> advantages`` where ``grouped``
+#: is (num_groups, group_size) rewards (one row per prompt) and the result has the same shape.
+#: Register a new one (e.g. leave-one-out) with ``@ADVANTAGE_SCALES.register("name")``.
+ADVANTAGE_SCALES: Registry[Callable[[Tensor, float], Tensor]] = Registry("advantage scale")
+
+
+def _unbiased_std(x: Tensor, dim: int | None = None) -> Tensor:
+    """Unbiased (n - 1) std as TRL and verl use; defined as 0 when n <= 1 (where it would be NaN)."""
+    n = x.numel() if dim is None else x.shape[dim]
+    if n <= 1:
+        if dim is None:
+            return x.new_zeros(())
+        shape = list(x.shape)
+        shape[dim] = 1
+        return x.new_zeros(shape)
+    return x.std() if dim is None else x.std(dim, keepdim=True)
+
+
+def _center(grouped: Tensor) -> Tensor:
+    """``r - mean_g`` per row, exactly 0 for rows whose rewards are all equal.
+
+    In float32, ``mean([0.3] * 7)`` is not exactly 0.3: ``r - mean`` is ~3e-8 and so is the std, and
+    ``3e-8 / (3e-8 + 1e-6)`` would give a spurious advantage of ~0.03. A constant group carries no
+    learning signal (DAPO arXiv 2503.14476, §3.2 "Dynamic Sampling"), so its advantage is set to 0.
+    """
+    centered = grouped - grouped.mean(-1, keepdim=True)
+    constant = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(centered), centered)
+
+
+@ADVANTAGE_SCALES.register("group")
+def _scale_group(grouped: Tensor, eps: float) -> Tensor:
+    # GRPO outcome supervision, DeepSeekMath arXiv 2402.03300 §4.1.2: (r_i - mean(r)) / std(r).
+    return _center(grouped) / (_unbiased_std(grouped, dim=-1) + eps)
+
+
+@ADVANTAGE_SCALES.register("batch")
+def _scale_batch(grouped: Tensor, eps: float) -> Tensor:
+    # Group baseline, batch-level std: one std for the whole batch, so easy (low-variance) prompts
+    # are not up-weighted (Dr. GRPO arXiv 2503.20783 §3.1 discusses the question-level difficulty bias).
+    return _center(grouped) / (_unbiased_std(grouped) + eps)
+
+
+@ADVANTAGE_SCALES.register("none")
+def _scale_none(grouped: Tensor, eps: float) -> Tensor:
+    # Dr. GRPO arXiv 2503.20783 §3.2: drop the std normalisation, keep only the group baseline.
+    return _center(grouped)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages: each reward minus its group's mean, optionally divided by a std.
+
+    Groups are consecutive blocks of ``group_size`` (the G completions of one prompt). With
+    ``mean_g``/``std_g`` over the group and ``std_all`` over the whole batch (std unbiased, as TRL
+    and verl):
+
+    - ``"group"``: ``(r - mean_g) / (std_g + eps)`` (GRPO, DeepSeekMath arXiv 2402.03300 §4.1.2)
+    - ``"batch"``: ``(r - mean_g) / (std_all + eps)``
+    - ``"none"``:  ``r - mean_g`` (Dr. GRPO, arXiv 2503.20783 §3.2)
+
+    A group whose rewards are all equal gets advantage exactly 0 (no float round-off leaks through
+    the division). ``group_size == 1`` makes the unbiased std undefined (NaN); it is taken as 0 so
+    every advantage is 0 (a lone sample has no group baseline to compare with).
+
+    Args:
+        rewards: (N,) scalar reward per completion; N divisible by ``group_size``.
+        group_size: G >= 1, completions per prompt.
+        scale: a name in ``ADVANTAGE_SCALES``.
+        eps: >= 0, added to the std to avoid division by zero.
+
+    Returns:
+        (N,) advantages, floating (float32 for integer/bool rewards).
+    """
+    fn = ADVANTAGE_SCALES.get(scale)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"number of rewards ({rewards.numel()}) must be divisible by group_size ({group_size})"
+        )
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return fn(rewards.view(-1, group_size), eps).reshape(-1)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation over completion tokens (raw, not whitened).
+
+    GAE, Schulman et al. 2016 arXiv 1506.02438, Eq. 16, computed backwards:
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` with ``V = 0`` after the last real token (the episode
+    ends at EOS or truncation), ``A_t = delta_t + gamma lam A_{t+1}``, ``returns = A + V``.
+
+    Real tokens must be a prefix of each row (right padding). Padded positions are zero in both
+    outputs and never leak into real ones, whatever ``rewards``/``values`` hold there (even NaN).
+
+    Args:
+        rewards: (N, T) per-token rewards (typically the score on the last real token, minus a
+            per-token KL penalty).
+        values: (N, T) value estimates V(s_t), usually detached.
+        mask: (N, T) 1 on real completion tokens (EOS included), 0 on padding.
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns:
+        ``(advantages, returns)``, both (N, T).
+    """
+    if not rewards.shape == values.shape == mask.shape or rewards.dim() != 2:
+        raise ValueError(
+            "rewards, values and mask must all be (N, T), got "
+            f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}"
+        )
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    real = mask != 0
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    r = torch.where(real, rewards.to(dtype), zero)
+    v = torch.where(real, values.to(dtype), zero)
+    n, t_len = v.shape
+    next_value = v.new_zeros(n)  # V after the last position, or of a padded next position: 0
+    next_adv = v.new_zeros(n)
+    columns: list[Tensor] = [next_adv] * t_len
+    for t in reversed(range(t_len)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        # On padding A_t = 0, so the real token before it sees A_{t+1} = 0 and V_{t+1} = 0.
+        adv_t = torch.where(real[:, t], delta + gamma * lam * next_adv, zero)
+        columns[t] = adv_t
+        next_value, next_adv = v[:, t], adv_t
+    advantages = torch.stack(columns, dim=1) if t_len else v.clone()
+    returns = torch.where(real, advantages + v, zero)
+    return advantages, returns
+
+
+def whiten(x: Tensor, mask: Tensor) -> Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` on real positions, 0 elsewhere.
+
+    Mean and variance are taken over the real positions of the whole tensor. The variance is the
+    biased one (divided by the number of real positions n, see ``masked_var``); TRL's and verl's
+    ``masked_whiten`` use the unbiased one (n - 1). The results differ by a factor sqrt(n / (n-1)),
+    negligible at RL batch sizes, and the biased form is defined (0, not NaN) for n = 1.
+    The 1e-8 keeps a constant ``x`` finite: it whitens to 0.
+
+    Args:
+        x: (N, T) (any shape), floating.
+        mask: same shape, 1 on real positions.
+
+    Returns:
+        Same shape as ``x``; all zeros if there is no real position.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return torch.where(mask != 0, out, torch.zeros_like(out))
