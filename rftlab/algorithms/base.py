@@ -1,0 +1,320 @@
+"""RFTModule: the thin base LightningModule every rftlab algorithm (built-in or yours) extends.
+
+It owns the policy (loading, LoRA, the reference policy), the two protocol methods the
+RolloutDataModule calls (``generate`` and ``score_rollout``), optimisation, validation and logging.
+A subclass implements ``compute_advantages`` and ``compute_loss``; see ``GRPO`` for the pattern.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from rftlab.core import entropy_from_logits, masked_mean, selective_log_softmax
+from rftlab.models.loading import load_causal_lm, load_tokenizer
+from rftlab.models.policy import adapter_disabled, apply_lora, completion_logits, is_adapter_model, trainable_state_keys
+from rftlab.rollout.evaluation import EvalBatch
+from rftlab.rollout.rollout import Rollout
+from rftlab.rollout.sampler import SamplingParams, sample_completions, set_checkpointing
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RFTModule(L.LightningModule):
+    """Policy, protocol and optimisation shared by all algorithms.
+
+    Args:
+        policy: "default" (bundled SmolLM2-135M-Instruct), "tiny" (random test model), a local
+            model folder, or a hub id (downloaded only because you named it).
+        lora: train a LoRA adapter instead of all weights; the reference policy is then the same
+            model with the adapter disabled (no second copy).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (update scale alpha / r).
+        lora_dropout: LoRA dropout.
+        lora_target_modules: "all-linear" or module-name suffixes such as ["q_proj", "v_proj"].
+        num_generations: completions sampled per prompt (the group size G).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps (then constant).
+        max_grad_norm: gradient clipping norm (used unless the Trainer sets gradient_clip_val); 0 disables.
+        beta: coefficient of the KL-to-reference term; 0 skips the reference forward entirely.
+        dtype: parameter dtype: "float32", "bfloat16" or "float16" (use Trainer precision for autocast).
+        gradient_checkpointing: recompute activations in backward (switched off while sampling).
+        logprob_batch_size: sequences per forward when scoring a rollout without grad (memory bound).
+        validate_at_start: evaluate the held-out split before the first step (logged at step 0).
+        log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
+            RL steps that take seconds).
+        seed: seeds the random initialisation of the "tiny" policy.
+    """
+
+    def __init__(
+        self,
+        policy: str = "default",
+        lora: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
+        num_generations: int = 8,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        beta: float = 0.0,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        logprob_batch_size: int = 64,
+        validate_at_start: bool = True,
+        log_every_n_steps: int | None = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _require(isinstance(policy, str) and policy != "", "policy", policy, "a non-empty model name or path")
+        _require(lora_r >= 1, "lora_r", lora_r, ">= 1")
+        _require(lora_alpha > 0, "lora_alpha", lora_alpha, "> 0")
+        _require(0.0 <= lora_dropout < 1.0, "lora_dropout", lora_dropout, "in [0, 1)")
+        _require(isinstance(num_generations, int) and num_generations >= 1, "num_generations", num_generations, ">= 1")
+        _require(lr > 0 and math.isfinite(lr), "lr", lr, "a finite number > 0")
+        _require(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
+        _require(warmup_steps >= 0, "warmup_steps", warmup_steps, ">= 0")
+        _require(max_grad_norm >= 0, "max_grad_norm", max_grad_norm, ">= 0 (0 disables clipping)")
+        _require(beta >= 0 and math.isfinite(beta), "beta", beta, ">= 0")
+        _require(dtype in DTYPES, "dtype", dtype, f"one of {', '.join(DTYPES)}")
+        _require(logprob_batch_size >= 1, "logprob_batch_size", logprob_batch_size, ">= 1")
+        _require(log_every_n_steps is None or log_every_n_steps >= 1, "log_every_n_steps", log_every_n_steps, ">= 1 or None")
+        self.save_hyperparameters()
+        self.num_generations = num_generations
+        self.policy: torch.nn.Module | None = None
+        self.ref_policy: torch.nn.Module | None = None
+        self._tokenizer = None
+        self.val_accuracy = MeanMetric()
+        self.val_reward = MeanMetric()
+        self.initial_val_accuracy: float | None = None
+        self.nonfinite_steps = 0
+        self._batch_start = 0.0
+
+    # ---- the policy ------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The policy's tokenizer (loaded on first use; always has a pad token)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.policy)
+        return self._tokenizer
+
+    @property
+    def uses_adapter(self) -> bool:
+        return bool(self.hparams.lora)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether reference log-probs are computed (subclasses with other KL terms override)."""
+        return self.hparams.beta > 0
+
+    def configure_model(self) -> None:
+        """Load the policy (and a frozen reference copy only for full fine-tuning with a KL term)."""
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        model = load_causal_lm(hp.policy, DTYPES[hp.dtype], vocab_size=len(self.tokenizer), seed=hp.seed)
+        if hp.gradient_checkpointing:
+            set_checkpointing(model, True)
+        if hp.lora:
+            model = apply_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
+        elif self.needs_reference:
+            # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start policy.
+            self.ref_policy = copy.deepcopy(model).eval().requires_grad_(False)
+        self.policy = model
+        self.configure_extra_modules()
+        # Checkpoints keep only what trains (adapter, heads): frozen base weights come from `policy`.
+        self.strict_loading = not hp.lora and self.ref_policy is None
+
+    def configure_extra_modules(self) -> None:
+        """Hook for subclasses to add modules (value heads, critics) after the policy exists."""
+
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int, params: SamplingParams
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample completions with the current policy (protocol method used by the DataModule)."""
+        self.configure_model()
+        eos = [self.tokenizer.eos_token_id]
+        gen_eos = getattr(getattr(self._hf_model(), "generation_config", None), "eos_token_id", None)
+        for extra in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if extra is not None and extra not in eos:
+                eos.append(extra)
+        with self._precision_context():
+            return sample_completions(
+                self.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations, params,
+                eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id,
+            )
+
+    def _hf_model(self) -> torch.nn.Module:
+        return self.policy.get_base_model() if is_adapter_model(self.policy) else self.policy
+
+    def _precision_context(self) -> Any:
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+
+    # ---- scoring a rollout -----------------------------------------------------------------
+    def score_rollout(self, rollout: Rollout) -> Rollout:
+        """Annotate a fresh rollout: old/ref log-probs where needed, then advantages (protocol method)."""
+        rollout = rollout.to(self.device)
+        with torch.no_grad(), self._precision_context():
+            if rollout.num_updates > 1:
+                # The rollout feeds several updates, so the sampling policy's log-probs must be
+                # frozen now; with one update they equal the detached current ones (no forward).
+                rollout.old_logp = self.batched_logprobs(rollout, reference=False)
+            if self.needs_reference:
+                rollout.ref_logp = self.batched_logprobs(rollout, reference=True)
+            rollout = self.compute_advantages(rollout)
+        return rollout
+
+    def batched_logprobs(self, rollout: Rollout, reference: bool = False) -> Tensor:
+        """Log-probs of the rollout's completions, in chunks of ``logprob_batch_size``, no grad."""
+        out = []
+        step = self.hparams.logprob_batch_size
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout: the log-probs of the distribution that sampled
+        try:
+            for i in range(0, len(rollout), step):
+                mb = rollout.select(torch.arange(i, min(i + step, len(rollout))), trim=False)
+                logits = self.policy_logits(mb, reference=reference)
+                out.append(selective_log_softmax(logits, mb.completion_ids).float())
+        finally:
+            self.policy.train(was_training)
+        return torch.cat(out)
+
+    def policy_logits(self, batch: Rollout, reference: bool = False) -> Tensor:
+        """(N, T, V) temperature-scaled logits of the policy (or the reference) on the completions."""
+        if reference and self.ref_policy is not None:
+            model, ctx = self.ref_policy, nullcontext()
+        else:
+            model, ctx = self.policy, adapter_disabled(self.policy) if reference else nullcontext()
+        with ctx:
+            return completion_logits(
+                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                batch.temperature,
+            )
+
+    def compute_advantages(self, rollout: Rollout) -> Rollout:
+        """Fill ``rollout.advantages`` (and returns/values if the algorithm has a critic)."""
+        raise NotImplementedError
+
+    # ---- training --------------------------------------------------------------------------
+    def compute_loss(self, batch: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one minibatch and the metrics to log (namespaced names)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Rollout, batch_idx: int) -> Tensor | None:
+        loss, metrics = self.compute_loss(batch)
+        n = len(batch)
+        for name, value in batch.extras.get("metrics", {}).items():
+            self.log(name, float(value), on_step=True, batch_size=n, prog_bar=name == "reward/mean")
+        self.log("rollout/policy_lag", float(self.global_step - batch.policy_version), on_step=True, batch_size=n)
+        for name, value in metrics.items():
+            self.log(name, value.detach().float() if isinstance(value, Tensor) else float(value), on_step=True, batch_size=n)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=n)
+        if not torch.isfinite(loss):
+            # Skip the update instead of writing NaN into the weights (returning None skips it).
+            self.nonfinite_steps += 1
+            self.log("faults/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=n)
+            warnings.warn(f"non-finite loss at step {self.global_step}: update skipped", stacklevel=2)
+            return None
+        return loss
+
+    def token_entropy(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Masked mean entropy of the policy at the completion tokens (a monitoring metric)."""
+        with torch.no_grad():
+            return masked_mean(entropy_from_logits(logits.detach()), mask)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.log_every_n_steps is not None:
+            self.trainer.log_every_n_steps = self.hparams.log_every_n_steps
+        # Evaluated here rather than in on_train_start so that training clocks (which start in
+        # on_train_start) do not count it.
+        self.validate_before_training()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("timing/train", time.perf_counter() - self._batch_start, on_step=True, batch_size=len(batch))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])) if grads else torch.tensor(0.0)
+        self.log("grad_norm", norm, on_step=True, batch_size=1)
+        if not torch.isfinite(norm):
+            for p in self.parameters():
+                p.grad = None  # AdamW skips parameters without gradients: the step becomes a no-op
+            self.nonfinite_steps += 1
+            self.log("faults/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
+            warnings.warn(f"non-finite gradient at step {self.global_step}: update skipped", stacklevel=2)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.max_grad_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- validation ------------------------------------------------------------------------
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        self.val_accuracy.update(batch.correct)
+        self.val_reward.update(batch.rewards)
+        n = len(batch.correct)
+        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log("val/reward", self.val_reward, on_step=False, on_epoch=True, batch_size=n)
+        self.log("val/mean_length", batch.lengths.mean(), on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def validate_before_training(self) -> None:
+        """Held-out accuracy of the untrained policy, logged as ``val/accuracy`` at step 0."""
+        if not self.hparams.validate_at_start or self.global_step > 0:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        stream = datamodule.val_dataloader() if datamodule is not None else []
+        if not stream or self.trainer.limit_val_batches == 0:
+            return
+        metric = MeanMetric().to(self.device)
+        with torch.inference_mode():
+            for batch in stream:
+                metric.update(batch.correct.to(self.device))
+        self.initial_val_accuracy = float(metric.compute())
+        for logger in self.loggers:
+            logger.log_metrics({"val/accuracy": self.initial_val_accuracy}, step=self.global_step)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.strict_loading:
+            return
+        keep = trainable_state_keys(self)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.policy is None:
+            return
+        missing = sorted(k for k in self._trainable_param_names() if k not in checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+    def _trainable_param_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise a ValueError naming the parameter, its value and the allowed range."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")

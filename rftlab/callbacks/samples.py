@@ -1,0 +1,67 @@
+"""A table of sample prompts, completions and rewards, every N steps (W&B table, or a JSONL file)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+
+class CompletionTable(L.Callback):
+    """Every ``every_n_steps`` steps, log up to ``max_rows`` samples of the current rollout.
+
+    With a W&B logger the samples go to a ``samples`` table (prompt, completion, total reward, each
+    reward function, advantage); without one they are appended to ``<log_dir>/samples.jsonl``.
+
+    Args:
+        every_n_steps: logging interval in optimizer steps (>= 1).
+        max_rows: samples per table (>= 1).
+    """
+
+    def __init__(self, every_n_steps: int = 10, max_rows: int = 8) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.every_n_steps = every_n_steps
+        self.max_rows = max_rows
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step % self.every_n_steps != 0 or not hasattr(batch, "completions"):
+            return
+        rows = sample_rows(batch, self.max_rows)
+        if not rows:
+            return
+        columns = list(rows[0])
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        for logger in wandb_loggers:
+            logger.log_table(key="samples", columns=columns, data=[list(r.values()) for r in rows], step=step)
+        if not wandb_loggers and trainer.log_dir:
+            path = Path(trainer.log_dir) / "samples.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                for row in rows:
+                    f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def sample_rows(batch: Any, max_rows: int) -> list[dict[str, Any]]:
+    """Up to ``max_rows`` dicts (prompt, completion, reward, per-function rewards, advantage)."""
+    rows = []
+    for i in range(min(max_rows, len(batch.completions))):
+        row: dict[str, Any] = {
+            "prompt": batch.prompts[i] if batch.prompts else "",
+            "completion": batch.completions[i],
+            "reward": float(batch.rewards[i]),
+        }
+        for j, name in enumerate(batch.reward_names):
+            value = float(batch.rewards_per_fn[i, j])
+            row[f"reward/{name}"] = None if math.isnan(value) else value
+        adv = batch.seq_advantages
+        row["advantage"] = float(adv[i]) if adv is not None else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,365 @@
+"""RolloutDataModule: the shared experience pipeline every algorithm trains on.
+
+Per optimizer step it hands the LightningModule one minibatch (a ``Rollout``). When the queue of
+minibatches is empty it builds a new rollout with the CURRENT policy:
+
+    prompts -> module.generate (G completions each) -> rewards -> [dynamic sampling]
+            -> module.score_rollout -> num_iterations x num_minibatches minibatches
+
+The module side of the protocol is ``tokenizer``, ``num_generations``, ``generate(...)``,
+``score_rollout(rollout)`` and ``global_step``; this file never imports an algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
+from rftlab.rollout.evaluation import EvalStream
+from rftlab.rollout.prompts import PromptEncoder
+from rftlab.rollout.rollout import Rollout
+from rftlab.rollout.sampler import SamplingParams
+from rftlab.tasks.base import Task
+
+DYNAMIC_SAMPLING_ON_SHORT = ("continue", "raise")
+
+
+class RolloutStream:
+    """The train "dataloader": an iterable with a length, yielding one minibatch per optimizer step.
+
+    It has a length on purpose: Lightning pre-fetches one batch ahead from iterables without one
+    (``_PrefetchDataFetcher``), which would sample the next rollout before the current update and
+    make training off-policy by one step.
+    """
+
+    def __init__(self, datamodule: "RolloutDataModule") -> None:
+        self.datamodule = datamodule
+
+    def __len__(self) -> int:
+        return self.datamodule.steps_per_epoch
+
+    def __iter__(self) -> Iterator[Rollout]:
+        for _ in range(len(self)):
+            yield self.datamodule.next_minibatch()
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Samples, scores and batches rollouts for any rftlab algorithm.
+
+    Args:
+        task: the task (prompts, held-out split, verifier).
+        rewards: reward functions overriding the task's (a dict name -> fn, or a list).
+        reward_weights: one weight per reward function.
+        reward_on_error: "raise" (stop with an error naming the reward and sample) or "zero".
+        prompts_per_step: prompt groups per rollout (per process); each gets num_generations completions.
+        max_new_tokens: completion budget.
+        temperature: sampling temperature (> 0).
+        top_p: nucleus sampling mass in (0, 1].
+        top_k: top-k sampling (0 disables).
+        max_prompt_length: longest prompt in tokens.
+        prompt_truncation: "left" (keep the end of a long prompt, with a warning) or "error".
+        num_iterations: optimisation passes over each rollout (PPO epochs, >= 1).
+        num_minibatches: minibatches per pass; each is one optimizer step (whole groups each).
+        dynamic_sampling: drop groups whose rewards all equal each other and sample more (DAPO).
+        max_gen_batches: generation rounds allowed per rollout with dynamic sampling (>= 1).
+        dynamic_sampling_tol: rewards within this std count as equal (for continuous rewards).
+        on_short_batch: with dynamic sampling, when rounds run out: "continue" with fewer groups, or "raise".
+        val_batch_size: held-out prompts per validation batch.
+        val_max_new_tokens: completion budget for validation (default: max_new_tokens).
+        num_val_prompts: use only the first n held-out prompts (default: all).
+        steps_per_epoch: optimizer steps per "epoch" of the stream (default: one pass over the prompts).
+        seed: seeds the prompt order and the sampling of every rollout.
+        reward_transform: optional fn(rewards (N,), rollout) -> rewards, applied before advantages
+            (e.g. DAPO's overlong penalty); set by algorithms, not usually by users.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        rewards: Mapping[str, RewardFn] | Sequence[RewardFn] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        reward_on_error: str = "raise",
+        prompts_per_step: int = 4,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_prompt_length: int = 512,
+        prompt_truncation: str = "left",
+        num_iterations: int = 1,
+        num_minibatches: int = 1,
+        dynamic_sampling: bool = False,
+        max_gen_batches: int = 4,
+        dynamic_sampling_tol: float = 0.0,
+        on_short_batch: str = "continue",
+        val_batch_size: int = 64,
+        val_max_new_tokens: int | None = None,
+        num_val_prompts: int | None = None,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+        reward_transform: Callable[[torch.Tensor, Rollout], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("prompts_per_step", prompts_per_step)
+        _check_positive("max_new_tokens", max_new_tokens)
+        _check_positive("num_iterations", num_iterations)
+        _check_positive("num_minibatches", num_minibatches)
+        _check_positive("max_gen_batches", max_gen_batches)
+        _check_positive("val_batch_size", val_batch_size)
+        if num_minibatches > prompts_per_step:
+            raise ValueError(
+                f"num_minibatches={num_minibatches} must be <= prompts_per_step={prompts_per_step} "
+                "(minibatches hold whole groups)"
+            )
+        if on_short_batch not in DYNAMIC_SAMPLING_ON_SHORT:
+            raise ValueError(f"on_short_batch={on_short_batch!r}; valid: {', '.join(DYNAMIC_SAMPLING_ON_SHORT)}")
+        if reward_on_error not in ON_ERROR:
+            raise ValueError(f"reward_on_error={reward_on_error!r}; valid: {', '.join(ON_ERROR)}")
+        if dynamic_sampling_tol < 0:
+            raise ValueError(f"dynamic_sampling_tol must be >= 0, got {dynamic_sampling_tol}")
+        if steps_per_epoch is not None:
+            _check_positive("steps_per_epoch", steps_per_epoch)
+        if num_val_prompts is not None and num_val_prompts < 1:
+            raise ValueError(f"num_val_prompts must be >= 1 or None, got {num_val_prompts}")
+        self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        self.val_sampling = SamplingParams(max_new_tokens=val_max_new_tokens or max_new_tokens, greedy=True)
+        self.task = task
+        train = task.train_rows()
+        if train is None or len(train) == 0:
+            raise ValueError(f"task {getattr(task, 'name', task)!r} has no training prompts")
+        self.train_rows = train
+        self.rewards = RewardSet(
+            rewards if rewards is not None else task.reward_functions(),
+            reward_weights if reward_weights is not None else (None if rewards is not None else task.reward_weights()),
+            on_error=reward_on_error,
+        )
+        self.encoder = PromptEncoder(max_prompt_length, prompt_truncation)
+        self.prompts_per_step = prompts_per_step
+        self.num_iterations = num_iterations
+        self.num_minibatches = num_minibatches
+        self.dynamic_sampling = dynamic_sampling
+        self.max_gen_batches = max_gen_batches
+        self.dynamic_sampling_tol = dynamic_sampling_tol
+        self.on_short_batch = on_short_batch
+        self.val_batch_size = val_batch_size
+        self.num_val_prompts = num_val_prompts
+        self.seed = seed
+        self.reward_transform = reward_transform
+        self._steps_per_epoch = steps_per_epoch
+        self._module: Any = None
+        # Stream position (saved in checkpoints): prompts consumed and rollouts built so far.
+        self.prompt_cursor = 0
+        self.rollouts_built = 0
+        self._queue: list[Rollout] = []
+
+    # ---- protocol with the LightningModule -------------------------------------------------
+    def attach(self, module: Any) -> "RolloutDataModule":
+        """Use ``module`` as the policy without a Trainer (tests, notebooks, evaluation scripts)."""
+        self._module = module
+        return self
+
+    @property
+    def module(self) -> Any:
+        if self._module is not None:
+            return self._module
+        if self.trainer is None or self.trainer.lightning_module is None:
+            raise RuntimeError("RolloutDataModule has no policy: use it with a Trainer or call attach(module)")
+        return self.trainer.lightning_module
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self._steps_per_epoch is not None:
+            return self._steps_per_epoch
+        rollouts = max(1, len(self.train_rows) // (self.prompts_per_step * self.world_size))
+        return rollouts * self.num_iterations * self.num_minibatches
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def train_dataloader(self) -> RolloutStream:
+        return RolloutStream(self)
+
+    def val_dataloader(self) -> EvalStream | list:
+        rows = self.task.test_rows()
+        if rows is None or len(rows) == 0:
+            return []  # Lightning skips validation for an empty list
+        if self.num_val_prompts is not None:
+            rows = list(rows)[: self.num_val_prompts]
+        return EvalStream(self, rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompt_cursor": self.prompt_cursor, "rollouts_built": self.rollouts_built, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.prompt_cursor = int(state_dict["prompt_cursor"])
+        self.rollouts_built = int(state_dict["rollouts_built"])
+        self._queue = []
+
+    # ---- the pipeline ------------------------------------------------------------------------
+    def next_minibatch(self) -> Rollout:
+        """The next minibatch; builds (and scores) a new rollout with the current policy if needed."""
+        if not self._queue:
+            rollout = self.build_rollout()
+            generator = torch.Generator().manual_seed(self._step_seed("minibatch"))
+            for _ in range(self.num_iterations):
+                self._queue.extend(rollout.minibatches(self.num_minibatches, generator if self.num_minibatches > 1 else None))
+            for i, mb in enumerate(self._queue):
+                mb.extras = {**mb.extras, "first_of_rollout": i == 0}
+        return self._queue.pop(0)
+
+    def next_prompt_rows(self, n: int) -> list[dict[str, Any]]:
+        """The next ``n`` prompts of this process, from a per-epoch seeded shuffle of the train rows."""
+        rows = []
+        size = len(self.train_rows)
+        for _ in range(n):
+            # Processes take interleaved slots of the global order, so ranks never share a prompt.
+            slot = self.prompt_cursor * self.world_size + self.rank
+            epoch, offset = divmod(slot, size)
+            rows.append(self.train_rows[int(self._permutation(epoch)[offset])])
+            self.prompt_cursor += 1
+        return rows
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cached = getattr(self, "_perm_cache", None)
+        if cached is None or cached[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            cached = (epoch, torch.randperm(len(self.train_rows), generator=gen))
+            self._perm_cache = cached
+        return cached[1]
+
+    def _step_seed(self, purpose: str) -> int:
+        # Every rollout is sampled under its own seed, so a resumed run samples exactly what an
+        # uninterrupted one would have, independent of any other use of the global RNG.
+        key = f"{self.seed}-{self.rank}-{self.rollouts_built}-{purpose}".encode()
+        return zlib.crc32(key)  # not hash(): str hashes are salted per process
+
+    def build_rollout(self) -> Rollout:
+        """Sample, reward and score one rollout of ``prompts_per_step`` groups."""
+        module = self.module
+        G = int(module.num_generations)
+        kept: list[Rollout] = []
+        n_groups = n_sampled_groups = n_zero_std = rounds = 0
+        start = time.perf_counter()
+        timing = {"generate": 0.0, "reward": 0.0}
+        errors: dict[str, int] = {}
+        while n_groups < self.prompts_per_step and rounds < self.max_gen_batches:
+            rounds += 1
+            # Each round samples a full batch of prompts (as verl does); surplus valid groups are
+            # dropped rather than carried into the next step, which keeps every rollout on-policy.
+            part = self._sample_round(module, self.prompts_per_step, G, rounds, timing)
+            for name, count in part.extras.get("reward_errors", {}).items():
+                errors[name] = errors.get(name, 0) + count
+            stds = part.rewards.view(-1, G).std(dim=1, unbiased=False) if G > 1 else torch.zeros(len(part) // G)
+            zero_std = stds <= self.dynamic_sampling_tol
+            n_zero_std += int(zero_std.sum())
+            n_sampled_groups += len(stds)
+            if self.dynamic_sampling:
+                keep_groups = (~zero_std).nonzero().squeeze(-1)[: self.prompts_per_step - n_groups]
+                if len(keep_groups):
+                    keep = (keep_groups.unsqueeze(1) * G + torch.arange(G)).reshape(-1)
+                    kept.append(part.select(keep, trim=False))
+                    n_groups += len(keep_groups)
+            else:
+                kept.append(part)
+                n_groups += len(stds)
+        if n_groups == 0:
+            # Every group had zero variance in every round: keep the last round (its advantages are
+            # all zero, so the step only logs) rather than stalling the run.
+            kept, n_groups = [part], len(part) // G
+        if n_groups < self.prompts_per_step and self.on_short_batch == "raise":
+            raise RuntimeError(
+                f"dynamic sampling kept {n_groups} of {self.prompts_per_step} groups after max_gen_batches="
+                f"{self.max_gen_batches} rounds; raise max_gen_batches or set on_short_batch='continue'"
+            )
+        rollout = Rollout.concat(kept, pad_token_id=module.tokenizer.pad_token_id).trimmed()
+        rollout.num_updates = self.num_iterations * self.num_minibatches
+        rollout.extras["reward_errors"] = errors
+        metrics = self._rollout_metrics(rollout, n_zero_std / max(1, n_sampled_groups), timing)
+        if self.dynamic_sampling:
+            metrics["dynamic_sampling/gen_batches"] = float(rounds)
+            metrics["dynamic_sampling/kept_fraction"] = n_groups / max(1, n_sampled_groups)
+        score_start = time.perf_counter()
+        rollout = module.score_rollout(rollout)
+        metrics["timing/score"] = time.perf_counter() - score_start
+        metrics["timing/rollout"] = time.perf_counter() - start
+        rollout.extras["metrics"] = metrics
+        self.rollouts_built += 1
+        return rollout
+
+    def _sample_round(self, module: Any, n_prompts: int, G: int, round_index: int, timing: dict) -> Rollout:
+        rows = self.next_prompt_rows(n_prompts)
+        tokenizer = module.tokenizer
+        prompts, prompt_ids, prompt_mask = self.encoder.encode([r["prompt"] for r in rows], tokenizer)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._step_seed(f"sample-{round_index}"))
+            completion_ids, completion_mask, truncated = module.generate(prompt_ids, prompt_mask, G, self.sampling)
+        timing["generate"] += time.perf_counter() - t0
+        completion_ids, completion_mask, truncated = completion_ids.cpu(), completion_mask.cpu(), truncated.cpu()
+        texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+        rep_rows = [row for row in rows for _ in range(G)]
+        rep_prompts = [p for p in prompts for _ in range(G)]
+        t0 = time.perf_counter()
+        scored = self.rewards.score(texts, rep_prompts, [{k: v for k, v in r.items() if k != "prompt"} for r in rep_rows])
+        timing["reward"] += time.perf_counter() - t0
+        rollout = Rollout(
+            prompt_ids=prompt_ids.repeat_interleave(G, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(G, dim=0),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            group=torch.arange(len(rows)).repeat_interleave(G),
+            rewards=scored.total,
+            rewards_per_fn=scored.per_fn,
+            truncated=truncated,
+            reward_names=scored.names,
+            prompts=rep_prompts,
+            completions=texts,
+            rows=rep_rows,
+            temperature=self.sampling.temperature,
+            policy_version=int(module.global_step),
+        )
+        if self.reward_transform is not None:
+            rollout.rewards = self.reward_transform(rollout.rewards, rollout)
+        rollout.extras["reward_errors"] = scored.errors
+        return rollout
+
+    def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float]) -> dict[str, float]:
+        lengths = rollout.completion_lengths.float()
+        metrics = {
+            "reward/mean": rollout.rewards.mean().item(),
+            "reward/std": rollout.rewards.std().item() if len(rollout) > 1 else 0.0,
+            "completions/mean_length": lengths.mean().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+            "frac_reward_zero_std": frac_zero_std,
+            "timing/generate": timing["generate"],
+            "timing/reward": timing["reward"],
+            "tokens_per_second/generate": lengths.sum().item() / max(timing["generate"], 1e-9),
+        }
+        for j, name in enumerate(rollout.reward_names):
+            column = rollout.rewards_per_fn[:, j]
+            finite = column[~torch.isnan(column)]
+            metrics[f"reward/{name}/mean"] = finite.mean().item() if len(finite) else math.nan
+            errors = rollout.extras.get("reward_errors", {}).get(name, 0)
+            if errors:
+                metrics[f"reward/{name}/errors"] = float(errors)
+        return metrics
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+

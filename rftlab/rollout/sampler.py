@@ -1,0 +1,205 @@
+"""Sampling completions with the current policy: batched HF ``generate`` with the KV cache.
+
+The policy's ``generate`` hook (on the LightningModule) calls ``sample_completions``; the DataModule
+decides what to sample and turns the result into a Rollout.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are sampled.
+
+    Attributes:
+        max_new_tokens: completion budget per sequence (>= 1).
+        temperature: softmax temperature (> 0); training log-probs divide logits by the same value.
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        greedy: argmax decoding (evaluation); temperature/top-p/top-k are then ignored.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Stack token lists into (B, L) ids and mask, padded on the left (as generation needs)."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def completion_mask_from_eos(completion_ids: Tensor, eos_token_ids: list[int]) -> tuple[Tensor, Tensor]:
+    """Mask real completion tokens: everything up to and including the first EOS.
+
+    We never mask by ``pad_token_id``: when pad == EOS (SmolLM2, many chat models) that would drop
+    the EOS token from the loss and the model would never learn to stop.
+
+    Args:
+        completion_ids: (N, T) sampled tokens; whatever follows the first EOS is padding.
+        eos_token_ids: ids that end a completion.
+
+    Returns:
+        (mask, truncated): (N, T) long mask, and (N,) bool True where no EOS was sampled.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    # Position of the first EOS, or T when there is none.
+    T = completion_ids.shape[1]
+    positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)
+    first_eos = torch.where(is_eos, positions, torch.full_like(positions, T)).min(dim=1).values
+    mask = (positions <= first_eos.unsqueeze(1)).long()
+    truncated = first_eos >= T
+    return mask, truncated
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that follow the attention mask (left padding does not shift positions).
+
+    Matches what HF ``generate`` uses for left-padded batches, so training-time log-probs see the
+    same positions as sampling did.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)
+
+
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Switch activation (gradient) checkpointing of a HF model on or off, across transformers versions."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (``is_gradient_checkpointing`` is deprecated in v5)."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+@contextmanager
+def sampling_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout), no grad, KV cache on, gradient checkpointing off; restored after.
+
+    With gradient checkpointing on, HF turns ``use_cache`` off and generation recomputes the whole
+    prefix at every new token (quadratic); we switch checkpointing off while sampling.
+    """
+    was_training = model.training
+    inner = getattr(model, "get_base_model", lambda: model)()
+    checkpointing = is_checkpointing(inner)
+    if checkpointing:
+        set_checkpointing(inner, False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if checkpointing:
+            set_checkpointing(inner, True)
+        model.train(was_training)
+
+
+def generation_config(params: SamplingParams, num_generations: int, eos_token_ids: list[int], pad_token_id: int) -> Any:
+    """The ``transformers.GenerationConfig`` for ``params``, with every warper set explicitly.
+
+    Args:
+        params: sampling parameters.
+        num_generations: completions per prompt.
+        eos_token_ids: ids that end a completion.
+        pad_token_id: padding id.
+    """
+    from transformers import GenerationConfig
+
+    # transformers fills unset (None) fields from the model's generation_config and then from global
+    # defaults (top_k=50), which would silently change the sampling distribution that the training
+    # log-probs assume. top_k=0 / top_p=1 disable them.
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=not params.greedy,
+        # Greedy decoding applies no warper; leaving them None there avoids transformers' warning.
+        temperature=None if params.greedy else params.temperature,
+        top_p=None if params.greedy else params.top_p,
+        top_k=None if params.greedy else params.top_k,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        num_return_sequences=num_generations,
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+
+
+def sample_completions(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    num_generations: int,
+    params: SamplingParams,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample ``num_generations`` completions per prompt with the KV cache.
+
+    Args:
+        model: a HF causal LM (or PEFT-wrapped one), called in ``sampling_mode``.
+        prompt_ids: (B, P) left-padded prompt tokens.
+        prompt_mask: (B, P) 1 on real prompt tokens.
+        num_generations: completions per prompt; output rows are grouped by prompt.
+        params: sampling parameters.
+        eos_token_ids: ids that end a completion.
+        pad_token_id: id written after the EOS.
+
+    Returns:
+        (completion_ids, completion_mask, truncated): (B*G, T), (B*G, T), (B*G,).
+    """
+    from transformers import GenerationConfig
+
+    config = generation_config(params, num_generations, eos_token_ids, pad_token_id)
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_config = hf_model.generation_config
+    # The model's own generation_config may carry min_p, suppress_tokens, ...; hide it while sampling.
+    hf_model.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
+    try:
+        with sampling_mode(model):
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    finally:
+        hf_model.generation_config = saved_config
+    completion_ids = out[:, prompt_ids.shape[1] :]
+    if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes sane
+        completion_ids = torch.full((out.shape[0], 1), pad_token_id, dtype=torch.long, device=out.device)
+    mask, truncated = completion_mask_from_eos(completion_ids, eos_token_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
+    return completion_ids, mask, truncated

@@ -1,0 +1,131 @@
+"""GRPO end to end on the tiny model: validation, training changes weights, metrics reach W&B."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from rftlab import GRPO, RolloutDataModule
+from rftlab.tasks import Arithmetic
+from wandb_records import find_run_files, read_history
+
+SHARED_METRICS = [
+    "reward/mean", "reward/std", "reward/parity/mean", "kl", "entropy", "grad_norm", "clip_ratio/low",
+    "clip_ratio/high", "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
+    "loss/policy", "lr", "timing/generate", "timing/train", "tokens_per_second/generate", "val/accuracy",
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_generations=1), "num_generations"),
+        (dict(eps_low=0.2, eps_high=0.1), "eps_high"),
+        (dict(beta=-0.1), "beta"),
+        (dict(loss_agg="mean"), "unknown aggregation 'mean'; valid: seq-mean-token-mean"),
+        (dict(scale="std"), "valid: batch, group, none"),
+        (dict(kl_estimator="k4"), "k1, k2, k3"),
+        (dict(lr=0.0), "lr"),
+        (dict(lora_r=0), "lora_r"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(dual_clip=0.5), "dual_clip"),
+    ],
+)
+def test_bad_configuration_raises_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GRPO(policy="tiny", **kwargs)
+
+
+def test_hyperparameters_cover_base_and_algorithm_arguments():
+    model = GRPO(policy="tiny", lora=True, num_generations=4, scale="none")
+    assert model.hparams.lora is True and model.hparams.scale == "none" and model.hparams.lr == 1e-5
+
+
+def _trainable(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_grpo_fit_changes_weights_and_logs_every_metric_to_wandb(tmp_path, tiny_grpo, vary_reward):
+    module = tiny_grpo(lora=True, beta=0.05, lr=5e-3)
+    before = _trainable(module)
+    frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    dm = RolloutDataModule(task=Arithmetic(num_test=4), rewards=vary_reward, prompts_per_step=2,
+                           max_new_tokens=6, val_batch_size=4)
+    logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
+    trainer = L.Trainer(max_steps=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=3, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    import wandb
+
+    wandb.finish()
+    after = _trainable(module)
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter changed"
+    assert all(torch.equal(frozen_before[n], p) for n, p in module.named_parameters() if not p.requires_grad)
+    assert any("lora" in n for n in before) and not any("lora" not in n for n in before)
+
+    files = find_run_files(tmp_path)
+    assert len(files) == 1
+    history = read_history(files[0])
+    logged: dict[str, list[float]] = {}
+    for row in history:
+        for key, value in row.items():
+            logged.setdefault(key, []).append(value)
+    for key in SHARED_METRICS:
+        assert key in logged, f"{key} never reached W&B; logged: {sorted(logged)}"
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in logged[key]), (key, logged[key])
+    assert len(logged["reward/mean"]) == 3, "one row of RL metrics per optimizer step"
+    assert len(logged["val/accuracy"]) == 2, "at start and after step 3"
+
+
+def test_no_reference_forward_when_beta_is_zero(tiny_grpo, vary_reward, monkeypatch):
+    module = tiny_grpo(lora=True, beta=0.0)
+    calls = []
+    original = module.policy_logits
+
+    def spy(batch, reference=False):
+        calls.append(reference)
+        return original(batch, reference=reference)
+
+    monkeypatch.setattr(module, "policy_logits", spy)
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4).attach(module)
+    rollout = dm.build_rollout()
+    module.compute_loss(rollout)
+    assert calls == [False], "beta=0, one update per rollout: exactly one (training) forward"
+
+
+def test_full_finetuning_with_kl_keeps_a_frozen_reference(tiny_grpo, vary_reward):
+    module = tiny_grpo(lora=False, beta=0.1)
+    assert module.ref_policy is not None
+    assert not any(p.requires_grad for p in module.ref_policy.parameters())
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4).attach(module)
+    rollout = dm.build_rollout()
+    loss, metrics = module.compute_loss(rollout)
+    assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-6)  # policy == reference before training
+    loss.backward()
+    assert any(p.grad is not None for p in module.policy.parameters())
+
+
+def test_dr_grpo_options(tiny_grpo, vary_reward):
+    module = tiny_grpo(scale="none", loss_agg="seq-mean-token-sum-norm")
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4).attach(module)
+    rollout = dm.build_rollout()
+    G = module.num_generations
+    expected = rollout.rewards.view(-1, G) - rollout.rewards.view(-1, G).mean(1, keepdim=True)
+    torch.testing.assert_close(rollout.seq_advantages, expected.reshape(-1))
+
+
+def test_nonfinite_loss_skips_the_update(tiny_grpo, vary_reward, monkeypatch):
+    module = tiny_grpo(lora=True)
+    before = _trainable(module)
+    monkeypatch.setattr(module, "compute_loss", lambda batch: (torch.tensor(float("nan"), requires_grad=True), {}))
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    trainer = L.Trainer(max_steps=2, max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        trainer.fit(module, datamodule=dm)
+    assert module.nonfinite_steps == 2
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)

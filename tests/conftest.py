@@ -1,0 +1,47 @@
+"""Shared fixtures: offline W&B, 2 threads, the tiny policy, a reward with variance."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as wandb_records
+
+
+def length_parity(completions, **_):
+    """A reward with variance on random text: 1.0 for an even number of characters."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+@pytest.fixture
+def vary_reward():
+    return {"parity": length_parity}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rftlab.models import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture
+def tiny_grpo():
+    """A factory of GRPO modules on the tiny random Llama (policy loaded)."""
+    from rftlab import GRPO
+
+    def make(**kwargs):
+        defaults = dict(policy="tiny", num_generations=4, lr=1e-2)
+        module = GRPO(**{**defaults, **kwargs})
+        module.configure_model()
+        return module
+
+    return make

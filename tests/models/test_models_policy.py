@@ -1,0 +1,71 @@
+"""Policy loading, LoRA, the adapter-disabled reference, completion logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rftlab.models import adapter_disabled, apply_lora, completion_logits, load_causal_lm, load_tokenizer
+from rftlab.models.loading import ModelNotFoundError, tiny_llama
+
+
+def test_tokenizer_always_has_a_pad_token(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    import json
+
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("pad_token", None)
+    config_path.write_text(json.dumps(config))
+    reloaded = load_tokenizer(str(tmp_path))
+    assert reloaded.pad_token_id is not None
+    assert reloaded.pad_token_id == reloaded.eos_token_id
+
+
+def test_unknown_policy_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="policy="):
+        load_causal_lm(str(tmp_path / "does-not-exist"))
+
+
+def test_tiny_llama_is_seeded():
+    a, b = tiny_llama(100, seed=1), tiny_llama(100, seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_lora_target_modules_that_match_nothing():
+    with pytest.raises(ValueError, match="lora_target_modules.*match no module"):
+        apply_lora(tiny_llama(100), target_modules=["query_key_value"])
+
+
+def test_adapter_disabled_logits_equal_the_base_model_exactly():
+    base = tiny_llama(100, seed=0)
+    reference = tiny_llama(100, seed=0)
+    model = apply_lora(base, r=4)
+    with torch.no_grad():  # make the adapter non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with adapter_disabled(model):
+            off = model(input_ids=ids, attention_mask=mask).logits
+        on = model(input_ids=ids, attention_mask=mask).logits
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(off, expected)
+    assert not torch.allclose(on, expected)
+
+
+def test_completion_logits_match_a_full_forward_with_left_padding():
+    model = tiny_llama(100, seed=0).eval()
+    prompt_ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    completion_ids = torch.tensor([[11, 12, 0], [13, 14, 15]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    with torch.no_grad():
+        got = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=2.0)
+        # Reference: row 0 alone without any padding.
+        alone = model(input_ids=torch.tensor([[5, 6, 11, 12]])).logits
+    assert got.shape == (2, 3, 100)
+    # positions P-1.. predict the completion: logits of "6" predict 11, of "11" predict 12
+    torch.testing.assert_close(got[0, :2], alone[0, 1:3] / 2.0, atol=1e-5, rtol=1e-5)
