@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from rftlab import GRPO, RolloutDataModule
+from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.callbacks import TrainClock
 from rftlab.tasks import Arithmetic
 
@@ -64,6 +64,9 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     )
     if args.algo == "grpo":
         model = GRPO(loss_agg=args.loss_agg, scale=args.scale, **common)
+    elif args.algo == "dapo":
+        # DAPO's own defaults: token-mean loss, eps 0.2/0.28, dynamic sampling in the DataModule.
+        model = DAPO(overlong_buffer_len=args.overlong_buffer, **common)
     else:
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
     task = Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
@@ -91,7 +94,8 @@ def write_outputs(out: Path, rec: Recorder, args: argparse.Namespace, wall: floa
         "accuracy_before": rec.evals[0]["val/accuracy"] if rec.evals else None,
         "accuracy_after": rec.evals[-1]["val/accuracy"] if rec.evals else None,
         "evals": rec.evals,
-        "generated_tokens": sum(r.get("completions/mean_length", 0) * args.prompts * args.gens for r in rec.steps),
+        "generated_tokens": rec.steps[-1].get("rollout/generated_tokens_total") if rec.steps else 0,
+        "mean_gen_batches": (sum(r.get("dynamic_sampling/gen_batches", 1) for r in rec.steps) / len(rec.steps)) if rec.steps else None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(out, rec, args)
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--loss-agg", default="seq-mean-token-mean")
     parser.add_argument("--scale", default="group")
+    parser.add_argument("--overlong-buffer", type=int, default=0, help="DAPO overlong_buffer_len (0: off)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -56,6 +56,9 @@ class RFTModule(L.LightningModule):
         seed: seeds the random initialisation of the "tiny" policy.
     """
 
+    # The DataModule drops zero-variance groups when its own dynamic_sampling is None and this is True.
+    prefers_dynamic_sampling: bool = False
+
     def __init__(
         self,
         policy: str = "default",
@@ -203,6 +206,16 @@ class RFTModule(L.LightningModule):
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 batch.temperature,
             )
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Hook: raise on settings incompatible with the DataModule's (called before any sampling)."""
+
+    def shape_rewards(self, rollout: Rollout) -> Tensor:
+        """Hook: the (N,) rewards the algorithm trains on, from the verifier totals (protocol method).
+
+        Called by the DataModule right after scoring, before dynamic sampling; the default keeps them.
+        """
+        return rollout.rewards
 
     def compute_advantages(self, rollout: Rollout) -> Rollout:
         """Fill ``rollout.advantages`` (and returns/values if the algorithm has a critic)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -67,7 +67,8 @@ class RolloutDataModule(L.LightningDataModule):
         prompt_truncation: "left" (keep the end of a long prompt, with a warning) or "error".
         num_iterations: optimisation passes over each rollout (PPO epochs, >= 1).
         num_minibatches: minibatches per pass; each is one optimizer step (whole groups each).
-        dynamic_sampling: drop groups whose rewards all equal each other and sample more (DAPO).
+        dynamic_sampling: drop groups whose rewards all equal each other and sample more (DAPO);
+            None (default) follows the algorithm's ``prefers_dynamic_sampling`` (True for DAPO).
         max_gen_batches: generation rounds allowed per rollout with dynamic sampling (>= 1).
         dynamic_sampling_tol: rewards within this std count as equal (for continuous rewards).
         on_short_batch: with dynamic sampling, when rounds run out: "continue" with fewer groups, or "raise".
@@ -76,8 +77,6 @@ class RolloutDataModule(L.LightningDataModule):
         num_val_prompts: use only the first n held-out prompts (default: all).
         steps_per_epoch: optimizer steps per "epoch" of the stream (default: one pass over the prompts).
         seed: seeds the prompt order and the sampling of every rollout.
-        reward_transform: optional fn(rewards (N,), rollout) -> rewards, applied before advantages
-            (e.g. DAPO's overlong penalty); set by algorithms, not usually by users.
     """
 
     def __init__(
@@ -95,7 +94,7 @@ class RolloutDataModule(L.LightningDataModule):
         prompt_truncation: str = "left",
         num_iterations: int = 1,
         num_minibatches: int = 1,
-        dynamic_sampling: bool = False,
+        dynamic_sampling: bool | None = None,
         max_gen_batches: int = 4,
         dynamic_sampling_tol: float = 0.0,
         on_short_batch: str = "continue",
@@ -104,7 +103,6 @@ class RolloutDataModule(L.LightningDataModule):
         num_val_prompts: int | None = None,
         steps_per_epoch: int | None = None,
         seed: int = 0,
-        reward_transform: Callable[[torch.Tensor, Rollout], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         _check_positive("prompts_per_step", prompts_per_step)
@@ -144,19 +142,19 @@ class RolloutDataModule(L.LightningDataModule):
         self.prompts_per_step = prompts_per_step
         self.num_iterations = num_iterations
         self.num_minibatches = num_minibatches
-        self.dynamic_sampling = dynamic_sampling
+        self._dynamic_sampling = dynamic_sampling
         self.max_gen_batches = max_gen_batches
         self.dynamic_sampling_tol = dynamic_sampling_tol
         self.on_short_batch = on_short_batch
         self.val_batch_size = val_batch_size
         self.num_val_prompts = num_val_prompts
         self.seed = seed
-        self.reward_transform = reward_transform
         self._steps_per_epoch = steps_per_epoch
         self._module: Any = None
         # Stream position (saved in checkpoints): prompts consumed and rollouts built so far.
         self.prompt_cursor = 0
         self.rollouts_built = 0
+        self.generated_tokens = 0  # every sampled completion token, including dropped groups
         self._queue: list[Rollout] = []
 
     # ---- protocol with the LightningModule -------------------------------------------------
@@ -182,13 +180,34 @@ class RolloutDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     @property
+    def dynamic_sampling(self) -> bool:
+        """Whether zero-variance groups are dropped: this DataModule's setting, else the algorithm's."""
+        if self._dynamic_sampling is not None:
+            return self._dynamic_sampling
+        module = self._module or (self.trainer.lightning_module if self.trainer is not None else None)
+        return bool(getattr(module, "prefers_dynamic_sampling", False))
+
+    @property
     def steps_per_epoch(self) -> int:
         if self._steps_per_epoch is not None:
             return self._steps_per_epoch
         rollouts = max(1, len(self.train_rows) // (self.prompts_per_step * self.world_size))
         return rollouts * self.num_iterations * self.num_minibatches
 
+    def check_module(self, module: Any) -> None:
+        """Configuration errors that need both halves (raised before any sampling)."""
+        if self.dynamic_sampling and int(module.num_generations) < 2:
+            raise ValueError(
+                f"dynamic_sampling needs num_generations >= 2 (a group of one has no reward variance), "
+                f"got num_generations={module.num_generations}"
+            )
+        module.check_datamodule(self)
+
     # ---- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            self.check_module(self.trainer.lightning_module)
+
     def train_dataloader(self) -> RolloutStream:
         return RolloutStream(self)
 
@@ -201,11 +220,13 @@ class RolloutDataModule(L.LightningDataModule):
         return EvalStream(self, rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompt_cursor": self.prompt_cursor, "rollouts_built": self.rollouts_built, "seed": self.seed}
+        return {"prompt_cursor": self.prompt_cursor, "rollouts_built": self.rollouts_built, "seed": self.seed,
+                "generated_tokens": self.generated_tokens}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.prompt_cursor = int(state_dict["prompt_cursor"])
         self.rollouts_built = int(state_dict["rollouts_built"])
+        self.generated_tokens = int(state_dict.get("generated_tokens", 0))
         self._queue = []
 
     # ---- the pipeline ------------------------------------------------------------------------
@@ -250,6 +271,7 @@ class RolloutDataModule(L.LightningDataModule):
         """Sample, reward and score one rollout of ``prompts_per_step`` groups."""
         module = self.module
         G = int(module.num_generations)
+        self.check_module(module)
         kept: list[Rollout] = []
         n_groups = n_sampled_groups = n_zero_std = rounds = 0
         start = time.perf_counter()
@@ -275,26 +297,29 @@ class RolloutDataModule(L.LightningDataModule):
             else:
                 kept.append(part)
                 n_groups += len(stds)
-        if n_groups == 0:
-            # Every group had zero variance in every round: keep the last round (its advantages are
-            # all zero, so the step only logs) rather than stalling the run.
-            kept, n_groups = [part], len(part) // G
+        n_kept_by_filter = n_groups
         if n_groups < self.prompts_per_step and self.on_short_batch == "raise":
             raise RuntimeError(
                 f"dynamic sampling kept {n_groups} of {self.prompts_per_step} groups after max_gen_batches="
                 f"{self.max_gen_batches} rounds; raise max_gen_batches or set on_short_batch='continue'"
             )
+        if n_groups == 0:
+            # Every group had zero variance in every round: keep the last round (its advantages are
+            # all zero, so the step only logs) rather than stalling the run.
+            kept, n_groups = [part], len(part) // G
         rollout = Rollout.concat(kept, pad_token_id=module.tokenizer.pad_token_id).trimmed()
         rollout.num_updates = self.num_iterations * self.num_minibatches
         rollout.extras["reward_errors"] = errors
         metrics = self._rollout_metrics(rollout, n_zero_std / max(1, n_sampled_groups), timing)
         if self.dynamic_sampling:
             metrics["dynamic_sampling/gen_batches"] = float(rounds)
-            metrics["dynamic_sampling/kept_fraction"] = n_groups / max(1, n_sampled_groups)
+            metrics["dynamic_sampling/kept_fraction"] = n_kept_by_filter / max(1, n_sampled_groups)
         score_start = time.perf_counter()
         rollout = module.score_rollout(rollout)
         metrics["timing/score"] = time.perf_counter() - score_start
         metrics["timing/rollout"] = time.perf_counter() - start
+        # Cumulative, so it stays right however many minibatches log the same rollout's metrics.
+        metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
         rollout.extras["metrics"] = metrics
         self.rollouts_built += 1
         return rollout
@@ -308,6 +333,7 @@ class RolloutDataModule(L.LightningDataModule):
             torch.manual_seed(self._step_seed(f"sample-{round_index}"))
             completion_ids, completion_mask, truncated = module.generate(prompt_ids, prompt_mask, G, self.sampling)
         timing["generate"] += time.perf_counter() - t0
+        self.generated_tokens += int(completion_mask.sum())
         completion_ids, completion_mask, truncated = completion_ids.cpu(), completion_mask.cpu(), truncated.cpu()
         texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
         rep_rows = [row for row in rows for _ in range(G)]
@@ -331,8 +357,10 @@ class RolloutDataModule(L.LightningDataModule):
             temperature=self.sampling.temperature,
             policy_version=int(module.global_step),
         )
-        if self.reward_transform is not None:
-            rollout.rewards = self.reward_transform(rollout.rewards, rollout)
+        rollout.extras["max_new_tokens"] = self.sampling.max_new_tokens
+        # Algorithm-specific shaping (e.g. DAPO's overlong penalty) happens before dynamic sampling
+        # looks at the group variance, so the filter sees the rewards the advantages will use.
+        rollout.rewards = module.shape_rewards(rollout)
         rollout.extras["reward_errors"] = scored.errors
         return rollout
 
