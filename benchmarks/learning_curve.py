@@ -21,9 +21,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from rftlab import DAPO, GRPO, RolloutDataModule
+from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.callbacks import TrainClock
-from rftlab.tasks import Arithmetic
+from rftlab.tasks import Arithmetic, WordProblems
 
 
 class Recorder(L.Callback):
@@ -67,12 +67,27 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     elif args.algo == "dapo":
         # DAPO's own defaults: token-mean loss, eps 0.2/0.28, dynamic sampling in the DataModule.
         model = DAPO(overlong_buffer_len=args.overlong_buffer, **common)
+    elif args.algo == "ppo":
+        # A value head on the LoRA policy's trunk; gamma = lam = 1 because the only reward is the
+        # outcome at the last token: the critic learns E[reward | prefix] and every token's
+        # advantage is reward - V(prefix), whitened over the batch (no bootstrapping from a critic
+        # that starts untrained). Open-Reasoner-Zero (arXiv 2503.24290) uses gamma = lam = 1 too.
+        model = PPO(critic=args.critic, gamma=1.0, lam=args.lam, vf_coef=args.vf_coef,
+                    value_warmup_steps=args.value_warmup_steps, **common)
+    elif args.algo == "segment_rft":
+        # Segment-level CoT RFT (issue 5): the rule-based step critic reads the reasoning lines, the
+        # value head sits on the LoRA policy's trunk; meant for --task word_problems.
+        model = SegmentRFT(ratio_mode=args.ratio_mode, vf_coef=args.vf_coef, **common)
     else:
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
-    task = Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
+    if args.task == "word_problems":  # 2-3 step problems with intermediate values (SegmentRFT's critic)
+        task = WordProblems(num_test=args.num_test, seed=args.seed)
+    else:
+        task = Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
     dm = RolloutDataModule(
         task=task, prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, val_batch_size=100, seed=args.seed,
+        num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
     )
     return model, dm
 
@@ -125,7 +140,7 @@ def plot(out: Path, rec: Recorder, args: argparse.Namespace) -> None:
         axes[1].set_ylabel(f"held-out greedy accuracy (%), {args.num_test} prompts")
         axes[1].set_ylim(0, 100)
         axes[1].grid(alpha=0.3)
-    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, Arithmetic (2 CPU threads)")
+    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, {args.task} (2 CPU threads)")
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=110)
     plt.close(fig)
@@ -150,6 +165,14 @@ def main() -> None:
     parser.add_argument("--loss-agg", default="seq-mean-token-mean")
     parser.add_argument("--scale", default="group")
     parser.add_argument("--overlong-buffer", type=int, default=0, help="DAPO overlong_buffer_len (0: off)")
+    parser.add_argument("--num-iterations", type=int, default=1, help="optimisation passes per rollout (PPO epochs)")
+    parser.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per pass")
+    parser.add_argument("--critic", default="shared", help="PPO critic: shared, adapter or model")
+    parser.add_argument("--lam", type=float, default=1.0, help="PPO GAE lambda")
+    parser.add_argument("--vf-coef", type=float, default=0.1, help="PPO value-loss weight")
+    parser.add_argument("--value-warmup-steps", type=int, default=0, help="PPO critic-only steps first")
+    parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "word_problems"])
+    parser.add_argument("--ratio-mode", default="sum", help="SegmentRFT segment ratio: sum, mean or token")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """rftlab: reinforcement fine-tuning of language models with verifiable rewards, on Lightning."""
 
-from rftlab.algorithms import DAPO, GRPO, RFTModule
+from rftlab.algorithms import DAPO, GRPO, PPO, RFTModule, SegmentRFT
 from rftlab.rollout import Rollout, RolloutDataModule
 
 __version__ = "0.1.0"
-__all__ = ["DAPO", "GRPO", "RFTModule", "Rollout", "RolloutDataModule", "__version__"]
+__all__ = ["DAPO", "GRPO", "PPO", "RFTModule", "Rollout", "RolloutDataModule", "SegmentRFT", "__version__"]

@@ -327,3 +327,15 @@ def read_tables(path: str | Path) -> list[TableRef]:
                     )
                 )
     return tables
+
+
+def finish_offline_run() -> None:
+    """End the current W&B run and wait until its offline file is completely written.
+
+    ``wandb.finish()`` can return before wandb-core has flushed the last records (seen under load:
+    an empty or partial ``.wandb`` file); ``wandb.teardown()`` waits for the service to exit.
+    """
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()

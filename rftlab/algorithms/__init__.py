@@ -3,5 +3,7 @@
 from rftlab.algorithms.base import RFTModule
 from rftlab.algorithms.dapo import DAPO
 from rftlab.algorithms.grpo import GRPO
+from rftlab.algorithms.ppo import PPO
+from rftlab.algorithms.segment_rft import SegmentRFT
 
-__all__ = ["DAPO", "GRPO", "RFTModule"]
+__all__ = ["DAPO", "GRPO", "PPO", "RFTModule", "SegmentRFT"]

@@ -171,13 +171,21 @@ class RFTModule(L.LightningModule):
         """Annotate a fresh rollout: old/ref log-probs where needed, then advantages (protocol method)."""
         rollout = rollout.to(self.device)
         with torch.no_grad(), self._precision_context():
-            if rollout.num_updates > 1:
-                # The rollout feeds several updates, so the sampling policy's log-probs must be
-                # frozen now; with one update they equal the detached current ones (no forward).
-                rollout.old_logp = self.batched_logprobs(rollout, reference=False)
+            rollout = self.record_sampling_state(rollout)
             if self.needs_reference:
                 rollout.ref_logp = self.batched_logprobs(rollout, reference=True)
             rollout = self.compute_advantages(rollout)
+        return rollout
+
+    def record_sampling_state(self, rollout: Rollout) -> Rollout:
+        """Hook (no grad): freeze what the sampling policy computes, once, at rollout time.
+
+        The default records old log-probs when the rollout feeds several updates; with one update
+        they equal the detached current ones (no forward). Algorithms with a critic also record
+        the old values here, in the same forward where they can (see ``PPO``).
+        """
+        if rollout.num_updates > 1:
+            rollout.old_logp = self.batched_logprobs(rollout, reference=False)
         return rollout
 
     def batched_logprobs(self, rollout: Rollout, reference: bool = False) -> Tensor:
@@ -277,9 +285,12 @@ class RFTModule(L.LightningModule):
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """Hook: AdamW parameter groups (e.g. a critic with its own lr); the first group's lr is logged."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(self.optimizer_param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -19,8 +19,40 @@ from rftlab.core.losses import (
 from rftlab.core.masked import masked_mean, masked_sum, masked_var
 from rftlab.core.registry import Registry
 from rftlab.core.shaping import overlong_penalty
+from rftlab.core.segments import (
+    SEGMENT_RATIO_MODES,
+    SEGMENT_WHITENING,
+    SegmentRewardParams,
+    batch_segment_rewards,
+    exact_kl,
+    segment_ids,
+    segment_index_from_starts,
+    segment_kl_loss,
+    segment_policy_loss,
+    segment_rewards,
+    segment_spans,
+    segment_sum,
+    segment_value_loss,
+    segment_value_targets,
+    split_segments,
+)
 
 __all__ = [
+    "SEGMENT_RATIO_MODES",
+    "SEGMENT_WHITENING",
+    "SegmentRewardParams",
+    "batch_segment_rewards",
+    "exact_kl",
+    "segment_ids",
+    "segment_index_from_starts",
+    "segment_kl_loss",
+    "segment_policy_loss",
+    "segment_rewards",
+    "segment_spans",
+    "segment_sum",
+    "segment_value_loss",
+    "segment_value_targets",
+    "split_segments",
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
     "KL_ESTIMATORS",

@@ -271,7 +271,8 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """``1 - var(R - V) / var(R)`` over real positions: 1 is a perfect critic, <= 0 a useless one.
 
     Variances are the biased masked ones (``masked_var``; the n/(n-1) factor cancels in the ratio).
-    Returns 0 (not NaN/inf) when ``var(R) == 0``, including when there is no real position.
+    Returns 0 (not NaN/inf) when ``var(R)`` is 0 up to round-off (``var(R) <= eps * mean(R^2 + V^2)``,
+    eps of the dtype), including when there is no real position.
     Diagnostic only: computed without grad. Same metric as CleanRL's ``losses/explained_variance``.
 
     Args:
@@ -290,6 +291,10 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     dtype = torch.promote_types(torch.promote_types(values.dtype, returns.dtype), torch.float32)
     values, returns = values.to(dtype), returns.to(dtype)
     var_returns = masked_var(returns, mask)
-    if var_returns == 0:
+    # Returns constant up to round-off carry no variance to explain. GAE's ``returns = A + V``
+    # cancels only approximately (all-zero rewards give returns ~1e-9, not 0), and dividing by
+    # that variance would report ~ -1e14; so var(R) <= eps * mean(R^2 + V^2) counts as 0.
+    scale = masked_mean(returns**2 + values**2, mask)
+    if var_returns <= torch.finfo(dtype).eps * scale:
         return var_returns.new_zeros(())
     return 1.0 - masked_var(returns - values, mask) / var_returns

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -46,10 +46,141 @@ def is_adapter_model(model: nn.Module) -> bool:
 
 @contextmanager
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
-    """The reference policy of an adapter model: the same weights with the adapter switched off."""
-    ctx = model.disable_adapter() if is_adapter_model(model) else nullcontext()
-    with ctx:
+    """The reference policy of an adapter model: the same weights with the adapter switched off.
+
+    Which parameters train is left as it was: PEFT's ``disable_adapter`` re-enables by calling
+    ``set_adapter``, which sets ``requires_grad`` on the active adapter only and silently freezes
+    any other adapter (e.g. a critic's own LoRA adapter, see ``add_adapter``).
+    """
+    if not is_adapter_model(model):
         yield
+        return
+    with _trainable_kept(model), model.disable_adapter():
+        yield
+
+
+@contextmanager
+def _trainable_kept(model: nn.Module) -> Iterator[None]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+) -> None:
+    """Add a second, trainable LoRA adapter ``name`` to a PEFT model; the active adapter is unchanged.
+
+    Both adapters share the one copy of the base weights (e.g. a critic's adapter next to the
+    policy's). Run a forward with it inside ``adapter_active(model, name)``.
+
+    Args:
+        model: a PEFT model (from ``apply_lora``).
+        name: the new adapter's name (not "default", which is the policy's).
+        r: adapter rank (>= 1).
+        alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input, in [0, 1).
+        target_modules: "all-linear" or a list of module-name suffixes.
+    """
+    from peft import LoraConfig
+
+    if not is_adapter_model(model):
+        raise ValueError("add_adapter needs a PEFT model: apply_lora(model) first")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    with _trainable_kept(model):
+        model.add_adapter(name, config)
+    # PEFT creates the new adapter frozen (only the active one trains): make it trainable.
+    for param_name, p in model.named_parameters():
+        if f".{name}." in param_name:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def adapter_active(model: nn.Module, name: str) -> Iterator[None]:
+    """Run ``model`` with adapter ``name`` active instead of the current one; restored on exit.
+
+    Which parameters train is unchanged (PEFT's ``set_adapter`` would freeze the inactive adapter).
+    """
+    previous = model.active_adapter
+    with _trainable_kept(model):
+        model.set_adapter(name)
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+
+
+class CompletionOutput(NamedTuple):
+    """What ``completion_forward`` returns.
+
+    Attributes:
+        logits: (N, T, V) float32 temperature-scaled logits, row t predicts completion token t;
+            None when not asked for.
+        hidden: (N, T + 1, H) last-layer hidden states (after the final norm) of the T + 1 last
+            positions: ``hidden[:, t]`` is the state after the prompt and t completion tokens
+            (t = 0 the prompt alone, t = T the whole sequence); None when not asked for.
+    """
+
+    logits: Tensor | None
+    hidden: Tensor | None
+
+
+def completion_forward(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    logits: bool = True,
+    hidden: bool = False,
+) -> CompletionOutput:
+    """One forward over prompt + completion giving the completion logits and/or last hidden states.
+
+    Only the T + 1 last positions go through the LM head (``logits_to_keep``): the prompt positions'
+    logits are never needed, and with V = 49k the head is a large part of the step (with
+    ``logits=False`` a single position goes through it). Dividing by the temperature makes the
+    log-probs those of the distribution that sampled (the trap reported against TRL in #4159).
+    The hidden states are the ones a value head reads (a critic sharing the policy's forward).
+
+    Args:
+        model: HF causal LM (PEFT-wrapped or not).
+        prompt_ids: (N, P) left-padded.
+        prompt_mask: (N, P).
+        completion_ids: (N, T) right-padded.
+        completion_mask: (N, T).
+        temperature: sampling temperature (> 0).
+        logits: return the (N, T, V) logits.
+        hidden: return the (N, T + 1, H) last hidden states.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    T = completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=T + 1 if logits else 1,
+        use_cache=False,
+        output_hidden_states=hidden,
+    )
+    scaled = None
+    if logits:
+        scaled = out.logits[:, :-1, :]  # position P+t-1 predicts completion token t
+        scaled = scaled.float() / temperature if temperature != 1.0 or scaled.dtype != torch.float32 else scaled
+    # hidden_states[-1] is the final-norm output the LM head reads (checked in the tests).
+    last = out.hidden_states[-1][:, -(T + 1) :] if hidden else None
+    return CompletionOutput(scaled, last)
 
 
 def completion_logits(
@@ -62,10 +193,7 @@ def completion_logits(
 ) -> Tensor:
     """Logits that predicted each completion token, divided by the sampling temperature.
 
-    Only the T + 1 last positions go through the LM head (``logits_to_keep``): the prompt positions'
-    logits are never needed, and with V = 49k the head is a large part of the step.
-    Dividing by the temperature makes the log-probs those of the distribution that sampled
-    (the trap reported against TRL in #4159).
+    See ``completion_forward`` (this is its logits-only form).
 
     Args:
         model: HF causal LM (PEFT-wrapped or not).
@@ -78,18 +206,7 @@ def completion_logits(
     Returns:
         (N, T, V) float32 logits; row t predicts ``completion_ids[:, t]``.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    T = completion_ids.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :]  # position P+t-1 predicts completion token t
-    return logits.float() / temperature if temperature != 1.0 or logits.dtype != torch.float32 else logits
+    return completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature).logits
 
 
 def trainable_state_keys(module: nn.Module) -> set[str]:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rftlab.rewards.pool import EXECUTORS, TIMEOUT, WithTimeout, call_per_sample, is_async
+
 RewardFn = Callable[..., Sequence[float | None]]
 ON_ERROR = ("raise", "zero")
 
@@ -83,6 +85,8 @@ class RewardResult:
         names: the F function names.
         errors: per function, how many samples were scored 0 because the function failed.
         seconds: per function, wall time spent scoring.
+        timeouts: per function, how many samples overran their timeout and got the timeout value
+            (logged as ``reward/<fn>/timeouts``).
     """
 
     total: Tensor
@@ -90,6 +94,7 @@ class RewardResult:
     names: list[str]
     errors: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    timeouts: dict[str, int] = field(default_factory=dict)
 
 
 class RewardSet:
@@ -100,6 +105,11 @@ class RewardSet:
         weights: one weight per function (default 1.0 each).
         on_error: "raise" stops training with an error naming the reward and the sample; "zero"
             scores the failing samples 0 and counts them in ``reward/<fn>/errors``.
+        timeout: seconds per sample for every function (None: no timeout). With a timeout, and for
+            ``async`` functions, a function is called once per sample, concurrently (see
+            ``rftlab.rewards.pool``); a function wrapped in ``WithTimeout`` keeps its own settings.
+        timeout_value: the score of a sample whose call timed out (counted in ``timeouts``).
+        executor: "thread" or "process", for the per-sample calls of ``timeout``.
     """
 
     def __init__(
@@ -107,7 +117,14 @@ class RewardSet:
         functions: Mapping[str, RewardFn] | Sequence[RewardFn],
         weights: Sequence[float] | None = None,
         on_error: str = "raise",
+        timeout: float | None = None,
+        timeout_value: float = 0.0,
+        executor: str = "thread",
     ) -> None:
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"reward timeout must be a number > 0 or None, got {timeout!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"reward executor={executor!r}; valid: {', '.join(EXECUTORS)}")
         if isinstance(functions, Mapping):
             items = list(functions.items())
         else:
@@ -130,6 +147,9 @@ class RewardSet:
         self.functions = [fn for _, fn in items]
         self.weights = [float(w) for w in weights]
         self.on_error = on_error
+        self.timeout = timeout
+        self.timeout_value = float(timeout_value)
+        self.executor = executor
 
     def __len__(self) -> int:
         return len(self.functions)
@@ -141,15 +161,57 @@ class RewardSet:
         per_fn = torch.full((n, len(self.functions)), math.nan)
         errors: dict[str, int] = {}
         seconds: dict[str, float] = {}
+        timeouts: dict[str, int] = {}
         for j, (name, fn) in enumerate(zip(self.names, self.functions)):
             start = time.perf_counter()
-            scores, n_errors = self._call(name, fn, completions, prompts, columns)
+            policy = self._timeout_policy(fn)
+            if policy is None:
+                scores, n_errors = self._call(name, fn, completions, prompts, columns)
+            else:
+                scores, n_errors, timeouts[name] = self._call_per_sample(name, policy, completions, prompts, columns)
             seconds[name] = time.perf_counter() - start
             per_fn[:, j] = torch.tensor(scores, dtype=torch.float32)
             errors[name] = n_errors
         weights = torch.tensor(self.weights, dtype=torch.float32)
         total = torch.nansum(per_fn * weights, dim=1)
-        return RewardResult(total=total, per_fn=per_fn, names=list(self.names), errors=errors, seconds=seconds)
+        return RewardResult(total=total, per_fn=per_fn, names=list(self.names), errors=errors, seconds=seconds,
+                            timeouts=timeouts)
+
+    def _timeout_policy(self, fn: RewardFn) -> WithTimeout | None:
+        """How to call ``fn``: None for one plain batch call, else per sample with these settings."""
+        if isinstance(fn, WithTimeout):
+            return fn
+        if self.timeout is not None:
+            return WithTimeout(fn, self.timeout, self.timeout_value, self.executor)
+        if is_async(fn):
+            return WithTimeout(fn, float("inf"), self.timeout_value, name="async")
+        return None
+
+    def _call_per_sample(
+        self, name: str, policy: WithTimeout, completions: list[str], prompts: list[str], columns: dict[str, list]
+    ) -> tuple[list[float], int, int]:
+        timeout = policy.timeout if policy.timeout != float("inf") else None
+        raws = call_per_sample(policy.fn, completions, {"prompts": prompts, **columns}, timeout,
+                               policy.executor, policy.max_workers)
+        scores: list[float] = []
+        n_errors = n_timeouts = 0
+        for i, raw in enumerate(raws):
+            if raw is TIMEOUT:
+                scores.append(policy.timeout_value)
+                n_timeouts += 1
+            elif isinstance(raw, BaseException):
+                if self.on_error == "raise":
+                    raise RewardError(
+                        f"reward {name!r} failed on sample {i} (completion {_excerpt(completions[i])}): "
+                        f"{type(raw).__name__}: {raw}"
+                    ) from raw
+                scores.append(0.0)
+                n_errors += 1
+            else:
+                values, junk = _check_scores(name, raw, 1, strict=self.on_error == "raise")
+                scores.extend(values)
+                n_errors += junk
+        return scores, n_errors, n_timeouts
 
     def _call(
         self, name: str, fn: RewardFn, completions: list[str], prompts: list[str], columns: dict[str, list]

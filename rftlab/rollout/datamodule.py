@@ -58,11 +58,17 @@ class RolloutDataModule(L.LightningDataModule):
         rewards: reward functions overriding the task's (a dict name -> fn, or a list).
         reward_weights: one weight per reward function.
         reward_on_error: "raise" (stop with an error naming the reward and sample) or "zero".
+        reward_timeout: seconds per reward call per sample (None: no limit); a timed-out sample
+            scores ``reward_timeout_value`` and is counted in ``reward/<fn>/timeouts``.
+        reward_timeout_value: the score of a timed-out sample.
+        reward_executor: where timed reward calls run: "thread" or "process".
         prompts_per_step: prompt groups per rollout (per process); each gets num_generations completions.
         max_new_tokens: completion budget.
         temperature: sampling temperature (> 0).
         top_p: nucleus sampling mass in (0, 1].
         top_k: top-k sampling (0 disables).
+        sampler_backend: "rftlab" (own decode loop: one prefill per prompt, finished rows leave the
+            batch) or "hf" (transformers' generate).
         max_prompt_length: longest prompt in tokens.
         prompt_truncation: "left" (keep the end of a long prompt, with a warning) or "error".
         num_iterations: optimisation passes over each rollout (PPO epochs, >= 1).
@@ -85,11 +91,15 @@ class RolloutDataModule(L.LightningDataModule):
         rewards: Mapping[str, RewardFn] | Sequence[RewardFn] | None = None,
         reward_weights: Sequence[float] | None = None,
         reward_on_error: str = "raise",
+        reward_timeout: float | None = None,
+        reward_timeout_value: float = 0.0,
+        reward_executor: str = "thread",
         prompts_per_step: int = 4,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        sampler_backend: str = "rftlab",
         max_prompt_length: int = 512,
         prompt_truncation: str = "left",
         num_iterations: int = 1,
@@ -126,8 +136,10 @@ class RolloutDataModule(L.LightningDataModule):
             _check_positive("steps_per_epoch", steps_per_epoch)
         if num_val_prompts is not None and num_val_prompts < 1:
             raise ValueError(f"num_val_prompts must be >= 1 or None, got {num_val_prompts}")
-        self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        self.val_sampling = SamplingParams(max_new_tokens=val_max_new_tokens or max_new_tokens, greedy=True)
+        self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       top_k=top_k, backend=sampler_backend)
+        self.val_sampling = SamplingParams(max_new_tokens=val_max_new_tokens or max_new_tokens, greedy=True,
+                                           backend=sampler_backend)
         self.task = task
         train = task.train_rows()
         if train is None or len(train) == 0:
@@ -137,6 +149,9 @@ class RolloutDataModule(L.LightningDataModule):
             rewards if rewards is not None else task.reward_functions(),
             reward_weights if reward_weights is not None else (None if rewards is not None else task.reward_weights()),
             on_error=reward_on_error,
+            timeout=reward_timeout,
+            timeout_value=reward_timeout_value,
+            executor=reward_executor,
         )
         self.encoder = PromptEncoder(max_prompt_length, prompt_truncation)
         self.prompts_per_step = prompts_per_step
@@ -276,14 +291,15 @@ class RolloutDataModule(L.LightningDataModule):
         n_groups = n_sampled_groups = n_zero_std = rounds = 0
         start = time.perf_counter()
         timing = {"generate": 0.0, "reward": 0.0}
-        errors: dict[str, int] = {}
+        errors: dict[str, dict[str, int]] = {}  # reward_errors / reward_timeouts, per function
         while n_groups < self.prompts_per_step and rounds < self.max_gen_batches:
             rounds += 1
             # Each round samples a full batch of prompts (as verl does); surplus valid groups are
             # dropped rather than carried into the next step, which keeps every rollout on-policy.
             part = self._sample_round(module, self.prompts_per_step, G, rounds, timing)
-            for name, count in part.extras.get("reward_errors", {}).items():
-                errors[name] = errors.get(name, 0) + count
+            for kind in ("reward_errors", "reward_timeouts"):
+                for name, count in part.extras.get(kind, {}).items():
+                    errors.setdefault(kind, {})[name] = errors.get(kind, {}).get(name, 0) + count
             stds = part.rewards.view(-1, G).std(dim=1, unbiased=False) if G > 1 else torch.zeros(len(part) // G)
             zero_std = stds <= self.dynamic_sampling_tol
             n_zero_std += int(zero_std.sum())
@@ -309,7 +325,7 @@ class RolloutDataModule(L.LightningDataModule):
             kept, n_groups = [part], len(part) // G
         rollout = Rollout.concat(kept, pad_token_id=module.tokenizer.pad_token_id).trimmed()
         rollout.num_updates = self.num_iterations * self.num_minibatches
-        rollout.extras["reward_errors"] = errors
+        rollout.extras.update(errors)
         metrics = self._rollout_metrics(rollout, n_zero_std / max(1, n_sampled_groups), timing)
         if self.dynamic_sampling:
             metrics["dynamic_sampling/gen_batches"] = float(rounds)
@@ -362,6 +378,7 @@ class RolloutDataModule(L.LightningDataModule):
         # looks at the group variance, so the filter sees the rewards the advantages will use.
         rollout.rewards = module.shape_rewards(rollout)
         rollout.extras["reward_errors"] = scored.errors
+        rollout.extras["reward_timeouts"] = getattr(scored, "timeouts", {})
         return rollout
 
     def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float]) -> dict[str, float]:
@@ -381,9 +398,10 @@ class RolloutDataModule(L.LightningDataModule):
             column = rollout.rewards_per_fn[:, j]
             finite = column[~torch.isnan(column)]
             metrics[f"reward/{name}/mean"] = finite.mean().item() if len(finite) else math.nan
-            errors = rollout.extras.get("reward_errors", {}).get(name, 0)
-            if errors:
-                metrics[f"reward/{name}/errors"] = float(errors)
+            for kind, suffix in (("reward_errors", "errors"), ("reward_timeouts", "timeouts")):
+                count = rollout.extras.get(kind, {}).get(name, 0)
+                if count:
+                    metrics[f"reward/{name}/{suffix}"] = float(count)
         return metrics
 
 

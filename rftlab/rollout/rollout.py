@@ -48,6 +48,8 @@ class Rollout:
         returns: (N, T) float, value targets.
         seq_advantages: (N,) float, per-sequence advantages before broadcasting (for logging).
         extras: free-form per-rollout data an algorithm needs (not sliced).
+        seq_extras: per-sequence tensors an algorithm adds (first dim N, e.g. (N, K) segment data);
+            sliced with the rollout, never trimmed.
     """
 
     prompt_ids: Tensor
@@ -72,6 +74,7 @@ class Rollout:
     returns: Tensor | None = None
     seq_advantages: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    seq_extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.completion_ids.shape[0])
@@ -92,6 +95,7 @@ class Rollout:
         for name in _PER_SEQ_LISTS:
             values = getattr(self, name)
             changes[name] = [values[i] for i in idx.tolist()] if values else []
+        changes["seq_extras"] = {k: v[idx.to(v.device)] for k, v in self.seq_extras.items()}
         out = dataclasses.replace(self, **changes)
         return out.trimmed() if trim else out
 
@@ -133,6 +137,7 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 changes[f.name] = value.to(device)
+        changes["seq_extras"] = {k: v.to(device) for k, v in self.seq_extras.items()}
         return dataclasses.replace(self, **changes)
 
     @staticmethod

@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 
 
+BACKENDS = ("rftlab", "hf")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How completions are sampled.
@@ -24,6 +27,8 @@ class SamplingParams:
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         greedy: argmax decoding (evaluation); temperature/top-p/top-k are then ignored.
+        backend: "rftlab" (own loop: one prefill per prompt, finished rows dropped) or "hf"
+            (transformers' ``generate``); both sample from the same distribution.
     """
 
     max_new_tokens: int = 64
@@ -31,8 +36,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    backend: str = "rftlab"
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"sampler backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
@@ -185,6 +193,28 @@ def sample_completions(
     Returns:
         (completion_ids, completion_mask, truncated): (B*G, T), (B*G, T), (B*G,).
     """
+    if params.backend == "rftlab":
+        from rftlab.rollout.decoding import decode
+
+        with sampling_mode(model):
+            completion_ids = decode(model, prompt_ids, prompt_mask, num_generations, params, eos_token_ids, pad_token_id)
+    else:
+        completion_ids = _hf_generate(model, prompt_ids, prompt_mask, num_generations, params, eos_token_ids, pad_token_id)
+    mask, truncated = completion_mask_from_eos(completion_ids, eos_token_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
+    return completion_ids, mask, truncated
+
+
+def _hf_generate(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    num_generations: int,
+    params: SamplingParams,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+) -> Tensor:
+    """Completion tokens from transformers' ``generate`` (the reference backend)."""
     from transformers import GenerationConfig
 
     config = generation_config(params, num_generations, eos_token_ids, pad_token_id)
@@ -197,9 +227,4 @@ def sample_completions(
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     finally:
         hf_model.generation_config = saved_config
-    completion_ids = out[:, prompt_ids.shape[1] :]
-    if completion_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes sane
-        completion_ids = torch.full((out.shape[0], 1), pad_token_id, dtype=torch.long, device=out.device)
-    mask, truncated = completion_mask_from_eos(completion_ids, eos_token_ids)
-    completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
-    return completion_ids, mask, truncated
+    return out[:, prompt_ids.shape[1] :]

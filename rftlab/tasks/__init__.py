@@ -2,5 +2,14 @@
 
 from rftlab.tasks.arithmetic import Arithmetic
 from rftlab.tasks.base import RowsTask, Task
+from rftlab.tasks.coding import CodeFunctions
+from rftlab.tasks.countdown import Countdown, CountdownEquation
+from rftlab.tasks.json_extraction import JsonExtraction
+from rftlab.tasks.loader import DatasetTask, gsm8k_answer, read_rows
+from rftlab.tasks.word_problems import WordProblems
+from rftlab.tasks.wordle import Wordle, WordleCorrect, WordleFormat, WordlePartial, WordleStrategy
 
-__all__ = ["Arithmetic", "RowsTask", "Task"]
+__all__ = [
+    "Arithmetic", "CodeFunctions", "Countdown", "CountdownEquation", "DatasetTask", "JsonExtraction", "RowsTask",
+    "Task", "Wordle", "WordleCorrect", "WordleFormat", "WordlePartial", "WordleStrategy", "WordProblems", "gsm8k_answer", "read_rows",
+]

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.tasks import Arithmetic, RowsTask
-from wandb_records import find_run_files, read_history
+from wandb_records import find_run_files, finish_offline_run, read_history
 
 
 def half_constant_task(n: int = 40) -> RowsTask:
@@ -134,9 +134,7 @@ def test_dapo_trains_and_logs_its_metrics_to_wandb(tmp_path):
     trainer = L.Trainer(max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
-    import wandb
-
-    wandb.finish()
+    finish_offline_run()
     assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
     history = read_history(find_run_files(tmp_path)[0])
     keys = {k for row in history for k in row}

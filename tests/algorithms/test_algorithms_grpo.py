@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rftlab import GRPO, RolloutDataModule
 from rftlab.tasks import Arithmetic
-from wandb_records import find_run_files, read_history
+from wandb_records import find_run_files, finish_offline_run, read_history
 
 SHARED_METRICS = [
     "reward/mean", "reward/std", "reward/parity/mean", "kl", "entropy", "grad_norm", "clip_ratio/low",
@@ -59,9 +59,7 @@ def test_grpo_fit_changes_weights_and_logs_every_metric_to_wandb(tmp_path, tiny_
     trainer = L.Trainer(max_steps=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, val_check_interval=3, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
-    import wandb
-
-    wandb.finish()
+    finish_offline_run()
     after = _trainable(module)
     assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter changed"
     assert all(torch.equal(frozen_before[n], p) for n, p in module.named_parameters() if not p.requires_grad)

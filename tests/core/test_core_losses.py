@@ -387,3 +387,20 @@ def test_explained_variance_degenerate():
     assert explained_variance(torch.zeros(1, 3), torch.randn(1, 3), torch.zeros(1, 3)).item() == 0.0
     v = torch.randn(1, 3, requires_grad=True)
     assert not explained_variance(v, torch.randn(1, 3), mask).requires_grad
+
+
+def test_explained_variance_of_returns_constant_up_to_round_off_is_zero():
+    from rftlab.core import gae
+
+    gen = torch.Generator().manual_seed(6)
+    values = 1e-3 * torch.randn(4, 32, generator=gen)
+    mask = torch.ones(4, 32)
+    # All-zero rewards, gamma = lam = 1: returns = A + V telescope to 0 only up to float32 round-off.
+    _, returns = gae(torch.zeros(4, 32), values, mask, 1.0, 1.0)
+    assert returns.abs().max() < 1e-6
+    assert explained_variance(values, returns, mask).item() == 0.0  # not 1 - var(V) / ~1e-20
+    # Scale-free: tiny returns that really vary are still explained.
+    tiny = 1e-6 * torch.randn(4, 32, generator=gen, dtype=torch.float64)
+    assert_close(explained_variance(tiny, tiny, mask), torch.tensor(1.0, dtype=torch.float64))
+    noisy = 1e-6 * torch.randn(1, 3, generator=gen) + 1.0
+    assert explained_variance(torch.ones(1, 3), noisy, torch.ones(1, 3)).item() == 0.0

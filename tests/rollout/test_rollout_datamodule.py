@@ -156,3 +156,26 @@ def test_minibatches_of_one_rollout_share_its_policy_version(tiny_grpo, vary_rew
     # 2 iterations x 2 minibatches = 4 steps per rollout; each minibatch is one group of G=4.
     assert [v for _, v, _ in seen] == [0, 0, 0, 0, 4, 4, 4, 4]
     assert all(n == 4 for _, _, n in seen)
+
+
+def test_reward_errors_and_timeouts_are_counted_in_the_rollout_metrics(tiny_grpo):
+    import time as _time
+
+    def fragile(completions, **_):
+        return [1.0 / (i % 2) for i in range(len(completions))]  # every even sample raises
+
+    def slow(completions, **_):
+        _time.sleep(0.5)
+        return [1.0] * len(completions)
+
+    module = tiny_grpo(num_generations=2)
+    dm = RolloutDataModule(task=Arithmetic(), rewards={"fragile": fragile}, reward_on_error="zero",
+                           prompts_per_step=2, max_new_tokens=3).attach(module)
+    metrics = dm.build_rollout().extras["metrics"]
+    # called one sample at a time after the batch call fails: each single call sees i = 0 and raises
+    assert metrics["reward/fragile/errors"] == 4.0
+    dm = RolloutDataModule(task=Arithmetic(), rewards={"slow": slow}, reward_timeout=0.05,
+                           prompts_per_step=1, max_new_tokens=3).attach(module)
+    metrics = dm.build_rollout().extras["metrics"]
+    assert metrics["reward/slow/timeouts"] == 2.0
+    assert metrics["reward/mean"] == 0.0

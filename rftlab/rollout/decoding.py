@@ -1,0 +1,112 @@
+"""rftlab's own sampling loop: one prefill per prompt, a shared KV cache, finished rows dropped.
+
+HF ``generate(num_return_sequences=G)`` repeats every prompt G times before the prefill, so the
+prompt is encoded G times, and it keeps decoding finished sequences (as padding) until the longest
+one ends. Here the prompt is encoded once, its KV cache is repeated G times
+(``DynamicCache.batch_repeat_interleave``), and rows that sampled EOS leave the batch
+(``batch_select_indices``), so later steps only pay for sequences still running.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rftlab.rollout.sampler import SamplingParams, position_ids_from_mask
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Apply top-k then top-p (nucleus) filtering by setting removed logits to -inf.
+
+    Same order and tie handling as transformers' TopK/TopP warpers (top-p keeps the smallest set of
+    tokens whose probability mass reaches ``top_p``, and always the most likely token).
+
+    Args:
+        logits: (N, V) temperature-scaled logits, float32.
+        top_k: keep the k largest (0 disables).
+        top_p: nucleus mass in (0, 1] (1 disables).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1] = False  # never remove the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Greedy argmax, or a sample from softmax(filter(logits / temperature)); (N, V) -> (N,)."""
+    if params.greedy:
+        return logits.argmax(-1)
+    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(scaled.softmax(-1), 1).squeeze(-1)
+
+
+def decode(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    num_generations: int,
+    params: SamplingParams,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+) -> Tensor:
+    """Sample ``num_generations`` continuations of each prompt; returns (B*G, T) tokens.
+
+    Rows are grouped by prompt (row ``b * G + g``). After a row's EOS the rest of the row is
+    ``pad_token_id``; T is the longest completion (at most ``params.max_new_tokens``). Call it
+    under ``sampling_mode(model)`` (eval, no grad).
+
+    Args:
+        model: a HF causal LM (or PEFT-wrapped one) that accepts ``past_key_values``.
+        prompt_ids: (B, P) left-padded prompts.
+        prompt_mask: (B, P) 1 on real prompt tokens.
+        num_generations: completions per prompt (G).
+        params: sampling parameters.
+        eos_token_ids: ids that end a completion.
+        pad_token_id: filler after EOS.
+    """
+    from transformers import DynamicCache
+
+    G = num_generations
+    device = prompt_ids.device
+    cache = DynamicCache()
+    positions = position_ids_from_mask(prompt_mask)
+    # Prefill once per prompt; only the last position's logits are needed.
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1].repeat_interleave(G, dim=0)
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+    attention = prompt_mask.repeat_interleave(G, dim=0)
+    next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1
+    N = prompt_ids.shape[0] * G
+    tokens = torch.full((N, params.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    rows = torch.arange(N, device=device)  # which output rows are still being decoded
+    eos = torch.tensor(eos_token_ids, device=device)
+    length = 0
+    for step in range(params.max_new_tokens):
+        token = next_tokens(logits, params)
+        tokens[rows, step] = token
+        length = step + 1
+        running = ~torch.isin(token, eos)
+        if step == params.max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():
+            # Drop finished rows from the batch and from the cache: later steps cost only what runs.
+            keep = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, token, attention, next_position = rows[keep], token[keep], attention[keep], next_position[keep]
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention, position_ids=next_position,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+    return tokens[:, :length]

@@ -1,0 +1,81 @@
+"""rftlab's decode loop: same tokens as transformers' generate, same sampling distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rftlab.rollout.decoding import filter_logits, next_tokens
+from rftlab.rollout.sampler import SamplingParams, left_pad, sample_completions
+
+
+def _both(model, prompt_ids, prompt_mask, G, params, eos, pad):
+    """rftlab's loop with G completions per prompt vs HF greedy on the prompts repeated G times
+    (HF's greedy search refuses num_return_sequences > 1)."""
+    hf = SamplingParams(**{**params.__dict__, "backend": "hf"})
+    ours = SamplingParams(**{**params.__dict__, "backend": "rftlab"})
+    return {
+        "hf": sample_completions(model, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
+                                 1, hf, eos, pad),
+        "rftlab": sample_completions(model, prompt_ids, prompt_mask, G, ours, eos, pad),
+    }
+
+
+def test_greedy_decode_equals_transformers_generate(tiny_grpo, tokenizer):
+    module = tiny_grpo()
+    model = module.policy
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([[11, 12, 13, 14, 15], [21, 22], [31, 32, 33]], pad)
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    # First without EOS, then with an EOS that one row emits early, so rows finish at different
+    # steps and the loop has to drop rows from its batch and cache mid-way.
+    free = _both(model, prompt_ids, prompt_mask, 2, params, [-1], pad)
+    assert torch.equal(free["hf"][0], free["rftlab"][0])
+    eos = int(free["hf"][0][0, 2])
+    stopped = _both(model, prompt_ids, prompt_mask, 2, params, [eos], pad)
+    for a, b in zip(stopped["hf"], stopped["rftlab"]):
+        assert torch.equal(a, b)
+    lengths = stopped["rftlab"][1].sum(1)
+    assert lengths.min() <= 3 and lengths.max() == 8, "rows must finish at different steps"
+
+
+def test_filter_logits_matches_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    for top_k, top_p in [(0, 0.9), (5, 1.0), (10, 0.5), (0, 0.05)]:
+        expected = logits.clone()
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        assert torch.equal(torch.isinf(filter_logits(logits, top_k, top_p)), torch.isinf(expected)), (top_k, top_p)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.8)])
+def test_samples_follow_the_filtered_tempered_softmax(temperature, top_k, top_p):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40_000, 1)
+    torch.manual_seed(0)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    samples = next_tokens(logits, params)
+    freq = torch.bincount(samples, minlength=5).float() / len(samples)
+    expected = filter_logits(logits[:1] / temperature, top_k, top_p).softmax(-1)[0]
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
+def test_each_prompt_is_prefilled_once(tiny_grpo, tokenizer, monkeypatch):
+    module = tiny_grpo()
+    widths = []
+    original = module.policy.forward
+
+    def spy(*args, **kwargs):
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module.policy, "forward", spy)
+    prompt_ids, prompt_mask = left_pad([[11, 12, 13, 14], [21, 22]], tokenizer.pad_token_id)
+    sample_completions(module.policy, prompt_ids, prompt_mask, 4, SamplingParams(max_new_tokens=3),
+                       [-1], tokenizer.pad_token_id)
+    # prefill: 2 prompts (not 2 x 4); then one token for each of the 8 rows per step
+    assert widths == [(2, 4), (8, 1), (8, 1)]
