@@ -2,6 +2,8 @@
 
     rftlab fit --config configs/grpo_arithmetic.yaml
     rftlab fit --config configs/grpo_arithmetic.yaml --model.init_args.lr 1e-4 --trainer.max_steps 20
+    rftlab compare --config configs/compare_arithmetic.yaml      (see rftlab/experiments/cli.py)
+    rftlab evaluate --policy default --num_samples 8 --k [1,8]
 """
 
 from __future__ import annotations
@@ -44,9 +46,23 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+# Subcommands that are not LightningCLI's (fit/validate): name -> "module:function", imported only
+# when used so `rftlab fit` starts as fast as before. Each function takes the remaining arguments.
+SUBCOMMANDS: dict[str, str] = {
+    "compare": "rftlab.experiments.cli:compare_main",
+    "evaluate": "rftlab.experiments.cli:evaluate_main",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rftlab`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module, function = SUBCOMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
+        return
     make_cli(argv)
 
 

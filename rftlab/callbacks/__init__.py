@@ -1,7 +1,14 @@
-"""Callbacks: training clock, sample tables, W&B specifics. They read batches and logged metrics only."""
+"""Callbacks: training clock, sample tables, histograms, phase timing, W&B specifics.
+
+They read batches and logged metrics only (never an algorithm's internals), so they work with any
+``RFTModule``, built-in or your own, and with W&B, TensorBoard or CSV loggers.
+"""
 
 from rftlab.callbacks.clock import TrainClock
+from rftlab.callbacks.dashboards import PhaseTimer, RolloutHistograms
 from rftlab.callbacks.samples import CompletionTable
 from rftlab.callbacks.wandb import WandbMetrics, make_wandb_logger, wandb_mode
 
-__all__ = ["CompletionTable", "TrainClock", "WandbMetrics", "make_wandb_logger", "wandb_mode"]
+__all__ = [
+    "CompletionTable", "PhaseTimer", "RolloutHistograms", "TrainClock", "WandbMetrics", "make_wandb_logger", "wandb_mode",
+]

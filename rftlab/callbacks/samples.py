@@ -1,4 +1,8 @@
-"""A table of sample prompts, completions and rewards, every N steps (W&B table, or a JSONL file)."""
+"""A table of sample prompts, completions and rewards, every N steps.
+
+W&B gets a ``samples`` table, TensorBoard a ``samples`` text panel (a Markdown table), and every
+other logger (CSV, ...) a ``samples.jsonl`` file in its log folder.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from rftlab.callbacks.dashboards import logging_step
 
 
 class CompletionTable(L.Callback):
     """Every ``every_n_steps`` steps, log up to ``max_rows`` samples of the current rollout.
 
-    With a W&B logger the samples go to a ``samples`` table (prompt, completion, total reward, each
-    reward function, advantage); without one they are appended to ``<log_dir>/samples.jsonl``.
+    Columns: prompt, completion, total reward, each reward function (``reward/<fn>``), advantage and
+    completion length. With a W&B logger they go to a ``samples`` table, with TensorBoard to a
+    ``samples`` text panel; otherwise they are appended to ``<log_dir>/samples.jsonl``.
 
     Args:
         every_n_steps: logging interval in optimizer steps (>= 1).
@@ -31,7 +38,7 @@ class CompletionTable(L.Callback):
         self.max_rows = max_rows
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
+        step = logging_step(trainer)  # the step this batch's scalars are logged at
         if not trainer.is_global_zero or step % self.every_n_steps != 0 or not hasattr(batch, "completions"):
             return
         rows = sample_rows(batch, self.max_rows)
@@ -41,7 +48,10 @@ class CompletionTable(L.Callback):
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         for logger in wandb_loggers:
             logger.log_table(key="samples", columns=columns, data=[list(r.values()) for r in rows], step=step)
-        if not wandb_loggers and trainer.log_dir:
+        tensorboard = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for logger in tensorboard:
+            logger.experiment.add_text("samples", markdown_rows(rows), global_step=step)
+        if not wandb_loggers and not tensorboard and trainer.log_dir:
             path = Path(trainer.log_dir) / "samples.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
@@ -63,5 +73,21 @@ def sample_rows(batch: Any, max_rows: int) -> list[dict[str, Any]]:
             row[f"reward/{name}"] = None if math.isnan(value) else value
         adv = batch.seq_advantages
         row["advantage"] = float(adv[i]) if adv is not None else None
+        row["length"] = int(batch.completion_mask[i].sum())
         rows.append(row)
     return rows
+
+
+def markdown_rows(rows: list[dict[str, Any]]) -> str:
+    """Sample rows as a Markdown table (TensorBoard renders text panels as Markdown)."""
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Held-out evaluation: the pass@k estimator, greedy/sampled evaluation, checkpoints, `rftlab evaluate`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from rftlab import GRPO, RolloutDataModule
+from rftlab.cli import main
+from rftlab.experiments import evaluate, load_policy, pass_at_k
+from rftlab.tasks import Arithmetic, RowsTask
+
+
+@pytest.mark.parametrize("n, c, k, expected", [(4, 1, 1, 0.25), (4, 1, 2, 0.5), (5, 0, 3, 0.0), (3, 2, 2, 1.0), (10, 10, 1, 1.0)])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_equals_the_fraction_of_k_subsets_with_a_correct_sample():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                samples = [1] * c + [0] * (n - c)
+                subsets = list(itertools.combinations(samples, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(brute), (n, c, k)
+
+
+@pytest.mark.parametrize("args, message", [((4, 1, 5), "k=5 is invalid"), ((4, 5, 1), "c=5 is invalid"), ((4, 1, 0), "k=0")])
+def test_pass_at_k_rejects_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        pass_at_k(*args)
+
+
+def always(completions, **_):
+    return [1.0] * len(completions)
+
+
+def never(completions, **_):
+    return [0.0] * len(completions)
+
+
+def even_length(completions, **_):
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def rows_task(reward):
+    rows = [{"prompt": f"Say something about {w}.", "answer": "x"} for w in ("cats", "dogs", "rain", "tea")]
+    return RowsTask(train=rows, test=rows, rewards={"r": reward})
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    module = GRPO(policy="tiny", num_generations=2)
+    module.configure_model()
+    return module
+
+
+def test_greedy_and_sampled_scores_follow_the_verifier(tiny_policy):
+    assert evaluate(tiny_policy, rows_task(always), max_new_tokens=3, num_samples=2, k=[1, 2]).metrics() == {
+        "eval/greedy/accuracy": 1.0, "eval/sampled/pass@1": 1.0, "eval/sampled/pass@2": 1.0}
+    assert evaluate(tiny_policy, rows_task(never), max_new_tokens=3).greedy_accuracy == 0.0
+
+
+def test_sampled_pass_at_k_is_consistent_and_reproducible(tiny_policy):
+    task = rows_task(even_length)
+    result = evaluate(tiny_policy, task, greedy=False, num_samples=4, k=[1, 2, 4], max_new_tokens=6, seed=3)
+    counts = result.correct_counts
+    assert len(counts) == 4 and all(0 <= c <= 4 for c in counts)
+    assert result.pass_at_k[1] == pytest.approx(sum(counts) / 16)
+    assert result.pass_at_k[1] <= result.pass_at_k[2] <= result.pass_at_k[4]
+    assert result.pass_at_k[4] == pytest.approx(sum(c > 0 for c in counts) / 4)
+    again = evaluate(tiny_policy, task, greedy=False, num_samples=4, k=[1], max_new_tokens=6, seed=3)
+    assert again.correct_counts == counts, "the same seed gives the same samples"
+    assert 0 < sum(counts) < 16, "the check above needs answers of both kinds"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(greedy=False), "nothing to evaluate"),
+        (dict(num_samples=2, k=[3]), "k=\\[3\\] is invalid"),
+        (dict(num_samples=-1), "num_samples=-1"),
+        (dict(num_prompts=0), "num_prompts=0"),
+    ],
+)
+def test_bad_evaluation_options(tiny_policy, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(tiny_policy, rows_task(always), **kwargs)
+
+
+def test_checkpoint_of_a_lora_run_reloads_the_trained_policy(tmp_path, vary_reward):
+    module = GRPO(policy="tiny", num_generations=2, lora=True, lr=5e-2)
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[checkpoint], enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    loaded = load_policy(checkpoint.last_model_path)
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    reloaded = dict(loaded.named_parameters())
+    assert trained and all(torch.equal(p, reloaded[n]) for n, p in trained.items())
+    fresh = GRPO(policy="tiny", num_generations=2, lora=True)
+    fresh.configure_model()
+    assert any(not torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.items()), \
+        "training changed the adapter, so the equality above is not trivial"
+    with pytest.raises(FileNotFoundError, match="checkpoint="):
+        load_policy(tmp_path / "missing.ckpt")
+
+
+def test_rftlab_evaluate_command(tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    main(["evaluate", "--policy", "tiny", "--task.class_path", "rftlab.tasks.Arithmetic",
+          "--task.init_args.num_test", "3", "--max_new_tokens", "3", "--num_samples", "2", "--k", "[1, 2]",
+          "--output", str(out)])
+    scores = json.loads(out.read_text())
+    assert scores["num_prompts"] == 3 and scores["num_samples"] == 2
+    assert {"eval/greedy/accuracy", "eval/sampled/pass@1", "eval/sampled/pass@2"} <= set(scores)
+    assert all(0.0 <= scores[k] <= 1.0 and math.isfinite(scores[k]) for k in scores if k.startswith("eval/"))
+    assert "greedy accuracy" in capsys.readouterr().out
