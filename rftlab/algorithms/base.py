@@ -7,7 +7,7 @@ A subclass implements ``compute_advantages`` and ``compute_loss``; see ``GRPO`` 
 
 from __future__ import annotations
 
-import copy
+import inspect
 import math
 import time
 import warnings
@@ -19,12 +19,18 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from rftlab.algorithms.faults import CHECKPOINT_KEY, abort_nonfinite, grad_scaler_active, pending_rng, resume_state
 from rftlab.core import entropy_from_logits, masked_mean, selective_log_softmax
-from rftlab.models.loading import load_causal_lm, load_tokenizer
-from rftlab.models.policy import adapter_disabled, apply_lora, completion_logits, is_adapter_model, trainable_state_keys
+from rftlab.core.arguments import check_init_arguments
+from rftlab.models.build import PolicySpec, build_policy, check_reference_placement, frozen_reference, module_device
+from rftlab.models.loading import load_tokenizer
+from rftlab.models.optim import build_optimizer, check_optimizer
+from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
+from rftlab.rollout.distributed import any_rank, reduce_metrics
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
-from rftlab.rollout.sampler import SamplingParams, sample_completions, set_checkpointing
+from rftlab.rollout.resume import restore_rng_state
+from rftlab.rollout.sampler import SamplingParams, sample_completions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,11 +55,25 @@ class RFTModule(L.LightningModule):
         beta: coefficient of the KL-to-reference term; 0 skips the reference forward entirely.
         dtype: parameter dtype: "float32", "bfloat16" or "float16" (use Trainer precision for autocast).
         gradient_checkpointing: recompute activations in backward (switched off while sampling).
+        quantization: "none", "nf4"/"fp4" (4-bit base weights, QLoRA) or "int8" (8-bit loading);
+            needs ``lora=True`` and bitsandbytes.
+        compute_dtype: dtype 4-bit layers compute in ("float32", "bfloat16", "float16"); None: ``dtype``.
+        optimizer: "adamw" (torch), "adamw8bit" (bitsandbytes 8-bit state, CPU or GPU), or the paged
+            variants "paged_adamw", "paged_adamw8bit", "paged_adamw32bit" (CUDA only); see
+            ``rftlab.models.optim.OPTIMIZERS``.
+        reference_placement: where the frozen reference copy of a fully fine-tuned policy (beta > 0)
+            lives: "device" (with the policy), "cpu" (CPU memory, its forward runs there) or
+            "offload" (CPU memory, moved to the device for each forward). Adapter runs have no copy.
+        init_checkpoint: a Lightning checkpoint of any rftlab algorithm (e.g. ``SFT``) whose policy,
+            adapter merged, is the starting policy (and the reference); ``policy`` names its base model.
         logprob_batch_size: sequences per forward when scoring a rollout without grad (memory bound).
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).
         seed: seeds the random initialisation of the "tiny" policy.
+        max_nonfinite_steps: stop with ``NonFiniteTrainingError`` (after saving a checkpoint) when
+            this many optimizer steps in a row had a non-finite loss or gradient; each such step
+            is skipped and counted in ``faults/nonfinite_steps``. None never stops.
     """
 
     # The DataModule drops zero-variance groups when its own dynamic_sampling is None and this is True.
@@ -75,11 +95,20 @@ class RFTModule(L.LightningModule):
         beta: float = 0.0,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        quantization: str = "none",
+        compute_dtype: str | None = None,
+        optimizer: str = "adamw",
+        reference_placement: str = "device",
+        init_checkpoint: str | None = None,
         logprob_batch_size: int = 64,
         validate_at_start: bool = True,
         log_every_n_steps: int | None = 1,
         seed: int = 0,
+        max_nonfinite_steps: int | None = 5,
     ) -> None:
+        # Types first (of every subclass's arguments too): a string where a number belongs must
+        # fail here, naming the parameter, not in a comparison below or deep inside torch.
+        check_init_arguments(self, inspect.currentframe())
         super().__init__()
         _require(isinstance(policy, str) and policy != "", "policy", policy, "a non-empty model name or path")
         _require(lora_r >= 1, "lora_r", lora_r, ">= 1")
@@ -92,17 +121,27 @@ class RFTModule(L.LightningModule):
         _require(max_grad_norm >= 0, "max_grad_norm", max_grad_norm, ">= 0 (0 disables clipping)")
         _require(beta >= 0 and math.isfinite(beta), "beta", beta, ">= 0")
         _require(dtype in DTYPES, "dtype", dtype, f"one of {', '.join(DTYPES)}")
+        PolicySpec(policy, dtype, quantization, compute_dtype, lora, lora_r, lora_alpha, lora_dropout,
+                   lora_target_modules, gradient_checkpointing, seed, init_checkpoint).check()
+        check_optimizer(optimizer)
+        check_reference_placement(reference_placement)
         _require(logprob_batch_size >= 1, "logprob_batch_size", logprob_batch_size, ">= 1")
         _require(log_every_n_steps is None or log_every_n_steps >= 1, "log_every_n_steps", log_every_n_steps, ">= 1 or None")
         self.save_hyperparameters()
         self.num_generations = num_generations
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
+        # Lightning's load_from_checkpoint decides strictness before calling configure_model, and
+        # adapter (or reference-copy) checkpoints hold only trainable weights; refined in configure_model.
+        self.strict_loading = not (lora or beta > 0)
         self._tokenizer = None
         self.val_accuracy = MeanMetric()
         self.val_reward = MeanMetric()
         self.initial_val_accuracy: float | None = None
+        _require(max_nonfinite_steps is None or max_nonfinite_steps >= 1, "max_nonfinite_steps", max_nonfinite_steps, ">= 1 or None")
         self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+        self._pending_rng: dict[str, Any] | None = None  # restored when training starts
         self._batch_start = 0.0
 
     # ---- the policy ------------------------------------------------------------------------
@@ -127,18 +166,51 @@ class RFTModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        model = load_causal_lm(hp.policy, DTYPES[hp.dtype], vocab_size=len(self.tokenizer), seed=hp.seed)
-        if hp.gradient_checkpointing:
-            set_checkpointing(model, True)
-        if hp.lora:
-            model = apply_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
-        elif self.needs_reference:
+        model = build_policy(PolicySpec.from_hparams(hp), vocab_size=len(self.tokenizer), device=self._policy_device())
+        if not hp.lora and self.needs_reference:
             # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start policy.
-            self.ref_policy = copy.deepcopy(model).eval().requires_grad_(False)
+            self.set_reference_policy(frozen_reference(model, hp.reference_placement))
         self.policy = model
         self.configure_extra_modules()
         # Checkpoints keep only what trains (adapter, heads): frozen base weights come from `policy`.
         self.strict_loading = not hp.lora and self.ref_policy is None
+
+    def _policy_device(self) -> torch.device:
+        # The device training runs on: the strategy's when attached to a Trainer (the module may
+        # still be on CPU when configure_model runs), else the module's own.
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else self.device
+
+    def set_reference_policy(self, reference: torch.nn.Module) -> None:
+        """Install a frozen reference copy; one kept in CPU memory is hidden from Lightning.
+
+        Lightning moves every registered submodule to the training device and saves it in
+        checkpoints; a reference placed with ``reference_placement="cpu"``/``"offload"`` is
+        therefore stored as a plain attribute, outside ``state_dict`` and ``.to()``.
+        """
+        if self.hparams.get("reference_placement", "device") == "device":
+            self.ref_policy = reference
+            return
+        if "ref_policy" in self._modules:
+            del self._modules["ref_policy"]
+        object.__setattr__(self, "ref_policy", reference)
+
+    def reference_logits(self, batch: Rollout) -> Tensor:
+        """(N, T, V) temperature-scaled logits of the frozen reference copy, on the policy's device."""
+        placement = self.hparams.get("reference_placement", "device")
+        reference, device = self.ref_policy, self.device
+        if placement == "offload":
+            reference.to(device)
+        where = module_device(reference)
+        try:
+            logits = completion_logits(
+                reference, batch.prompt_ids.to(where), batch.prompt_mask.to(where), batch.completion_ids.to(where),
+                batch.completion_mask.to(where), batch.temperature,
+            )
+        finally:
+            if placement == "offload":
+                reference.to("cpu")
+        return logits.to(device)
 
     def configure_extra_modules(self) -> None:
         """Hook for subclasses to add modules (value heads, critics) after the policy exists."""
@@ -170,11 +242,19 @@ class RFTModule(L.LightningModule):
     def score_rollout(self, rollout: Rollout) -> Rollout:
         """Annotate a fresh rollout: old/ref log-probs where needed, then advantages (protocol method)."""
         rollout = rollout.to(self.device)
+        timing = {}
         with torch.no_grad(), self._precision_context():
+            start = time.perf_counter()
             rollout = self.record_sampling_state(rollout)
+            timing["timing/logprobs"] = time.perf_counter() - start
             if self.needs_reference:
+                start = time.perf_counter()
                 rollout.ref_logp = self.batched_logprobs(rollout, reference=True)
+                timing["timing/ref"] = time.perf_counter() - start
             rollout = self.compute_advantages(rollout)
+        # Per-phase costs (issue: where the time goes); the DataModule merges them into the
+        # rollout's metrics, which training_step logs.
+        rollout.extras["score_timing"] = timing
         return rollout
 
     def record_sampling_state(self, rollout: Rollout) -> Rollout:
@@ -206,9 +286,8 @@ class RFTModule(L.LightningModule):
     def policy_logits(self, batch: Rollout, reference: bool = False) -> Tensor:
         """(N, T, V) temperature-scaled logits of the policy (or the reference) on the completions."""
         if reference and self.ref_policy is not None:
-            model, ctx = self.ref_policy, nullcontext()
-        else:
-            model, ctx = self.policy, adapter_disabled(self.policy) if reference else nullcontext()
+            return self.reference_logits(batch)
+        model, ctx = self.policy, adapter_disabled(self.policy) if reference else nullcontext()
         with ctx:
             return completion_logits(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
@@ -237,19 +316,36 @@ class RFTModule(L.LightningModule):
     def training_step(self, batch: Rollout, batch_idx: int) -> Tensor | None:
         loss, metrics = self.compute_loss(batch)
         n = len(batch)
-        for name, value in batch.extras.get("metrics", {}).items():
-            self.log(name, float(value), on_step=True, batch_size=n, prog_bar=name == "reward/mean")
-        self.log("rollout/policy_lag", float(self.global_step - batch.policy_version), on_step=True, batch_size=n)
+        step = {name: float(value) for name, value in batch.extras.get("metrics", {}).items()}
+        step["rollout/policy_lag"] = float(self.global_step - batch.policy_version)
         for name, value in metrics.items():
-            self.log(name, value.detach().float() if isinstance(value, Tensor) else float(value), on_step=True, batch_size=n)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=n)
-        if not torch.isfinite(loss):
+            step[name] = float(value.detach()) if isinstance(value, Tensor) else float(value)
+        step["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        # Under DDP each process trains on its own groups: log the mean over processes (weighted by
+        # sequences), reduced once here because processes may log different keys.
+        for name, value in reduce_metrics(step, n).items():
+            self.log(name, value, on_step=True, batch_size=n, prog_bar=name == "reward/mean")
+        # Every process must skip together, or DDP's gradient all-reduce waits for the one that did not.
+        if any_rank(not torch.isfinite(loss)):
             # Skip the update instead of writing NaN into the weights (returning None skips it).
-            self.nonfinite_steps += 1
-            self.log("faults/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=n)
-            warnings.warn(f"non-finite loss at step {self.global_step}: update skipped", stacklevel=2)
+            self.record_nonfinite_step("loss")
             return None
         return loss
+
+    def record_nonfinite_step(self, what: str) -> None:
+        """Count and warn about a skipped non-finite step; stop after ``max_nonfinite_steps`` in a row.
+
+        Args:
+            what: "loss" or "gradient".
+        """
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        self.log("faults/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
+        warnings.warn(f"non-finite {what} at step {self.global_step}: update skipped "
+                      f"({self.consecutive_nonfinite} in a row)", stacklevel=3)
+        limit = self.hparams.get("max_nonfinite_steps")
+        if limit is not None and self.consecutive_nonfinite >= limit:
+            raise abort_nonfinite(self, what, self.consecutive_nonfinite)
 
     def token_entropy(self, logits: Tensor, mask: Tensor) -> Tensor:
         """Masked mean entropy of the policy at the completion tokens (a monitoring metric)."""
@@ -263,22 +359,38 @@ class RFTModule(L.LightningModule):
         # on_train_start) do not count it.
         self.validate_before_training()
 
+    def on_train_start(self) -> None:
+        # A resumed run restores the random generators here, after the sanity check and any
+        # evaluation, right where the uninterrupted run was when the checkpoint was saved.
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("timing/train", time.perf_counter() - self._batch_start, on_step=True, batch_size=len(batch))
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        self._backward_start = time.perf_counter()
+        self.log("timing/forward", self._backward_start - self._batch_start, on_step=True, batch_size=1)
+
+    def on_after_backward(self) -> None:
+        self.log("timing/backward", time.perf_counter() - self._backward_start, on_step=True, batch_size=1)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])) if grads else torch.tensor(0.0)
         self.log("grad_norm", norm, on_step=True, batch_size=1)
+        # Gradients are all-reduced before this hook, so every process reaches the same verdict.
         if not torch.isfinite(norm):
             for p in self.parameters():
                 p.grad = None  # AdamW skips parameters without gradients: the step becomes a no-op
-            self.nonfinite_steps += 1
-            self.log("faults/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
-            warnings.warn(f"non-finite gradient at step {self.global_step}: update skipped", stacklevel=2)
+            if not grad_scaler_active(self._trainer):  # float16's GradScaler skips overflows by design
+                self.record_nonfinite_step("gradient")
+        else:
+            self.consecutive_nonfinite = 0
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.max_grad_norm
@@ -290,7 +402,8 @@ class RFTModule(L.LightningModule):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.optimizer_param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = build_optimizer(self.hparams.optimizer, self.optimizer_param_groups(), lr=self.hparams.lr,
+                                    weight_decay=self.hparams.weight_decay)
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -322,17 +435,33 @@ class RFTModule(L.LightningModule):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = resume_state(self)  # random generators, fault counters
         if self.strict_loading:
             return
         keep = trainable_state_keys(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_resume_state(checkpoint.get(CHECKPOINT_KEY))
         if self.policy is None:
             return
         missing = sorted(k for k in self._trainable_param_names() if k not in checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+    def load_resume_state(self, state: dict[str, Any] | None) -> None:
+        """Restore the fault counters and stage this process's random generators for ``on_train_start``.
+
+        Args:
+            state: the checkpoint's ``"rftlab"`` entry (None for checkpoints saved before it existed).
+        """
+        if not state:
+            return
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._pending_rng = pending_rng(state, rank, world)
 
     def _trainable_param_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]

@@ -12,8 +12,10 @@ The module side of the protocol is ``tokenizer``, ``num_generations``, ``generat
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -21,9 +23,12 @@ from typing import Any
 import lightning as L
 import torch
 
+from rftlab.core.arguments import check_init_arguments
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
+from rftlab.rollout.distributed import any_rank, gather_objects
 from rftlab.rollout.evaluation import EvalStream
 from rftlab.rollout.prompts import PromptEncoder
+from rftlab.rollout.resume import rollout_from_state, rollout_to_state
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.sampler import SamplingParams
 from rftlab.tasks.base import Task
@@ -48,6 +53,14 @@ class RolloutStream:
     def __iter__(self) -> Iterator[Rollout]:
         for _ in range(len(self)):
             yield self.datamodule.next_minibatch()
+
+    # The stream's position (prompt cursor, pending minibatches) is the DataModule's state, which
+    # Lightning saves with every checkpoint; these tell Lightning the stream resumes mid-epoch.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -114,6 +127,7 @@ class RolloutDataModule(L.LightningDataModule):
         steps_per_epoch: int | None = None,
         seed: int = 0,
     ) -> None:
+        check_init_arguments(self, inspect.currentframe())  # types first, the parameter named
         super().__init__()
         _check_positive("prompts_per_step", prompts_per_step)
         _check_positive("max_new_tokens", max_new_tokens)
@@ -144,6 +158,9 @@ class RolloutDataModule(L.LightningDataModule):
         train = task.train_rows()
         if train is None or len(train) == 0:
             raise ValueError(f"task {getattr(task, 'name', task)!r} has no training prompts")
+        if num_val_prompts is not None and not task.test_rows():
+            raise ValueError(f"num_val_prompts={num_val_prompts} asks for validation, but task "
+                             f"{getattr(task, 'name', task)!r} has no held-out split (test_rows() is empty)")
         self.train_rows = train
         self.rewards = RewardSet(
             rewards if rewards is not None else task.reward_functions(),
@@ -222,6 +239,28 @@ class RolloutDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.lightning_module is not None:
             self.check_module(self.trainer.lightning_module)
+            self.check_trainer(self.trainer, stage)
+
+    def check_trainer(self, trainer: Any, stage: str) -> None:
+        """Configuration errors that need the Trainer (raised before any sampling)."""
+        steps = trainer.max_steps
+        asks = (stage == "fit" and isinstance(trainer.val_check_interval, int) and trainer.limit_val_batches != 0
+                and steps is not None and 0 < trainer.val_check_interval <= steps)
+        if asks and not self.task.test_rows():
+            raise ValueError(
+                f"val_check_interval={trainer.val_check_interval} asks for validation every {trainer.val_check_interval} "
+                f"steps, but task {getattr(self.task, 'name', self.task)!r} has no held-out split (test_rows() is empty); "
+                "give the task test rows or set limit_val_batches=0"
+            )
+        strategy = type(trainer.strategy).__name__
+        sharded = "FSDP" in strategy or (
+            "DeepSpeed" in strategy and (getattr(trainer.strategy, "config", None) or {}).get("zero_optimization", {}).get("stage") == 3)
+        if sharded and self.sampling.backend == "rftlab":
+            raise ValueError(
+                f"sampler_backend='rftlab' cannot sample under {strategy} with sharded weights: every process must run "
+                "each decoding step together (synced_gpus), and rftlab's loop stops as soon as its own rows finish; "
+                "use sampler_backend='hf' (transformers' generate keeps sharded processes in lockstep)"
+            )
 
     def train_dataloader(self) -> RolloutStream:
         return RolloutStream(self)
@@ -235,14 +274,31 @@ class RolloutDataModule(L.LightningDataModule):
         return EvalStream(self, rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompt_cursor": self.prompt_cursor, "rollouts_built": self.rollouts_built, "seed": self.seed,
-                "generated_tokens": self.generated_tokens}
+        """Stream position and pending minibatches, of every process (each samples its own prompts).
+
+        The pending minibatches are saved as tensors: they were sampled and scored by a policy that
+        a resumed run no longer has, so they cannot be rebuilt.
+        """
+        own = {"prompt_cursor": self.prompt_cursor, "rollouts_built": self.rollouts_built, "seed": self.seed,
+               "generated_tokens": self.generated_tokens, "queue": [rollout_to_state(mb) for mb in self._queue]}
+        ranks = gather_objects(own)  # the checkpoint is written by rank 0 alone
+        return {**own, "world_size": len(ranks), "ranks": ranks if len(ranks) > 1 else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.prompt_cursor = int(state_dict["prompt_cursor"])
-        self.rollouts_built = int(state_dict["rollouts_built"])
-        self.generated_tokens = int(state_dict.get("generated_tokens", 0))
-        self._queue = []
+        ranks = state_dict.get("ranks") or []
+        saved_world = int(state_dict.get("world_size", 1))
+        own = ranks[self.rank] if len(ranks) == self.world_size > 1 else state_dict
+        queue = [rollout_from_state(mb) for mb in own.get("queue", [])]
+        if saved_world != self.world_size:
+            # Another process count reads the prompt order differently and would split the steps
+            # of a rollout unevenly: start a fresh rollout everywhere.
+            warnings.warn(f"resuming a stream saved by {saved_world} process(es) on {self.world_size}: the "
+                          "prompt order and the pending minibatches are not carried over exactly", stacklevel=2)
+            queue = []
+        self.prompt_cursor = int(own["prompt_cursor"])
+        self.rollouts_built = int(own["rollouts_built"])
+        self.generated_tokens = int(own.get("generated_tokens", 0))
+        self._queue = queue
 
     # ---- the pipeline ------------------------------------------------------------------------
     def next_minibatch(self) -> Rollout:
@@ -314,15 +370,24 @@ class RolloutDataModule(L.LightningDataModule):
                 kept.append(part)
                 n_groups += len(stds)
         n_kept_by_filter = n_groups
-        if n_groups < self.prompts_per_step and self.on_short_batch == "raise":
+        # Decided by all processes together: one raising alone leaves the others in a collective.
+        if self.on_short_batch == "raise" and any_rank(n_groups < self.prompts_per_step):
             raise RuntimeError(
-                f"dynamic sampling kept {n_groups} of {self.prompts_per_step} groups after max_gen_batches="
-                f"{self.max_gen_batches} rounds; raise max_gen_batches or set on_short_batch='continue'"
+                f"dynamic sampling kept {n_groups} of {self.prompts_per_step} groups on this process (or fewer on "
+                f"another) after max_gen_batches={self.max_gen_batches} rounds; raise max_gen_batches or set "
+                "on_short_batch='continue'"
             )
         if n_groups == 0:
             # Every group had zero variance in every round: keep the last round (its advantages are
             # all zero, so the step only logs) rather than stalling the run.
             kept, n_groups = [part], len(part) // G
+        elif n_groups < self.num_minibatches:
+            # Too few groups for num_minibatches: add zero-variance groups of the last round (it has
+            # enough: all its varied groups were kept). They carry no advantage; what they buy is
+            # that every rollout yields the same number of optimizer steps, on every process.
+            filler = zero_std.nonzero().squeeze(-1)[: self.num_minibatches - n_groups]
+            kept.append(part.select((filler.unsqueeze(1) * G + torch.arange(G)).reshape(-1), trim=False))
+            n_groups += len(filler)
         rollout = Rollout.concat(kept, pad_token_id=module.tokenizer.pad_token_id).trimmed()
         rollout.num_updates = self.num_iterations * self.num_minibatches
         rollout.extras.update(errors)
@@ -333,6 +398,7 @@ class RolloutDataModule(L.LightningDataModule):
         score_start = time.perf_counter()
         rollout = module.score_rollout(rollout)
         metrics["timing/score"] = time.perf_counter() - score_start
+        metrics.update(rollout.extras.pop("score_timing", {}))
         metrics["timing/rollout"] = time.perf_counter() - start
         # Cumulative, so it stays right however many minibatches log the same rollout's metrics.
         metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
@@ -389,6 +455,8 @@ class RolloutDataModule(L.LightningDataModule):
             "completions/mean_length": lengths.mean().item(),
             "completions/max_length": lengths.max().item(),
             "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+            # Completions that are only an EOS (nothing to verify; no loss signal but the stop).
+            "completions/empty_ratio": ((lengths <= 1) & ~rollout.truncated).float().mean().item(),
             "frac_reward_zero_std": frac_zero_std,
             "timing/generate": timing["generate"],
             "timing/reward": timing["reward"],

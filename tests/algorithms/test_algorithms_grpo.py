@@ -17,6 +17,7 @@ SHARED_METRICS = [
     "reward/mean", "reward/std", "reward/parity/mean", "kl", "entropy", "grad_norm", "clip_ratio/low",
     "clip_ratio/high", "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
     "loss/policy", "lr", "timing/generate", "timing/train", "tokens_per_second/generate", "val/accuracy",
+    "timing/reward", "timing/logprobs", "timing/ref", "timing/forward", "timing/backward",
 ]
 
 
