@@ -4,17 +4,23 @@
     rftlab fit --config configs/grpo_arithmetic.yaml --model.init_args.lr 1e-4 --trainer.max_steps 20
     rftlab compare --config configs/compare_arithmetic.yaml      (see rftlab/experiments/cli.py)
     rftlab evaluate --policy default --num_samples 8 --k [1,8]
+    rftlab export --ckpt last.ckpt --out exported/ [--adapter-only]   (see rftlab/models/export.py)
+    rftlab generate --ckpt last.ckpt --prompts "[Calculate 12 + 30.]"  (see rftlab/models/generation.py)
 """
 
 from __future__ import annotations
 
 import sys
 
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from rftlab.algorithms.base import RFTModule
 from rftlab.callbacks import CompletionTable, TrainClock, WandbMetrics
-from rftlab.callbacks.wandb import wandb_mode
+from rftlab.callbacks.checkpointing import AtomicCheckpoints, ResumableCheckpoint
 from rftlab.rollout.datamodule import RolloutDataModule
 
 
@@ -22,18 +28,49 @@ def trainer_defaults() -> dict:
     """Trainer settings suited to RL fine-tuning; every one can be overridden in the YAML."""
     return {
         "log_every_n_steps": 1,
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.WandbLogger",
-            "init_args": {"project": "rftlab", "save_dir": "runs", "offline": wandb_mode() != "online"},
-        },
-        # Persistent callbacks (LightningCLI adds them to whatever the YAML lists).
-        "callbacks": [TrainClock(), CompletionTable(every_n_steps=10), WandbMetrics()],
+        # Online when logged in and the server answers, else offline with one warning (never a hang).
+        "logger": {"class_path": "rftlab.callbacks.wandb.RFTWandbLogger", "init_args": {"project": "rftlab", "save_dir": "runs"}},
+        # Persistent callbacks (LightningCLI adds them to whatever the YAML lists). AtomicCheckpoints
+        # makes every checkpoint write atomic, whichever ModelCheckpoint the YAML configures.
+        "callbacks": [TrainClock(), CompletionTable(every_n_steps=10), WandbMetrics(), AtomicCheckpoints()],
     }
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Build the LightningCLI (``run=False`` only parses and instantiates, as the config tests do)."""
-    return LightningCLI(
+class RFTCLI(LightningCLI):
+    """LightningCLI whose default checkpointing suits RL runs: ``last.ckpt`` every 10 steps.
+
+    Lightning's default ``ModelCheckpoint`` saves once per epoch, and an RL "epoch" is a pass over
+    the prompts (hours); when the config lists no ModelCheckpoint, a ``ResumableCheckpoint`` takes
+    its place, so ``rftlab fit ... --ckpt_path <run>/checkpoints/last.ckpt`` resumes exactly.
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        callbacks = trainer.callbacks
+        for i, callback in enumerate(callbacks):
+            # The one Lightning adds by itself (enable_checkpointing=True and none configured).
+            if type(callback) is ModelCheckpoint and callback.dirpath is None and callback._every_n_train_steps == 0 \
+                    and callback.save_last is None and callback.monitor is None and callback._train_time_interval is None:
+                callbacks[i] = ResumableCheckpoint(every_n_train_steps=10)
+        return trainer
+
+
+class _ParseOnlyCLI(RFTCLI):
+    def instantiate_trainer(self, **kwargs: Any) -> None:  # type: ignore[override]
+        return None
+
+
+def make_cli(args: list[str] | None = None, run: bool = True, trainer: bool = True) -> LightningCLI:
+    """Build the LightningCLI (``run=False`` only parses and instantiates, as the config tests do).
+
+    Args:
+        args: command-line arguments (default: ``sys.argv``).
+        run: run the subcommand (fit, validate, ...); False only builds the objects.
+        trainer: also build the Trainer; False checks a config whose accelerator (GPU) or strategy
+            (DeepSpeed) this machine lacks: everything else is parsed and instantiated.
+    """
+    cls = RFTCLI if trainer or run else _ParseOnlyCLI
+    return cls(
         RFTModule,
         RolloutDataModule,
         subclass_mode_model=True,
@@ -51,6 +88,8 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 SUBCOMMANDS: dict[str, str] = {
     "compare": "rftlab.experiments.cli:compare_main",
     "evaluate": "rftlab.experiments.cli:evaluate_main",
+    "export": "rftlab.models.export:export_main",
+    "generate": "rftlab.models.generation:generate_main",
 }
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-
 from rftlab import GRPO, RolloutDataModule
-from rftlab.callbacks import CompletionTable, TrainClock, WandbMetrics, make_wandb_logger, wandb_mode
+from rftlab.callbacks import CompletionTable, TrainClock, WandbMetrics, make_wandb_logger
+from rftlab.callbacks.checkpointing import ResumableCheckpoint
 from rftlab.tasks import Arithmetic
 
 
@@ -34,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint (e.g. runs/demo/checkpoints/last.ckpt)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     dm = RolloutDataModule(task=Arithmetic(digits=2, num_test=200), prompts_per_step=4, max_new_tokens=32,
                            val_batch_size=100)
     logger = make_wandb_logger(project="rftlab", save_dir=str(out), name="demo-grpo-arithmetic", job_type="demo")
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="grpo-{step}", save_last=True)
+    # last.ckpt every 10 steps and at the end, written atomically; resume with --ckpt-path.
+    checkpoint = ResumableCheckpoint(dirpath=str(out / "checkpoints"), every_n_train_steps=10)
     precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=args.steps, precision=precision, logger=logger,
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         val_check_interval=args.eval_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         default_root_dir=str(out),
     )
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path)
     after = float(trainer.callback_metrics.get("val/accuracy", float("nan")))
     import wandb
 
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"held-out accuracy (greedy, 200 prompts): before {100 * (model.initial_val_accuracy or 0):.1f}%"
           f"  after {100 * after:.1f}%  ({trainer.global_step} steps, precision {precision})")
-    print(f"W&B run ({wandb_mode()}): {Path(run_dir).parent}")
-    if wandb_mode() == "offline":
+    print(f"W&B run ({logger.mode}): {Path(run_dir).parent}")
+    if logger.mode == "offline":
         print(f"  upload it later with: wandb sync {Path(run_dir).parent}")
     print(f"checkpoint: {checkpoint.last_model_path or checkpoint.best_model_path}")
 

@@ -26,7 +26,7 @@ from rftlab.models.build import PolicySpec, build_policy, check_reference_placem
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.optim import build_optimizer, check_optimizer
 from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
-from rftlab.rollout.distributed import any_rank, reduce_metrics
+from rftlab.rollout.distributed import any_rank, is_distributed, reduce_metrics
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.resume import restore_rng_state
@@ -139,9 +139,11 @@ class RFTModule(L.LightningModule):
         self.val_reward = MeanMetric()
         self.initial_val_accuracy: float | None = None
         _require(max_nonfinite_steps is None or max_nonfinite_steps >= 1, "max_nonfinite_steps", max_nonfinite_steps, ">= 1 or None")
+        _require(0 <= seed <= 2**32 - 1, "seed", seed, "in [0, 2**32 - 1] (as Lightning's seed_everything)")
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self._pending_rng: dict[str, Any] | None = None  # restored when training starts
+        self._drop_update = False  # a skipped non-finite loss under DDP (see training_step)
         self._batch_start = 0.0
 
     # ---- the policy ------------------------------------------------------------------------
@@ -329,7 +331,12 @@ class RFTModule(L.LightningModule):
         if any_rank(not torch.isfinite(loss)):
             # Skip the update instead of writing NaN into the weights (returning None skips it).
             self.record_nonfinite_step("loss")
-            return None
+            if not is_distributed():
+                return None
+            # Lightning refuses None under DDP: a zero loss over every trainable weight keeps the
+            # gradient all-reduce in step, and on_before_optimizer_step drops the update.
+            self._drop_update = True
+            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         return loss
 
     def record_nonfinite_step(self, what: str) -> None:
@@ -342,7 +349,7 @@ class RFTModule(L.LightningModule):
         self.consecutive_nonfinite += 1
         self.log("faults/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
         warnings.warn(f"non-finite {what} at step {self.global_step}: update skipped "
-                      f"({self.consecutive_nonfinite} in a row)", stacklevel=3)
+                      f"({self.consecutive_nonfinite} in a row)", stacklevel=2)
         limit = self.hparams.get("max_nonfinite_steps")
         if limit is not None and self.consecutive_nonfinite >= limit:
             raise abort_nonfinite(self, what, self.consecutive_nonfinite)
@@ -380,6 +387,11 @@ class RFTModule(L.LightningModule):
         self.log("timing/backward", time.perf_counter() - self._backward_start, on_step=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_update:  # the zero loss of a skipped non-finite step under DDP: no update
+            self._drop_update = False
+            for p in self.parameters():
+                p.grad = None
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])) if grads else torch.tensor(0.0)
         self.log("grad_norm", norm, on_step=True, batch_size=1)
@@ -389,7 +401,7 @@ class RFTModule(L.LightningModule):
                 p.grad = None  # AdamW skips parameters without gradients: the step becomes a no-op
             if not grad_scaler_active(self._trainer):  # float16's GradScaler skips overflows by design
                 self.record_nonfinite_step("gradient")
-        else:
+        elif grads:  # a real update (a skipped non-finite loss reaches this hook without gradients)
             self.consecutive_nonfinite = 0
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:

@@ -23,6 +23,7 @@ from rftlab.core import (
     policy_loss,
     selective_log_softmax,
 )
+from rftlab.core.arguments import check_choice
 from rftlab.rollout.rollout import Rollout
 
 
@@ -54,9 +55,9 @@ class GRPO(RFTModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        ADVANTAGE_SCALES.get(scale)  # unknown names raise, listing the valid ones
-        AGGREGATIONS.get(loss_agg)
-        KL_ESTIMATORS.get(kl_estimator)
+        check_choice(ADVANTAGE_SCALES, "scale", scale)  # unknown names raise, listing the valid ones
+        check_choice(AGGREGATIONS, "loss_agg", loss_agg)
+        check_choice(KL_ESTIMATORS, "kl_estimator", kl_estimator)
         _require(eps_low >= 0, "eps_low", eps_low, ">= 0")
         _require(eps_high >= eps_low, "eps_high", eps_high, f">= eps_low ({eps_low})")
         _require(dual_clip is None or dual_clip > 1, "dual_clip", dual_clip, "None or > 1")

@@ -34,6 +34,7 @@ from rftlab.core import (
     value_loss,
     whiten,
 )
+from rftlab.core.arguments import check_choice
 from rftlab.models.loading import load_causal_lm, load_tokenizer
 from rftlab.models.policy import adapter_active, add_adapter, apply_lora, completion_forward
 from rftlab.models.value_head import ValueHead, completion_state_values, token_values
@@ -95,7 +96,7 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_coef: float, target: float, horizon: int) -> None:
-        _require(init_coef > 0, "beta", init_coef, "> 0 with an adaptive KL target (the controller scales it)")
+        _require(init_coef > 0, "beta", init_coef, f"> 0 with an adaptive KL target (kl_target={target}; the controller scales beta)")
         _require(target > 0, "kl_target", target, "> 0 or None")
         _require(horizon >= 1, "kl_horizon", horizon, ">= 1")
         self.value, self.target, self.horizon = float(init_coef), float(target), int(horizon)
@@ -174,8 +175,8 @@ class PPO(RFTModule):
         _require(cliprange_value >= 0, "cliprange_value", cliprange_value, ">= 0 (0 disables value clipping)")
         _require(vf_coef >= 0 and math.isfinite(vf_coef), "vf_coef", vf_coef, ">= 0")
         _require(ent_coef >= 0 and math.isfinite(ent_coef), "ent_coef", ent_coef, ">= 0")
-        AGGREGATIONS.get(loss_agg)  # unknown names raise, listing the valid ones
-        KL_ESTIMATORS.get(kl_estimator)
+        check_choice(AGGREGATIONS, "loss_agg", loss_agg)  # unknown names raise, listing the valid ones
+        check_choice(KL_ESTIMATORS, "kl_estimator", kl_estimator)
         _require(critic in CRITICS, "critic", critic, f"one of {', '.join(CRITICS)}")
         _require(critic != "adapter" or self.hparams.lora, "critic", critic, "'shared' or 'model' unless lora=True")
         _require(critic_model is None or critic == "model", "critic_model", critic_model, "None unless critic='model'")

@@ -18,7 +18,8 @@ Choices the source leaves open, and what we do:
 - pi_rollout is the policy that sampled. With ``rollout_sync_every = n > 1`` it is a snapshot of
   the trainable weights (adapter or full weights, and the value head), re-synced to pi_theta every
   n rollouts: it samples the rollouts, gives the old log-probs and V_rollout. Validation always
-  uses the current policy. The snapshot is not checkpointed (a resumed run re-syncs at once).
+  uses the current policy. The snapshot and its schedule are checkpointed, so a resumed run samples
+  with the same pi_rollout as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from rftlab.algorithms.base import RFTModule, _require
 from rftlab.core import (
     KL_ESTIMATORS,
     SEGMENT_RATIO_MODES,
+    SEGMENT_WHITENING,
     SegmentRewardParams,
     batch_segment_rewards,
     exact_kl,
@@ -52,6 +54,7 @@ from rftlab.core import (
     split_segments,
     whiten,
 )
+from rftlab.core.arguments import check_choice
 from rftlab.models.policy import completion_forward
 from rftlab.models.value_head import ValueHead, values_at
 from rftlab.rewards.critics import ArithmeticStepCritic, Critic
@@ -146,7 +149,8 @@ class SegmentRFT(RFTModule):
         _require(0.0 <= gamma <= 1.0, "gamma", gamma, "in [0, 1]")
         _require(0.0 <= eps < 1.0, "eps", eps, "in [0, 1)")
         _require(dual_clip is None or dual_clip > 1, "dual_clip", dual_clip, "None or > 1")
-        SEGMENT_RATIO_MODES.get(ratio_mode)  # unknown names raise, listing the valid ones
+        check_choice(SEGMENT_RATIO_MODES, "ratio_mode", ratio_mode)  # unknown names raise, listing the valid ones
+        _require(reward_whiten in SEGMENT_WHITENING, "reward_whiten", reward_whiten, f"one of {', '.join(SEGMENT_WHITENING)}")
         _require(value_clip >= 0, "value_clip", value_clip, ">= 0 (0 disables value clipping)")
         _require(vf_coef >= 0 and math.isfinite(vf_coef), "vf_coef", vf_coef, ">= 0")
         kinds = ["exact", *KL_ESTIMATORS.names()]  # read now: user-registered estimators count too
@@ -366,6 +370,27 @@ class SegmentRFT(RFTModule):
                 ref_logits = self.policy_logits(batch, reference=True)
             return exact_kl(logits, ref_logits)
         return kl_penalty(logp, batch.ref_logp, kind=self.hparams.kl)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # pi_rollout may lag pi_theta by up to rollout_sync_every - 1 updates: its weights cannot be
+        # recomputed from the current ones, so they are saved (only the trainable ones: adapter/head).
+        checkpoint["rollout_policy"] = {
+            "state": self._rollout_state, "version": self._rollout_version,
+            "rollouts_scored": self._rollouts_scored, "sync_due": self._sync_due,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("rollout_policy")
+        if saved is None:
+            return
+        state = saved["state"]
+        self._rollout_state = {k: v.to(self.device) for k, v in state.items()} if state is not None else None
+        self._rollout_version = int(saved["version"])
+        self._rollouts_scored = int(saved["rollouts_scored"])
+        self._sync_due = bool(saved["sync_due"])
 
 
 def _last_real(segment_mask: Tensor) -> Tensor:

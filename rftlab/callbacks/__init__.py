@@ -4,11 +4,13 @@ They read batches and logged metrics only (never an algorithm's internals), so t
 ``RFTModule``, built-in or your own, and with W&B, TensorBoard or CSV loggers.
 """
 
+from rftlab.callbacks.checkpointing import AtomicCheckpointIO, AtomicCheckpoints, CheckpointWriteError, ResumableCheckpoint
 from rftlab.callbacks.clock import TrainClock
 from rftlab.callbacks.dashboards import PhaseTimer, RolloutHistograms
 from rftlab.callbacks.samples import CompletionTable
-from rftlab.callbacks.wandb import WandbMetrics, make_wandb_logger, wandb_mode
+from rftlab.callbacks.wandb import RFTWandbLogger, WandbMetrics, make_wandb_logger, wandb_mode
 
 __all__ = [
+    "AtomicCheckpointIO", "AtomicCheckpoints", "CheckpointWriteError", "ResumableCheckpoint", "RFTWandbLogger",
     "CompletionTable", "PhaseTimer", "RolloutHistograms", "TrainClock", "WandbMetrics", "make_wandb_logger", "wandb_mode",
 ]

@@ -1,11 +1,19 @@
-"""W&B specifics: a logger that is offline unless the user is logged in, and metric definitions."""
+"""W&B specifics: a logger that is offline unless the user is logged in, and metric definitions.
+
+W&B trouble never stops a run: without credentials, with the server unreachable, or when
+``wandb.init`` fails, the run logs offline (to be uploaded later with ``wandb sync``) after a
+single warning, instead of prompting for a key, retrying for minutes, or crashing.
+"""
 
 from __future__ import annotations
 
 import netrc
 import os
+import socket
+import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
@@ -30,8 +38,107 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
 
 
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+_warned: set[str] = set()  # one warning per process and reason
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server (``WANDB_BASE_URL``) opens within ``timeout`` s.
+
+    Behind an HTTP(S) proxy the server cannot be probed directly; that counts as reachable and a
+    failing ``wandb.init`` still falls back to offline (see ``RFTWandbLogger``).
+
+    Args:
+        timeout: seconds to wait for the connection.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(probe_timeout: float = 3.0) -> str:
+    """The mode a run will really use: ``wandb_mode()``, except that "online" becomes "offline"
+    (with one warning) when there are no credentials or the server does not answer.
+
+    Args:
+        probe_timeout: seconds to wait for the server before logging offline.
+    """
+    mode = wandb_mode()
+    if mode != "online":
+        return mode
+    return "online" if online_possible(probe_timeout) else "offline"
+
+
+def online_possible(probe_timeout: float = 3.0) -> bool:
+    """Whether online logging can work: credentials exist and the server answers (warns once if not).
+
+    Args:
+        probe_timeout: seconds to wait for the server.
+    """
+    if not wandb_logged_in():
+        warn_offline("online W&B logging needs credentials (WANDB_API_KEY or ~/.netrc) and none were found")
+        return False
+    if not wandb_reachable(probe_timeout):
+        warn_offline(f"the W&B server {os.environ.get('WANDB_BASE_URL') or DEFAULT_BASE_URL} is unreachable")
+        return False
+    return True
+
+
+def warn_offline(reason: str) -> None:
+    """Warn once per process and reason that runs log offline instead."""
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(f"{reason}: logging to W&B offline instead (upload later with `wandb sync <run folder>`)",
+                  UserWarning, stacklevel=3)
+
+
+class RFTWandbLogger(WandbLogger):
+    """``WandbLogger`` that falls back to offline instead of failing (see the module docstring).
+
+    Args:
+        offline: True logs offline; False or None log online when possible (None: when
+            ``wandb_mode()`` says so), else offline with one warning.
+        **kwargs: ``WandbLogger`` options (project, save_dir, name, group, config, ...).
+    """
+
+    def __init__(self, offline: bool | None = None, **kwargs: Any) -> None:
+        if offline is None:
+            offline = resolve_wandb_mode() != "online"
+        elif not offline:
+            offline = not online_possible()
+        super().__init__(offline=offline, **kwargs)
+
+    @property
+    def mode(self) -> str:
+        """"online" or "offline": what this logger does (after any fallback)."""
+        return "offline" if self._offline else "online"
+
+    @property
+    def experiment(self) -> Any:
+        try:
+            return super().experiment
+        except Exception as err:  # wandb.Error (CommError, AuthenticationError, UsageError) or a timeout
+            if self._offline:
+                raise
+            warn_offline(f"wandb.init failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            self._offline = True
+            self._wandb_init["mode"] = "offline"
+            self._experiment = None
+            return super().experiment
+
+
 def make_wandb_logger(project: str = "rftlab", save_dir: str = "runs", **kwargs: Any) -> WandbLogger:
-    """A WandbLogger that works without an account: offline unless you are logged in.
+    """A WandbLogger that works without an account, and never crashes or hangs on W&B trouble.
+
+    Offline unless you are logged in; online runs fall back to offline (one warning) when the
+    server is unreachable or ``wandb.init`` fails.
 
     Args:
         project: W&B project.
@@ -39,7 +146,7 @@ def make_wandb_logger(project: str = "rftlab", save_dir: str = "runs", **kwargs:
         **kwargs: passed to ``WandbLogger`` (name, group, job_type, config, ...).
     """
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, save_dir=save_dir, offline=wandb_mode() != "online", **kwargs)
+    return RFTWandbLogger(project=project, save_dir=save_dir, **kwargs)
 
 
 class WandbMetrics(L.Callback):

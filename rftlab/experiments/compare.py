@@ -31,6 +31,7 @@ import lightning as L
 import torch
 
 from rftlab.callbacks import CompletionTable, PhaseTimer, RolloutHistograms, TrainClock, WandbMetrics, make_wandb_logger
+from rftlab.callbacks.checkpointing import AtomicCheckpoints
 from rftlab.experiments.evaluation import evaluate
 from rftlab.experiments.report import RunResult, aggregate, markdown_table, plot_comparison, write_csv
 from rftlab.experiments.tracking import RunRecorder, default_threads
@@ -268,7 +269,8 @@ def run_one(job: RunJob) -> RunResult:
     run_dir = Path(job.output_dir) / "runs" / job.run_name
     clock = TrainClock()
     recorder = RunRecorder(clock, job.budget)
-    callbacks: list[L.Callback] = [clock, recorder]
+    # Checkpointing is off unless the config's trainer options turn it on; any checkpoint written is atomic.
+    callbacks: list[L.Callback] = [clock, recorder, AtomicCheckpoints()]
     if job.dashboards:
         callbacks += [WandbMetrics(), CompletionTable(every_n_steps=10), RolloutHistograms(every_n_steps=10), PhaseTimer()]
     logger = _make_logger(job, run_dir)

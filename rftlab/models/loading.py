@@ -144,29 +144,76 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers
 
 
 def load_causal_lm(
-    policy: str, dtype: torch.dtype = torch.float32, vocab_size: int | None = None, seed: int = 0
+    policy: str,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    quantization: str = "none",
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Load the policy network: "default", "tiny", a local folder or a hub id.
 
     Args:
         policy: "default" (bundled SmolLM2-135M-Instruct), "tiny" (random test model), a folder, or a hub id.
-        dtype: parameter dtype.
+        dtype: parameter dtype (of the layers that stay unquantized, when quantized).
         vocab_size: for "tiny": the tokenizer's vocabulary size.
         seed: for "tiny": seeds the random initialisation.
+        quantization: "none", "nf4"/"fp4" (4-bit) or "int8" (bitsandbytes; see ``rftlab.models.quantization``).
+        compute_dtype: dtype 4-bit layers compute in (default: ``dtype``).
+        device: where quantized weights are placed (bitsandbytes quantizes on the target device);
+            unquantized models load on CPU and are moved by Lightning.
     """
     from transformers import AutoModelForCausalLM
 
     if policy == TINY_POLICY:
         if vocab_size is None:
             raise ValueError("policy='tiny' needs vocab_size (the tokenizer's)")
-        return tiny_llama(vocab_size, seed=seed).to(dtype)
+        model = tiny_llama(vocab_size, seed=seed).to(dtype)
+        return model if quantization == "none" else quantize_in_memory(model, quantization, dtype, compute_dtype, device)
     path = resolve_model_path(policy)
+    kwargs: dict = {}
+    if quantization != "none":
+        from rftlab.models.quantization import bitsandbytes_config, require_bitsandbytes
+
+        require_bitsandbytes(f"quantization={quantization!r}")
+        kwargs = {"quantization_config": bitsandbytes_config(quantization, compute_dtype or dtype),
+                  "device_map": {"": str(device or "cpu")}}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*generation flags.*")
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=_local_only(path))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=_local_only(path), **kwargs)
     except OSError as err:
         raise ModelNotFoundError(
             f"policy={policy!r} is neither a local model folder nor a loadable hub id "
             f"(use 'default', 'tiny', a path, or a hub id): {err}"
         ) from err
+    if quantization != "none":
+        from rftlab.models.quantization import keep_cpu_4bit_trainable
+
+        keep_cpu_4bit_trainable(model)
+    return model
+
+
+def quantize_in_memory(
+    model: nn.Module,
+    quantization: str,
+    dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """A quantized copy of an in-memory HF model (the "tiny" policy, a merged init checkpoint).
+
+    bitsandbytes quantizes while ``from_pretrained`` loads, so the model makes a round trip through a
+    temporary folder; quantizing there is what a hub or folder policy gets, byte for byte.
+
+    Args:
+        model: an unquantized HF causal LM.
+        quantization: "nf4", "fp4" or "int8".
+        dtype: dtype of the layers that stay unquantized.
+        compute_dtype: dtype 4-bit layers compute in (default: ``dtype``).
+        device: where the quantized weights are placed.
+    """
+    with tempfile.TemporaryDirectory(prefix="rftlab-quantize-") as folder:
+        model.save_pretrained(folder)
+        return load_causal_lm(folder, dtype, quantization=quantization, compute_dtype=compute_dtype, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
@@ -25,18 +26,31 @@ def apply_lora(
         r: adapter rank (>= 1).
         alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         dropout: dropout on the adapter input, in [0, 1).
-        target_modules: "all-linear" or a list of module-name suffixes (e.g. ["q_proj", "v_proj"]).
+        target_modules: "all-linear", a list of module-name suffixes (e.g. ["q_proj", "v_proj"]), or a
+            regex over full module names (PEFT's reading of any other string).
     """
     from peft import LoraConfig, get_peft_model
 
+    linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     if isinstance(target_modules, list) and target_modules:
         names = {name.split(".")[-1] for name, _ in model.named_modules()}
         missing = [t for t in target_modules if t not in names]
         if missing:
-            linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(f"lora_target_modules {missing} match no module of the model; linear layers: {linear}")
+    elif isinstance(target_modules, str) and target_modules != "all-linear":
+        import re
+
+        # PEFT reads a string other than "all-linear" as a regex over full module names.
+        if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+            raise ValueError(f"lora_target_modules={target_modules!r} (a regex over full module names) matches no "
+                             f"module of the model; use 'all-linear' or a list of these linear layers: {linear}")
+    elif not target_modules:
+        raise ValueError(f"lora_target_modules={target_modules!r} is empty; use 'all-linear' or some of these linear layers: {linear}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT still reads transformers' deprecated `is_gradient_checkpointing` (v5 renamed it).
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_adapter_model(model: nn.Module) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import time
 import warnings
 import zlib
@@ -25,15 +26,18 @@ import torch
 
 from rftlab.core.arguments import check_init_arguments
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
+from rftlab.rewards.pool import EXECUTORS
 from rftlab.rollout.distributed import any_rank, gather_objects
 from rftlab.rollout.evaluation import EvalStream
 from rftlab.rollout.prompts import PromptEncoder
 from rftlab.rollout.resume import rollout_from_state, rollout_to_state
 from rftlab.rollout.rollout import Rollout
-from rftlab.rollout.sampler import SamplingParams
+from rftlab.rollout.sampler import BACKENDS, SamplingParams
 from rftlab.tasks.base import Task
 
 DYNAMIC_SAMPLING_ON_SHORT = ("continue", "raise")
+MIN_TEMPERATURE = 1e-3
+MAX_SEED = 2**32 - 1  # as Lightning's seed_everything; seeds are also mixed into 64-bit generator seeds
 
 
 class RolloutStream:
@@ -140,6 +144,13 @@ class RolloutDataModule(L.LightningDataModule):
                 f"num_minibatches={num_minibatches} must be <= prompts_per_step={prompts_per_step} "
                 "(minibatches hold whole groups)"
             )
+        if prompts_per_step % num_minibatches:
+            # Uneven minibatches would weigh some groups' tokens more than others' (verl asserts
+            # the same: train_batch_size % ppo_mini_batch_size == 0).
+            raise ValueError(
+                f"num_minibatches={num_minibatches} must divide prompts_per_step={prompts_per_step} "
+                "(each minibatch holds the same number of whole groups)"
+            )
         if on_short_batch not in DYNAMIC_SAMPLING_ON_SHORT:
             raise ValueError(f"on_short_batch={on_short_batch!r}; valid: {', '.join(DYNAMIC_SAMPLING_ON_SHORT)}")
         if reward_on_error not in ON_ERROR:
@@ -150,6 +161,8 @@ class RolloutDataModule(L.LightningDataModule):
             _check_positive("steps_per_epoch", steps_per_epoch)
         if num_val_prompts is not None and num_val_prompts < 1:
             raise ValueError(f"num_val_prompts must be >= 1 or None, got {num_val_prompts}")
+        _check_sampling_and_reward_options(temperature, sampler_backend, val_max_new_tokens, reward_timeout,
+                                           reward_executor, seed)
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        top_k=top_k, backend=sampler_backend)
         self.val_sampling = SamplingParams(max_new_tokens=val_max_new_tokens or max_new_tokens, greedy=True,
@@ -471,6 +484,28 @@ class RolloutDataModule(L.LightningDataModule):
                 if count:
                     metrics[f"reward/{name}/{suffix}"] = float(count)
         return metrics
+
+
+def _check_sampling_and_reward_options(temperature: float, sampler_backend: str, val_max_new_tokens: int | None,
+                                       reward_timeout: float | None, reward_executor: str, seed: int) -> None:
+    """Checks whose failures would otherwise surface later, deep inside torch or threading, or
+    name the wrong parameter."""
+    if not temperature >= MIN_TEMPERATURE:
+        # logits / T overflows to inf below ~1e-38 and the softmax becomes NaN; long before that,
+        # sampling is greedy decoding in all but name.
+        raise ValueError(f"temperature={temperature!r} is invalid: must be >= {MIN_TEMPERATURE} (greedy decoding is "
+                         "what evaluation uses)")
+    if sampler_backend not in BACKENDS:
+        raise ValueError(f"sampler_backend={sampler_backend!r} is invalid: must be one of {', '.join(BACKENDS)}")
+    if val_max_new_tokens is not None:
+        _check_positive("val_max_new_tokens", val_max_new_tokens)
+    if reward_timeout is not None and not 0 < reward_timeout <= threading.TIMEOUT_MAX:
+        raise ValueError(f"reward_timeout={reward_timeout!r} is invalid: must be None or seconds in "
+                         f"(0, {threading.TIMEOUT_MAX:.0f}]")
+    if reward_executor not in EXECUTORS:
+        raise ValueError(f"reward_executor={reward_executor!r} is invalid: must be one of {', '.join(EXECUTORS)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is invalid: must be in [0, {MAX_SEED}]")
 
 
 def _check_positive(name: str, value: int) -> None:

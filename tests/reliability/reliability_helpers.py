@@ -1,0 +1,73 @@
+"""Shared pieces of the reliability tests: a reward with variance, a step recorder, run/compare helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from rftlab.callbacks.checkpointing import ResumableCheckpoint
+
+_WARMED: list[bool] = []
+TRAINER_QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
+def parity(completions: list[str], **_: Any) -> list[float]:
+    """1.0 for an even number of characters: variance on random text."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def length_score(completions: list[str], **_: Any) -> list[float]:
+    """A continuous score: groups rarely tie, but do when every completion hits the budget."""
+    return [float(len(c) % 3) for c in completions]
+
+
+class StepRecorder(L.Callback):
+    """Per optimizer step: the rollout's reward/mean and the value Lightning logged for it."""
+
+    def __init__(self) -> None:
+        self.rewards: dict[int, float] = {}
+        self.logged: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.rewards[trainer.global_step] = float(batch.extras["metrics"]["reward/mean"])
+        self.logged[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters (adapters, heads, or all weights)."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def fit(make_module: Callable[[], L.LightningModule], make_dm: Callable[[], L.LightningDataModule], max_steps: int,
+        ckpt_dir: Path, ckpt_path: str | None = None, every: int = 1, keep: int = 0,
+        **trainer_kwargs: Any) -> tuple[L.LightningModule, StepRecorder]:
+    """Seed, build a fresh module and DataModule, fit to ``max_steps`` (resuming from ``ckpt_path``).
+
+    Checkpoints go to ``ckpt_dir``: ``last.ckpt`` every ``every`` steps, and with ``keep=-1`` also
+    ``step=<n>.ckpt`` for every step.
+    """
+    if not _WARMED:  # the first policy built in a process draws extra random numbers (lazy imports)
+        make_module().configure_model()
+        _WARMED.append(True)
+    module, dm, recorder = make_module(), make_dm(), StepRecorder()
+    # LoRA and value-head initialisation draw from the global generator; a resumed run must not
+    # depend on it (the checkpoint's weights and generators win), so it gets another seed.
+    L.seed_everything(999 if ckpt_path is not None else 1234, verbose=False)
+    module.configure_model()
+    checkpoint = ResumableCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=every, save_top_k=keep)
+    options = {**TRAINER_QUIET, "limit_val_batches": 0, **trainer_kwargs}
+    trainer = L.Trainer(max_steps=max_steps, callbacks=[recorder, checkpoint], **options)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    assert trainer.global_step == max_steps
+    return module, recorder
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every trainable parameter of ``a`` equals ``b``'s within float tolerance."""
+    wa, wb = trainable(a), trainable(b)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,132 @@
+"""Multi-process training: Lightning DDP on CPU (2 processes, gloo), and the GPU recipes' guards.
+
+The DDP run is a subprocess (``reliability_ddp_script.py``; Lightning re-launches it for rank 1)
+that trains GRPO and then DAPO for 4 steps; the assertions read what each process recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rftlab import RolloutDataModule
+from rftlab.core import group_advantages
+from rftlab.tasks import Arithmetic
+from reliability_helpers import parity
+
+SCRIPT = Path(__file__).with_name("reliability_ddp_script.py")
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=False) for r in (0, 1)] for a in ("grpo", "dapo")}
+    runs["checkpoint"] = torch.load(out / "dapo.ckpt", weights_only=True)
+    return runs
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
+def test_both_processes_take_the_same_steps_and_end_with_the_same_weights(ddp_runs, algorithm):
+    ranks = ddp_runs[algorithm]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_step"] for r in ranks] == [4, 4]
+    assert [[s["step"] for s in r["steps"]] for r in ranks] == [[1, 2, 3, 4]] * 2
+    w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
+def test_each_group_stays_on_one_process(ddp_runs, algorithm):
+    ranks = ddp_runs[algorithm]
+    prompts = [{p for s in r["steps"] for p in s["prompts"]} for r in ranks]
+    assert prompts[0] and prompts[1] and not prompts[0] & prompts[1], "processes sample disjoint prompts"
+    for rank in ranks:
+        for step in rank["steps"]:
+            group, rewards = torch.tensor(step["group"]), torch.tensor(step["rewards"])
+            for g in group.unique():
+                assert len({step["prompts"][i] for i in (group == g).nonzero().flatten().tolist()}) == 1
+            # advantages come from this process's own groups only (G = 2 consecutive completions)
+            expected = group_advantages(rewards, 2)
+            torch.testing.assert_close(torch.tensor(step["seq_advantages"]), expected)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
+def test_logged_metrics_are_reduced_over_processes(ddp_runs, algorithm):
+    ranks = ddp_runs[algorithm]
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        n0, n1 = len(s0["rewards"]), len(s1["rewards"])
+        expected = (s0["local"]["reward/mean"] * n0 + s1["local"]["reward/mean"] * n1) / (n0 + n1)
+        assert s0["logged"]["reward/mean"] == pytest.approx(expected) == s1["logged"]["reward/mean"]
+    if algorithm == "dapo":  # the processes saw different rewards, so the reduction is not a no-op
+        assert any(s0["local"]["reward/mean"] != s1["local"]["reward/mean"] for s0, s1 in zip(*(r["steps"] for r in ranks)))
+
+
+def test_a_nonfinite_loss_on_one_process_is_skipped_by_both(ddp_runs):
+    ranks = ddp_runs["grpo"]
+    assert [r["nonfinite_steps"] for r in ranks] == [1, 1]
+    assert [r["steps"][1]["logged"]["faults/nonfinite_steps"] for r in ranks] == [1.0, 1.0]
+
+
+def test_uneven_dynamic_sampling_keeps_processes_in_step(ddp_runs):
+    ranks = ddp_runs["dapo"]
+    gen = [[s["local"]["dynamic_sampling/gen_batches"] for s in r["steps"]] for r in ranks]
+    kept = [[s["local"]["dynamic_sampling/kept_fraction"] for s in r["steps"]] for r in ranks]
+    assert gen == [[1.0] * 4, [2.0] * 4], "rank 1 needed a second generation round every time"
+    assert kept[0] != kept[1]
+    # Rank 1 kept one varied group and was topped up to num_minibatches=2 with a zero-variance one
+    # (zero advantage): still 2 minibatches, 2 steps per rollout, like rank 0.
+    advantages = [torch.tensor(s["seq_advantages"]).abs().sum().item() for s in ranks[1]["steps"]]
+    assert sorted(a == 0 for a in advantages) == [False, False, True, True]
+
+
+def test_the_checkpoint_holds_every_process_s_stream_and_generators(ddp_runs):
+    stream, ours = ddp_runs["checkpoint"]["RolloutDataModule"], ddp_runs["checkpoint"]["rftlab"]
+    assert stream["world_size"] == 2 and len(stream["ranks"]) == 2 and len(ours["rng"]) == 2
+    # rank 1 drew two generation rounds per rollout: its prompt stream is twice as far along
+    assert [r["prompt_cursor"] for r in stream["ranks"]] == [4, 8]
+    for r in (0, 1):  # the script seeded process r with 1000 + r right before saving
+        assert torch.equal(ours["rng"][r]["torch"], torch.Generator().manual_seed(1000 + r).get_state())
+
+
+def _fake_trainer(strategy_name: str, **strategy_attrs) -> SimpleNamespace:
+    strategy = type(strategy_name, (), strategy_attrs)()
+    return SimpleNamespace(strategy=strategy, max_steps=10, val_check_interval=1.0, limit_val_batches=1.0)
+
+
+@pytest.mark.parametrize("strategy, attrs", [
+    ("FSDPStrategy", {}),
+    ("DeepSpeedStrategy", {"config": {"zero_optimization": {"stage": 3}}}),
+])
+def test_sharded_strategies_refuse_the_rftlab_sampler(strategy, attrs):
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity})
+    with pytest.raises(ValueError, match=f"sampler_backend='rftlab' cannot sample under {strategy}.*sampler_backend='hf'"):
+        dm.check_trainer(_fake_trainer(strategy, **attrs), "fit")
+    RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, sampler_backend="hf").check_trainer(
+        _fake_trainer(strategy, **attrs), "fit")
+    # ZeRO stage 2 keeps whole weights on every process: rftlab's own loop is fine there
+    dm.check_trainer(_fake_trainer("DeepSpeedStrategy", config={"zero_optimization": {"stage": 2}}), "fit")
+
+
+def test_the_gpu_recipes_parse_and_sample_in_lockstep(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from rftlab.cli import make_cli
+
+    monkeypatch.chdir(tmp_path)
+    fsdp = make_cli(["--config", str(CONFIGS / "grpo_fsdp.yaml"), "--trainer.logger", "false"], run=False, trainer=False)
+    strategy = fsdp.config_init.trainer.strategy
+    assert isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" in strategy.kwargs
+    assert fsdp.datamodule.sampling.backend == "hf"
+    deepspeed = make_cli(["--config", str(CONFIGS / "grpo_deepspeed.yaml"), "--trainer.logger", "false"], run=False, trainer=False)
+    assert deepspeed.config_init.trainer.strategy == "deepspeed_stage_2"
