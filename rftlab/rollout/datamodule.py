@@ -85,7 +85,8 @@ class RolloutDataModule(L.LightningDataModule):
         top_p: nucleus sampling mass in (0, 1].
         top_k: top-k sampling (0 disables).
         sampler_backend: "rftlab" (own decode loop: one prefill per prompt, finished rows leave the
-            batch) or "hf" (transformers' generate).
+            batch), "hf" (transformers' generate) or "vllm" (optional: needs vllm and a CUDA GPU, one
+            process; see ``rftlab.rollout.vllm_backend``).
         max_prompt_length: longest prompt in tokens.
         prompt_truncation: "left" (keep the end of a long prompt, with a warning) or "error".
         num_iterations: optimisation passes over each rollout (PPO epochs, >= 1).
@@ -273,6 +274,12 @@ class RolloutDataModule(L.LightningDataModule):
                 f"sampler_backend='rftlab' cannot sample under {strategy} with sharded weights: every process must run "
                 "each decoding step together (synced_gpus), and rftlab's loop stops as soon as its own rows finish; "
                 "use sampler_backend='hf' (transformers' generate keeps sharded processes in lockstep)"
+            )
+        if self.sampling.backend == "vllm" and (sharded or trainer.world_size > 1):
+            # Each process would build its own engine and push unsharded weights it does not hold.
+            raise ValueError(
+                f"sampler_backend='vllm' supports one process on one GPU, got {strategy} with world_size="
+                f"{trainer.world_size}; use sampler_backend='hf' (or 'rftlab' unsharded) with several processes"
             )
 
     def train_dataloader(self) -> RolloutStream:
@@ -497,6 +504,10 @@ def _check_sampling_and_reward_options(temperature: float, sampler_backend: str,
                          "what evaluation uses)")
     if sampler_backend not in BACKENDS:
         raise ValueError(f"sampler_backend={sampler_backend!r} is invalid: must be one of {', '.join(BACKENDS)}")
+    if sampler_backend == "vllm":
+        from rftlab.rollout.vllm_backend import check_vllm_available
+
+        check_vllm_available("sampler_backend")  # missing package or GPU: say so now, not at the first rollout
     if val_max_new_tokens is not None:
         _check_positive("val_max_new_tokens", val_max_new_tokens)
     if reward_timeout is not None and not 0 < reward_timeout <= threading.TIMEOUT_MAX:

@@ -1,4 +1,4 @@
-"""Sampling completions with the current policy: batched HF ``generate`` with the KV cache.
+"""Sampling completions with the current policy: rftlab's decode loop, HF ``generate`` or vLLM.
 
 The policy's ``generate`` hook (on the LightningModule) calls ``sample_completions``; the DataModule
 decides what to sample and turns the result into a Rollout.
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 
-BACKENDS = ("rftlab", "hf")
+BACKENDS = ("rftlab", "hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,11 @@ class SamplingParams:
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         greedy: argmax decoding (evaluation); temperature/top-p/top-k are then ignored.
-        backend: "rftlab" (own loop: one prefill per prompt, finished rows dropped) or "hf"
-            (transformers' ``generate``); both sample from the same distribution.
+        backend: "rftlab" (own loop: one prefill per prompt, finished rows dropped), "hf"
+            (transformers' ``generate``) or "vllm" (optional, CUDA only: ``rftlab.rollout.vllm_backend``).
+        ignore_eos: keep sampling after an EOS until ``max_new_tokens`` (as vLLM's ``ignore_eos``):
+            fixed-length completions for benchmarks. Nothing ends a completion, so its mask covers
+            every token and every row counts as truncated; the distribution sampled is unchanged.
     """
 
     max_new_tokens: int = 64
@@ -37,10 +40,15 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     backend: str = "rftlab"
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"sampler backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.backend == "vllm":
+            from rftlab.rollout.vllm_backend import check_vllm_available
+
+            check_vllm_available("backend")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
@@ -164,7 +172,8 @@ def generation_config(params: SamplingParams, num_generations: int, eos_token_id
         no_repeat_ngram_size=0,
         num_beams=1,
         num_return_sequences=num_generations,
-        eos_token_id=list(eos_token_ids),
+        # None, not []: with ignore_eos nothing may stop generation.
+        eos_token_id=list(eos_token_ids) or None,
         pad_token_id=pad_token_id,
         use_cache=True,
     )
@@ -187,20 +196,25 @@ def sample_completions(
         prompt_mask: (B, P) 1 on real prompt tokens.
         num_generations: completions per prompt; output rows are grouped by prompt.
         params: sampling parameters.
-        eos_token_ids: ids that end a completion.
+        eos_token_ids: ids that end a completion (none with ``params.ignore_eos``).
         pad_token_id: id written after the EOS.
 
     Returns:
         (completion_ids, completion_mask, truncated): (B*G, T), (B*G, T), (B*G,).
     """
+    stops = [] if params.ignore_eos else list(eos_token_ids)
     if params.backend == "rftlab":
         from rftlab.rollout.decoding import decode
 
         with sampling_mode(model):
-            completion_ids = decode(model, prompt_ids, prompt_mask, num_generations, params, eos_token_ids, pad_token_id)
+            completion_ids = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
+    elif params.backend == "vllm":
+        from rftlab.rollout.vllm_backend import vllm_generate
+
+        completion_ids = vllm_generate(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
     else:
-        completion_ids = _hf_generate(model, prompt_ids, prompt_mask, num_generations, params, eos_token_ids, pad_token_id)
-    mask, truncated = completion_mask_from_eos(completion_ids, eos_token_ids)
+        completion_ids = _hf_generate(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
+    mask, truncated = completion_mask_from_eos(completion_ids, stops)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
     return completion_ids, mask, truncated
 
@@ -221,7 +235,7 @@ def _hf_generate(
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved_config = hf_model.generation_config
     # The model's own generation_config may carry min_p, suppress_tokens, ...; hide it while sampling.
-    hf_model.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
+    hf_model.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids) or None)
     try:
         with sampling_mode(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
