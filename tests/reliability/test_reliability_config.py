@@ -106,7 +106,7 @@ INVALID = [
     (RolloutDataModule, dict(temperature=1e-40), ValueError, "temperature"),
     (RolloutDataModule, dict(top_p=0.0), ValueError, "top_p"),
     (RolloutDataModule, dict(top_k=-1), ValueError, "top_k"),
-    (RolloutDataModule, dict(sampler_backend="vllm"), ValueError, "sampler_backend='vllm'"),
+    (RolloutDataModule, dict(sampler_backend="sglang"), ValueError, "sampler_backend='sglang'"),
     (RolloutDataModule, dict(max_prompt_length=0), ValueError, "max_prompt_length"),
     (RolloutDataModule, dict(prompt_truncation="middle"), ValueError, "prompt_truncation"),
     (RolloutDataModule, dict(reward_on_error="ignore"), ValueError, "reward_on_error"),
