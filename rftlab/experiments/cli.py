@@ -65,7 +65,8 @@ def evaluate_parser() -> ArgumentParser:
                             "policy or a training checkpoint.", default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_argument("--policy", type=str, default="default", help="'default', 'tiny', a model folder or a hub id")
-    parser.add_argument("--checkpoint", type=str | None, default=None, help="a Lightning .ckpt of any rftlab algorithm (overrides --policy)")
+    parser.add_argument("--checkpoint", "--ckpt", type=str | None, default=None,
+                        help="a Lightning .ckpt of any rftlab algorithm (overrides --policy); --ckpt as in export/generate")
     parser.add_argument("--task", type=Task, default={"class_path": "rftlab.tasks.Arithmetic"},
                         help="the task whose held-out split is evaluated ({class_path, init_args})")
     parser.add_argument("--num_prompts", type=int | None, default=None, help="first n held-out prompts (default: all)")

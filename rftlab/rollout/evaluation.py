@@ -50,7 +50,7 @@ def score_answers(datamodule: Any, module: Any, rows: Sequence[dict[str, Any]], 
         completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True
     )
     task = datamodule.task
-    correct = torch.tensor([float(task.is_correct(a, r)) for a, r in zip(answers, rows)])
+    correct = torch.tensor([float(task.is_correct(a, r, t)) for a, r, t in zip(answers, rows, texts)])
     scored = datamodule.rewards.score(answers, texts, [{k: v for k, v in r.items() if k != "prompt"} for r in rows])
     return EvalBatch(correct, scored.total, completion_mask.sum(-1).float(), texts, answers, seconds)
 

@@ -39,11 +39,18 @@ class Task:
         """Weights of ``reward_functions`` (None: all 1)."""
         return None
 
-    def is_correct(self, completion: str, row: Row) -> bool:
-        """Whether one completion solves one row (held-out accuracy)."""
+    def is_correct(self, completion: str, row: Row, prompt: str | None = None) -> bool:
+        """Whether one completion solves one row (held-out accuracy), by the task's first reward.
+
+        Args:
+            completion: the generated text.
+            row: the task row (its columns reach the reward as keyword lists, as in training).
+            prompt: the rendered prompt text, passed as ``prompts=`` like in training (default: the
+                row's raw prompt).
+        """
         name, fn = next(iter(self.reward_functions().items()))
         columns = {k: [v] for k, v in row.items() if k != "prompt"}
-        score = fn([completion], **columns)[0]
+        score = fn([completion], prompts=[prompt if prompt is not None else row.get("prompt")], **columns)[0]
         return score is not None and score >= 1.0
 
 

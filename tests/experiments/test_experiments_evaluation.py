@@ -124,3 +124,11 @@ def test_rftlab_evaluate_command(tmp_path, capsys):
     assert {"eval/greedy/accuracy", "eval/sampled/pass@1", "eval/sampled/pass@2"} <= set(scores)
     assert all(0.0 <= scores[k] <= 1.0 and math.isfinite(scores[k]) for k in scores if k.startswith("eval/"))
     assert "greedy accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_checkpoint_as_export_and_generate_do():
+    from rftlab.experiments.cli import evaluate_parser
+
+    parser = evaluate_parser()
+    assert parser.parse_args(["--ckpt", "a.ckpt"]).checkpoint == "a.ckpt"
+    assert parser.parse_args(["--checkpoint", "b.ckpt"]).checkpoint == "b.ckpt"
