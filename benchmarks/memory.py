@@ -12,7 +12,7 @@ GRPO steps with the same settings, and reports:
 Targets (issue 7): LoRA with beta > 0 at most 10% above beta 0 (no reference copy); QLoRA's peak
 below LoRA fp32's; a LoRA checkpoint under 5% of the full model's size.
 
-    nice -n 10 .venv/bin/python benchmarks/memory.py                         # all 17 configurations
+    nice -n 10 .venv/bin/python benchmarks/memory.py                         # all 18 configurations
     nice -n 10 .venv/bin/python benchmarks/memory.py --only lora_fp32_beta0,qlora_nf4_beta0
     nice -n 10 .venv/bin/python benchmarks/memory.py --policy tiny --steps 2  # a quick check of the script
 """
@@ -44,7 +44,8 @@ BETA = 0.04
 
 
 def configurations() -> dict[str, dict[str, Any]]:
-    """Name -> options: every base x gradient checkpointing x beta, plus full fine-tuning with AdamW8bit."""
+    """Name -> options: every base x gradient checkpointing x beta, plus full fine-tuning with AdamW8bit
+    and LoRA over bf16-stored base weights."""
     out = {}
     for base, options in BASES.items():
         for gc in (False, True):
@@ -53,6 +54,10 @@ def configurations() -> dict[str, dict[str, Any]]:
                 out[name] = {"precision": "32-true", **options, "gradient_checkpointing": gc, "beta": beta}
     out["full_fp32_adamw8bit_beta0"] = {"precision": "32-true", "lora": False, "optimizer": "adamw8bit",
                                         "gradient_checkpointing": False, "beta": 0.0}
+    # bf16 autocast over frozen base weights stored in bf16 (dtype="bfloat16"): the matmuls of lora_bf16,
+    # without re-casting the fp32 weights at every op (autocast caches the casts of trained weights only).
+    out["lora_bf16_weights_beta0"] = {"precision": "bf16-mixed", "lora": True, "dtype": "bfloat16",
+                                      "gradient_checkpointing": False, "beta": 0.0}
     return out
 
 
@@ -95,6 +100,7 @@ def run_child(name: str, options: dict[str, Any], args: argparse.Namespace) -> d
     sampler.start()
     module = GRPO(policy=args.policy, num_generations=args.gens, lr=1e-5, beta=options["beta"], lora=options["lora"],
                   quantization=options.get("quantization", "none"), optimizer=options.get("optimizer", "adamw"),
+                  dtype=options.get("dtype", "float32"),
                   gradient_checkpointing=options["gradient_checkpointing"], validate_at_start=False)
     start = time.perf_counter()
     module.configure_model()

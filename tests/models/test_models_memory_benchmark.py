@@ -20,11 +20,12 @@ def memory():
 
 def test_every_issue_configuration_is_measured(memory):
     configs = memory.configurations()
-    assert len(configs) == 4 * 2 * 2 + 1
+    assert len(configs) == 4 * 2 * 2 + 2
     assert configs["qlora_nf4_gc_beta0.04"] == {"precision": "32-true", "lora": True, "quantization": "nf4",
                                                  "gradient_checkpointing": True, "beta": 0.04}
     assert configs["lora_bf16_beta0"]["precision"] == "bf16-mixed"
     assert configs["full_fp32_adamw8bit_beta0"]["optimizer"] == "adamw8bit"
+    assert configs["lora_bf16_weights_beta0"]["dtype"] == "bfloat16"
 
 
 def _result(name, peak, ckpt=1.0, weights=0.5, model=100.0):
