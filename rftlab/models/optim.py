@@ -26,9 +26,7 @@ PAGED = ("paged_adamw", "paged_adamw8bit", "paged_adamw32bit")
 
 @OPTIMIZERS.register("adamw")
 def _adamw(params: Iterable[Any], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # The fused kernel updates every tensor in one call (CPU and GPU, torch >= 2.4): the same AdamW
-    # math as the per-tensor loop torch uses by default on CPU, and transformers' Trainer default.
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _bnb(class_name: str, optimizer_name: str) -> Callable[..., torch.optim.Optimizer]:
