@@ -189,9 +189,10 @@ def load_causal_lm(
             f"(use 'default', 'tiny', a path, or a hub id): {err}"
         ) from err
     if quantization != "none":
-        from rftlab.models.quantization import keep_cpu_4bit_trainable
+        from rftlab.models.quantization import keep_cpu_4bit_trainable, release_checkpoint_map
 
         keep_cpu_4bit_trainable(model)
+        release_checkpoint_map(model)
     return model
 
 

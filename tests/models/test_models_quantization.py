@@ -86,6 +86,29 @@ def test_quantization_keeps_the_model_close_to_the_unquantized_one(tokenizer):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
 
 
+def test_a_quantized_model_releases_the_checkpoint_file(tmp_path, tokenizer):
+    """The layers left unquantized are copied out of the safetensors memory map, so the whole file
+    (read while quantizing) does not stay resident (tied weights stay tied)."""
+    import gc
+
+    from rftlab.models.loading import load_causal_lm, tiny_llama
+
+    folder = tmp_path / "model"
+    tiny = tiny_llama(len(tokenizer))
+    tiny.config.tie_word_embeddings = True
+    tiny.tie_weights()
+    tiny.save_pretrained(folder)
+    model = load_causal_lm(str(folder), quantization="nf4")
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if str(folder) in line]
+    assert mapped == []
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    ids = torch.randint(3, len(tokenizer), (1, 5))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
 def test_compute_dtype_reaches_the_4bit_layers():
     module = GRPO(policy="tiny", num_generations=2, lora=True, quantization="nf4", compute_dtype="bfloat16")
     module.configure_model()
