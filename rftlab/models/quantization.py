@@ -112,15 +112,15 @@ def release_checkpoint_map(model: nn.Module) -> int:
     Returns:
         The number of tensors copied.
     """
-    copied = 0
+    seen: set[int] = set()  # a tied weight is one Parameter reached from two modules: copy it once
     with torch.no_grad():
         for module in model.modules():
-            for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-                if tensor is not None and tensor.dtype.is_floating_point:
+            for tensor in [*module._parameters.values(), *module._buffers.values()]:
+                if tensor is not None and tensor.dtype.is_floating_point and id(tensor) not in seen:
+                    seen.add(id(tensor))
                     # Assigning .data keeps the Parameter object, so tied weights stay tied.
                     tensor.data = tensor.data.clone()
-                    copied += 1
-    return copied
+    return len(seen)
 
 
 def is_quantized(model: nn.Module) -> bool:
