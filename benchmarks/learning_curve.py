@@ -61,6 +61,7 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     common = dict(
         policy=args.policy, lora=not args.full, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
         num_generations=args.gens, lr=args.lr, beta=args.beta, seed=args.seed,
+        init_checkpoint=args.init_checkpoint,
     )
     if args.algo == "grpo":
         model = GRPO(loss_agg=args.loss_agg, scale=args.scale, **common)
@@ -77,7 +78,7 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     elif args.algo == "segment_rft":
         # Segment-level CoT RFT (issue 5): the rule-based step critic reads the reasoning lines, the
         # value head sits on the LoRA policy's trunk; meant for --task word_problems.
-        model = SegmentRFT(ratio_mode=args.ratio_mode, vf_coef=args.vf_coef, **common)
+        model = SegmentRFT(ratio_mode=args.ratio_mode, vf_coef=args.vf_coef, rho=args.rho, **common)
     else:
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
     if args.task == "word_problems":  # 2-3 step problems with intermediate values (SegmentRFT's critic)
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--value-warmup-steps", type=int, default=0, help="PPO critic-only steps first")
     parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "word_problems"])
     parser.add_argument("--ratio-mode", default="sum", help="SegmentRFT segment ratio: sum, mean or token")
+    parser.add_argument("--rho", type=float, default=2.0, help="SegmentRFT weight of the answer segment's reward")
+    parser.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's policy (e.g. an SFT run)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
