@@ -79,7 +79,8 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
         # Segment-level CoT RFT (issue 5): the rule-based step critic reads the reasoning lines, the
         # value head sits on the LoRA policy's trunk; meant for --task word_problems.
         model = SegmentRFT(ratio_mode=args.ratio_mode, vf_coef=args.vf_coef, rho=args.rho,
-                           reward_whiten=args.reward_whiten, whiten_advantages=args.whiten_advantages, **common)
+                           reward_whiten=args.reward_whiten, whiten_advantages=args.whiten_advantages,
+                           **json.loads(args.segment_options), **common)
     else:
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
     if args.task == "word_problems":  # 2-3 step problems with intermediate values (SegmentRFT's critic)
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--rho", type=float, default=2.0, help="SegmentRFT weight of the answer segment's reward")
     parser.add_argument("--reward-whiten", default="none", help="SegmentRFT whitening of segment scores: none, chain, batch")
     parser.add_argument("--whiten-advantages", action="store_true", help="SegmentRFT: whiten segment advantages over the batch")
+    parser.add_argument("--segment-options", default="{}", help='other SegmentRFT options as JSON, e.g. \'{"lam": 1e6}\'')
     parser.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's policy (e.g. an SFT run)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
     parser.add_argument("--threads", type=int, default=2)
