@@ -82,12 +82,15 @@ class SegmentRFT(RFTModule):
     """Segment-level CoT RFT with a step critic, segment rewards and a value head (issue 5).
 
     Loss ``L = mean over chains of sum_k [L_clip_k + vf_coef L_vf_k + beta L_kl_k]`` over the
-    M thought segments and the answer segment, with ``Y_k = R_k + gamma V_rollout(s_{k+1})`` and
+    M thought segments and the answer segment, with ``Y_k = R_k + gamma V_rollout(s_{k+1})`` (the
+    lambda-return with ``td_lambda > 0``) and
     ``A_k = Y_k - V_theta(s_k)`` (detached).
 
     Args:
         critic: the step critic (``Critic``); default ``ArithmeticStepCritic()``.
         gamma: discount between segments, in [0, 1].
+        td_lambda: lambda-return weight in [0, 1]: 0 is issue 5's TD target (the answer's reward
+            reaches a thought segment only through the critic V), 1 the Monte-Carlo return.
         eps: clip range of the segment ratio.
         dual_clip: dual-clip constant c > 1 for negative advantages (None disables).
         ratio_mode: "sum" (``exp`` of the summed token log-ratios, as specified), "mean"
@@ -119,6 +122,7 @@ class SegmentRFT(RFTModule):
         self,
         critic: Critic | None = None,
         gamma: float = 1.0,
+        td_lambda: float = 0.0,
         eps: float = 0.2,
         dual_clip: float | None = None,
         ratio_mode: str = "sum",
@@ -147,6 +151,7 @@ class SegmentRFT(RFTModule):
         super().__init__(beta=beta, **kwargs)
         _require(critic is None or isinstance(critic, Critic), "critic", type(critic).__name__, "a Critic or None")
         _require(0.0 <= gamma <= 1.0, "gamma", gamma, "in [0, 1]")
+        _require(0.0 <= td_lambda <= 1.0, "td_lambda", td_lambda, "in [0, 1]")
         _require(0.0 <= eps < 1.0, "eps", eps, "in [0, 1)")
         _require(dual_clip is None or dual_clip > 1, "dual_clip", dual_clip, "None or > 1")
         check_choice(SEGMENT_RATIO_MODES, "ratio_mode", ratio_mode)  # unknown names raise, listing the valid ones
@@ -305,7 +310,7 @@ class SegmentRFT(RFTModule):
         R, seg_mask = R.to(device), seg_mask.to(device)
         state_values = rollout.extras.pop("state_values")
         old_values = torch.where(seg_mask != 0, values_at(state_values, starts.clamp(max=state_values.shape[1] - 1)), 0.0)
-        targets = segment_value_targets(R, old_values, seg_mask, hp.gamma)
+        targets = segment_value_targets(R, old_values, seg_mask, hp.gamma, hp.td_lambda)
         rollout.seq_extras.update(starts=starts, mask=seg_mask, rewards=R, targets=targets, old_values=old_values)
         rollout.seq_advantages = (targets - old_values).sum(1)  # rollout-time TD advantages, for sample tables
         self._rollouts_scored += 1

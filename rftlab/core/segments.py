@@ -390,9 +390,16 @@ def segment_index_from_starts(starts: Tensor, segment_mask: Tensor, length: int)
     return (begun.sum(-1) - 1).clamp_min(0)
 
 
-def segment_value_targets(rewards: Tensor, next_values: Tensor, segment_mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """TD targets ``Y_k = R_k + gamma V_rollout(s_{k+1})``, with V of the terminal state = 0.
+def segment_value_targets(
+    rewards: Tensor, next_values: Tensor, segment_mask: Tensor, gamma: float = 1.0, td_lambda: float = 0.0
+) -> Tensor:
+    """Segment lambda-returns; with ``td_lambda = 0`` the TD targets ``Y_k = R_k + gamma V_rollout(s_{k+1})``.
 
+    ``Y_k = R_k + gamma [(1 - lambda) V_rollout(s_{k+1}) + lambda Y_{k+1}]``, and V (and Y) of the
+    terminal state = 0. ``td_lambda = 0`` is issue 5's target: a thought segment sees the answer's
+    reward only through V, so with an untrained critic it sees only its own critic reward.
+    ``td_lambda = 1`` is the Monte-Carlo return (every later reward, no bootstrapping), which is what
+    PPO's GAE with lambda = 1 gives per token (Schulman et al. 2016, arXiv 1506.02438).
     ``next_values`` are the rollout-time values of the states before each segment, V(s_1)..V(s_K);
     position k + 1 is read for segment k, and 0 after the last real segment of a chain.
 
@@ -401,6 +408,7 @@ def segment_value_targets(rewards: Tensor, next_values: Tensor, segment_mask: Te
         next_values: (N, K) V_rollout(s_k), the state before segment k (no grad).
         segment_mask: (N, K) 1 on real segments, a prefix of each row.
         gamma: discount in [0, 1].
+        td_lambda: weight in [0, 1] of the later rewards against the bootstrapped value.
 
     Returns:
         (N, K) Y, 0 on padded segments.
@@ -412,11 +420,18 @@ def segment_value_targets(rewards: Tensor, next_values: Tensor, segment_mask: Te
         )
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= td_lambda <= 1.0:
+        raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
     real = segment_mask != 0
     zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     v = torch.where(real, next_values.to(rewards.dtype), zero)
-    v_next = torch.cat([v[:, 1:], v.new_zeros(v.shape[0], 1)], dim=1)  # 0 past the last real segment
-    return torch.where(real, rewards + gamma * v_next, zero)
+    r = torch.where(real, rewards, zero)
+    targets = torch.zeros_like(r)
+    v_next = y_next = r.new_zeros(r.shape[0])  # past the last segment: the terminal state, 0
+    for k in range(r.shape[1] - 1, -1, -1):  # K is a handful of segments: a plain backward loop
+        targets[:, k] = torch.where(real[:, k], r[:, k] + gamma * ((1 - td_lambda) * v_next + td_lambda * y_next), zero)
+        v_next, y_next = v[:, k], targets[:, k]
+    return targets
 
 
 def _check_advantages(advantages: Tensor, segment_index: Tensor) -> None:

@@ -66,7 +66,7 @@ def rollout_of(module: SegmentRFT, texts: list[str], num_updates: int = 1) -> Ro
         (dict(ratio_mode="geo"), "unknown segment ratio mode 'geo'; valid: mean, sum, token"),
         (dict(kl="k4"), "kl='k4' is invalid: must be one of exact, k1, k2, k3"),
         (dict(rollout_sync_every=0), "rollout_sync_every"),
-        (dict(gamma=1.5), "gamma"), (dict(eps=-0.1), "eps"), (dict(dual_clip=1.0), "dual_clip"),
+        (dict(gamma=1.5), "gamma"), (dict(td_lambda=-0.1), "td_lambda"), (dict(eps=-0.1), "eps"), (dict(dual_clip=1.0), "dual_clip"),
         (dict(value_clip=-1.0), "value_clip"), (dict(vf_coef=-1.0), "vf_coef"),
         (dict(window=0), "window=0"), (dict(lam=0.0), "lam=0.0"), (dict(reward_whiten="group"), "reward_whiten|whiten"),
         (dict(critic="arithmetic"), "critic"), (dict(value_lr=0.0), "value_lr"), (dict(beta=-1.0), "beta"),
@@ -125,6 +125,17 @@ def test_segments_rewards_and_targets_of_known_completions():
         assert torch.equal(part.seq_extras[key], value[[2, 0]]), key
     assert seg["rewards"][0, len(ROW["steps"])] == 2.0  # answer segment: rho * 1
     assert rollout.extras["segment_metrics"]["segments/mean_count"] == pytest.approx((len(ROW["steps"]) + 1 + 1 + 3) / 3)
+
+
+def test_td_lambda_one_gives_every_segment_the_later_rewards():
+    # td_lambda = 1, gamma = 1: Y_k = R_k + R_{k+1} + ... + R_{M+1} (the answer's reward included), V unused.
+    module = make(beta=0.0, td_lambda=1.0)
+    seg = module.score_rollout(rollout_of(module, TEXTS)).seq_extras
+    for i in range(len(TEXTS)):
+        k = int(seg["mask"][i].sum())
+        R = seg["rewards"][i, :k]
+        assert_close(seg["targets"][i, :k], R.flip(0).cumsum(0).flip(0))
+        assert (seg["targets"][i, k:] == 0).all()
 
 
 @pytest.mark.parametrize("kl", ["k3", "exact"])

@@ -312,6 +312,22 @@ def test_segment_value_targets_hand_computed():
         segment_value_targets(R, V, mask, gamma=1.5)
 
 
+def test_segment_value_targets_lambda_hand_computed():
+    R = torch.tensor([[1.0, 0.5, 2.0], [0.2, 3.0, 0.0]])
+    V = torch.tensor([[0.1, 0.4, 0.7], [0.9, 0.3, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # gamma 1, lambda 0.5: Y_k = R_k + 0.5 V_{k+1} + 0.5 Y_{k+1}, from the end.
+    # chain 1: Y3 = 2; Y2 = 0.5 + 0.5 * 0.7 + 0.5 * 2 = 1.85; Y1 = 1 + 0.5 * 0.4 + 0.5 * 1.85 = 2.125
+    # chain 2: Y2 = 3 (terminal); Y1 = 0.2 + 0.5 * 0.3 + 0.5 * 3 = 1.85; Y3 = 0 (padding)
+    Y = segment_value_targets(R, V, mask, gamma=1.0, td_lambda=0.5)
+    assert_close(Y, torch.tensor([[2.125, 1.85, 2.0], [1.85, 3.0, 0.0]]))
+    # lambda 1: the Monte-Carlo return, V unused: chain 1: 3.5, 2.5, 2; chain 2: 3.2, 3
+    Y = segment_value_targets(R, V, mask, gamma=1.0, td_lambda=1.0)
+    assert_close(Y, torch.tensor([[3.5, 2.5, 2.0], [3.2, 3.0, 0.0]]))
+    with pytest.raises(ValueError, match="td_lambda"):
+        segment_value_targets(R, V, mask, td_lambda=-0.1)
+
+
 def test_segment_value_targets_reference_loop():
     gen = torch.Generator().manual_seed(2)
     R, V = torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randn(5, 6, generator=gen, dtype=torch.float64)
@@ -322,6 +338,18 @@ def test_segment_value_targets_reference_loop():
         for k in range(m):
             expected[i, k] = R[i, k] + 0.9 * (V[i, k + 1] if k + 1 < m else 0.0)
     assert_close(segment_value_targets(R, V, mask, gamma=0.9), expected)
+    # The lambda-return as the weighted sum of n-step returns (Sutton & Barto, eq. 12.3):
+    # Y = (1 - lam) sum_{n>=1} lam^{n-1} G_{k:k+n} with the tail weight lam^{T-k-1} on the full return.
+    lam = 0.7
+    expected = torch.zeros(5, 6, dtype=torch.float64)
+    for i, m in enumerate(lengths):
+        for k in range(m):
+            def n_step(n: int) -> torch.Tensor:
+                g = sum(0.9**j * R[i, k + j] for j in range(n))
+                return g + (0.9**n * V[i, k + n] if k + n < m else 0.0)
+            tail = m - k
+            expected[i, k] = sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, tail)) + lam ** (tail - 1) * n_step(tail)
+    assert_close(segment_value_targets(R, V, mask, gamma=0.9, td_lambda=lam), expected)
 
 
 # ---------------------------------------------------------------- the segment policy loss

@@ -85,6 +85,7 @@ INVALID = [
     # ---- SegmentRFT ----------------------------------------------------------------------------
     (SegmentRFT, dict(critic="judge"), TypeError, "critic"),
     (SegmentRFT, dict(gamma=-0.5), ValueError, "gamma"),
+    (SegmentRFT, dict(td_lambda=1.5), ValueError, "td_lambda"),
     (SegmentRFT, dict(eps=1.0), ValueError, "eps"),
     (SegmentRFT, dict(ratio_mode="product"), ValueError, "ratio_mode='product'"),
     (SegmentRFT, dict(value_clip=-1.0), ValueError, "value_clip"),
