@@ -1,0 +1,42 @@
+"""benchmarks/overlay_curves.py: reads learning_curve.py's evals.csv, writes the figure and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).parents[1] / "benchmarks" / "overlay_curves.py"
+
+
+@pytest.fixture(scope="module")
+def overlay():
+    spec = importlib.util.spec_from_file_location("overlay_curves", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(path: Path, rows: list[tuple[int, float, float]]) -> Path:
+    path.mkdir()
+    lines = ["step,train_seconds,val/accuracy"] + [f"{s},{t},{a}" for s, t, a in rows]
+    (path / "evals.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_table_and_figure(overlay, tmp_path, capsys):
+    a = write_run(tmp_path / "a", [(0, 0.0, 0.25), (10, 90.0, 0.5)])
+    b = write_run(tmp_path / "b", [(0, 0.0, 0.25), (10, 120.0, 0.125)])
+    assert overlay.read_evals(a) == [(0, 0.0, 25.0), (10, 1.5, 50.0)]
+    out = tmp_path / "fig" / "curves.png"
+    overlay.main([f"GRPO={a}", f"Segment RFT={b}", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "| GRPO | 25% (0.0), 50% (1.5) |" in table
+    assert "| Segment RFT | 25% (0.0), 12% (2.0) |" in table
+
+
+def test_a_run_without_a_label_is_refused(overlay, tmp_path):
+    with pytest.raises(SystemExit):
+        overlay.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
