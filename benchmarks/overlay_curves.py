@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     curves = {}
     for item in args.runs:
-        label, sep, path = item.partition("=")
+        label, sep, path = item.rpartition("=")  # labels may hold "=" (e.g. "td_lambda=1"), paths rarely do
         if not sep or not label or not path:
             parser.error(f"run {item!r} is invalid: expected LABEL=RUN_DIR")
         curves[label] = read_evals(Path(path))

@@ -30,11 +30,11 @@ def test_table_and_figure(overlay, tmp_path, capsys):
     b = write_run(tmp_path / "b", [(0, 0.0, 0.25), (10, 120.0, 0.125)])
     assert overlay.read_evals(a) == [(0, 0.0, 25.0), (10, 1.5, 50.0)]
     out = tmp_path / "fig" / "curves.png"
-    overlay.main([f"GRPO={a}", f"Segment RFT={b}", "--out", str(out)])
+    overlay.main([f"GRPO={a}", f"Segment RFT, lam=1={b}", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "| GRPO | 25% (0.0), 50% (1.5) |" in table
-    assert "| Segment RFT | 25% (0.0), 12% (2.0) |" in table
+    assert "| Segment RFT, lam=1 | 25% (0.0), 12% (2.0) |" in table
 
 
 def test_a_run_without_a_label_is_refused(overlay, tmp_path):
