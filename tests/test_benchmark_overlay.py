@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).parents[1] / "benchmarks" / "overlay_curves.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def overlay():
-    spec = importlib.util.spec_from_file_location("overlay_curves", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("overlay_curves")
 
 
 def write_run(path: Path, rows: list[tuple[int, float, float]]) -> Path:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-PATH = Path(__file__).parents[2] / "benchmarks" / "memory.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("memory_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory")
 
 
 def test_every_issue_configuration_is_measured(memory):
