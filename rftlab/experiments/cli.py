@@ -67,8 +67,10 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--policy", type=str, default="default", help="'default', 'tiny', a model folder or a hub id")
     parser.add_argument("--checkpoint", "--ckpt", type=str | None, default=None,
                         help="a Lightning .ckpt of any rftlab algorithm (overrides --policy); --ckpt as in export/generate")
-    parser.add_argument("--task", type=Task, default={"class_path": "rftlab.tasks.Arithmetic"},
-                        help="the task whose held-out split is evaluated ({class_path, init_args})")
+    # Default None, not an Arithmetic instance: jsonargparse carries a default's init args over to a class
+    # named with --task.class_path, so Countdown would receive Arithmetic's template.
+    parser.add_argument("--task", type=Task | None, default=None,
+                        help="the task whose held-out split is evaluated ({class_path, init_args}; default Arithmetic)")
     parser.add_argument("--num_prompts", type=int | None, default=None, help="first n held-out prompts (default: all)")
     parser.add_argument("--greedy", type=bool, default=True, help="greedy accuracy (one answer per prompt)")
     parser.add_argument("--num_samples", type=int, default=0, help="sampled answers per prompt for pass@k (0: none)")
@@ -96,6 +98,10 @@ def evaluate_main(argv: list[str] | None = None) -> Any:
         torch.set_num_threads(init.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     policy = load_policy(init.checkpoint) if init.checkpoint else init.policy
+    if init.task is None:
+        from rftlab.tasks import Arithmetic
+
+        init.task = Arithmetic()
     result = evaluate(
         policy, init.task, num_prompts=init.num_prompts, greedy=init.greedy, num_samples=init.num_samples, k=init.k,
         temperature=init.temperature, top_p=init.top_p, max_new_tokens=init.max_new_tokens,

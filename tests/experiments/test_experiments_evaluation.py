@@ -132,3 +132,15 @@ def test_evaluate_takes_the_checkpoint_as_export_and_generate_do():
     parser = evaluate_parser()
     assert parser.parse_args(["--ckpt", "a.ckpt"]).checkpoint == "a.ckpt"
     assert parser.parse_args(["--checkpoint", "b.ckpt"]).checkpoint == "b.ckpt"
+
+
+def test_evaluate_task_class_does_not_inherit_the_default_tasks_options():
+    # A default Arithmetic instance made jsonargparse hand Arithmetic's template to Countdown (ValueError).
+    from rftlab.experiments.cli import evaluate_parser
+    from rftlab.tasks import Countdown
+
+    parser = evaluate_parser()
+    init = parser.instantiate_classes(parser.parse_args(
+        ["--task.class_path", "rftlab.tasks.Countdown", "--task.init_args.num_numbers", "3"]))
+    assert isinstance(init.task, Countdown) and init.task.num_numbers == 3
+    assert parser.instantiate_classes(parser.parse_args([])).task is None  # evaluate_main then uses Arithmetic()
