@@ -67,6 +67,9 @@ class RFTModule(L.LightningModule):
         init_checkpoint: a Lightning checkpoint of any rftlab algorithm (e.g. ``SFT``) whose policy,
             adapter merged, is the starting policy (and the reference); ``policy`` names its base model.
         logprob_batch_size: sequences per forward when scoring a rollout without grad (memory bound).
+        share_prompt: encode each prompt once per group in the training and scoring forwards (its
+            key/value cache serves the G completions; same result, ~40% less work at 36-token prompts
+            and 8 x 32-token completions); off only for a model whose cache cannot carry gradients.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).
@@ -101,6 +104,7 @@ class RFTModule(L.LightningModule):
         reference_placement: str = "device",
         init_checkpoint: str | None = None,
         logprob_batch_size: int = 64,
+        share_prompt: bool = True,
         validate_at_start: bool = True,
         log_every_n_steps: int | None = 1,
         seed: int = 0,
@@ -207,12 +211,17 @@ class RFTModule(L.LightningModule):
         try:
             logits = completion_logits(
                 reference, batch.prompt_ids.to(where), batch.prompt_mask.to(where), batch.completion_ids.to(where),
-                batch.completion_mask.to(where), batch.temperature,
+                batch.completion_mask.to(where), batch.temperature, share_prompt=self.share_prompt,
             )
         finally:
             if placement == "offload":
                 reference.to("cpu")
         return logits.to(device)
+
+    @property
+    def share_prompt(self) -> bool:
+        """Whether forwards encode each prompt once per group (``share_prompt``; checkpoints from before it: on)."""
+        return bool(self.hparams.get("share_prompt", True))
 
     def configure_extra_modules(self) -> None:
         """Hook for subclasses to add modules (value heads, critics) after the policy exists."""
@@ -293,7 +302,7 @@ class RFTModule(L.LightningModule):
         with ctx:
             return completion_logits(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                batch.temperature,
+                batch.temperature, share_prompt=self.share_prompt,
             )
 
     def check_datamodule(self, datamodule: Any) -> None:

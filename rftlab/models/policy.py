@@ -9,7 +9,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rftlab.rollout.sampler import position_ids_from_mask
+from rftlab.rollout.sampler import is_checkpointing, position_ids_from_mask
 
 
 def apply_lora(
@@ -149,6 +149,20 @@ class CompletionOutput(NamedTuple):
     hidden: Tensor | None
 
 
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows that share a prompt: (index of each distinct prompt's first row, (N,) group of each row).
+
+    Args:
+        prompt_ids: (N, P) left-padded prompts.
+        prompt_mask: (N, P) 1 on real prompt tokens.
+    """
+    keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.long, device=group.device)
+    first = first.scatter_reduce(0, group, torch.arange(len(group), device=group.device), reduce="amin")
+    return first, group
+
+
 def completion_forward(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -158,6 +172,7 @@ def completion_forward(
     temperature: float = 1.0,
     logits: bool = True,
     hidden: bool = False,
+    share_prompt: bool = True,
 ) -> CompletionOutput:
     """One forward over prompt + completion giving the completion logits and/or last hidden states.
 
@@ -166,6 +181,13 @@ def completion_forward(
     ``logits=False`` a single position goes through it). Dividing by the temperature makes the
     log-probs those of the distribution that sampled (the trap reported against TRL in #4159).
     The hidden states are the ones a value head reads (a critic sharing the policy's forward).
+
+    With ``share_prompt`` and rows that repeat a prompt (a group of G completions), each distinct
+    prompt goes through the model once and the completions attend to its key/value cache, indexed
+    per row; the cache keeps its autograd graph, so the backward also runs once per prompt and sums
+    the G rows' gradients. Same result as the full forward up to float rounding, at roughly
+    (P + G*T) / (G * (P + T)) of the cost. Not used under gradient checkpointing (recomputing a
+    layer would read the cache after later layers extended it).
 
     Args:
         model: HF causal LM (PEFT-wrapped or not).
@@ -176,24 +198,65 @@ def completion_forward(
         temperature: sampling temperature (> 0).
         logits: return the (N, T, V) logits.
         hidden: return the (N, T + 1, H) last hidden states.
+        share_prompt: encode each distinct prompt once (when some rows repeat one).
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     T = completion_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = position_ids_from_mask(attention_mask)
+    if share_prompt and T > 0 and not (torch.is_grad_enabled() and is_checkpointing(model)):
+        first, group = prompt_groups(prompt_ids, prompt_mask)
+        if len(first) < len(group):
+            return _shared_prompt_forward(model, prompt_ids, prompt_mask, completion_ids, attention_mask, positions,
+                                          first, group, temperature, logits, hidden)
     out = model(
-        input_ids=input_ids,
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=positions,
         logits_to_keep=T + 1 if logits else 1,
         use_cache=False,
         output_hidden_states=hidden,
     )
-    scaled = None
-    if logits:
-        scaled = out.logits[:, :-1, :]  # position P+t-1 predicts completion token t
-        scaled = scaled.float() / temperature if temperature != 1.0 or scaled.dtype != torch.float32 else scaled
+    scaled = _scaled(out.logits[:, :-1, :], temperature) if logits else None  # position P+t-1 predicts token t
     # hidden_states[-1] is the final-norm output the LM head reads (checked in the tests).
     last = out.hidden_states[-1][:, -(T + 1) :] if hidden else None
+    return CompletionOutput(scaled, last)
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """float32 logits divided by the sampling temperature."""
+    return logits.float() / temperature if temperature != 1.0 or logits.dtype != torch.float32 else logits
+
+
+def _shared_prompt_forward(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    attention_mask: Tensor,
+    positions: Tensor,
+    first: Tensor,
+    group: Tensor,
+    temperature: float,
+    logits: bool,
+    hidden: bool,
+) -> CompletionOutput:
+    """``completion_forward`` with each distinct prompt encoded once (see there)."""
+    from transformers import DynamicCache
+
+    P = prompt_ids.shape[1]
+    cache = DynamicCache()
+    head = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=positions[first, :P],
+                 past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
+    cache = head.past_key_values
+    cache.batch_select_indices(group)  # one cache row per completion; indexing keeps the graph
+    tail = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions[:, P:],
+                 past_key_values=cache, use_cache=True, logits_to_keep=completion_ids.shape[1] if logits else 1,
+                 output_hidden_states=hidden)
+    scaled = None
+    if logits:
+        # The prompt's last position predicts completion token 0; completion position t predicts t + 1.
+        scaled = _scaled(torch.cat([head.logits[group, -1:], tail.logits[:, :-1]], dim=1), temperature)
+    last = torch.cat([head.hidden_states[-1][group, -1:], tail.hidden_states[-1]], dim=1) if hidden else None
     return CompletionOutput(scaled, last)
 
 
@@ -204,6 +267,7 @@ def completion_logits(
     completion_ids: Tensor,
     completion_mask: Tensor,
     temperature: float = 1.0,
+    share_prompt: bool = True,
 ) -> Tensor:
     """Logits that predicted each completion token, divided by the sampling temperature.
 
@@ -216,11 +280,13 @@ def completion_logits(
         completion_ids: (N, T) right-padded.
         completion_mask: (N, T).
         temperature: sampling temperature (> 0).
+        share_prompt: encode each distinct prompt once (see ``completion_forward``).
 
     Returns:
         (N, T, V) float32 logits; row t predicts ``completion_ids[:, t]``.
     """
-    return completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature).logits
+    return completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                              share_prompt=share_prompt).logits
 
 
 def trainable_state_keys(module: nn.Module) -> set[str]:

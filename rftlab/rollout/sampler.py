@@ -120,6 +120,7 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
 
 def is_checkpointing(model: nn.Module) -> bool:
     """Whether activation checkpointing is on (``is_gradient_checkpointing`` is deprecated in v5)."""
+    model = getattr(model, "get_base_model", lambda: model)()  # a PEFT wrapper forwards it with a warning
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(model, flag, False))
 
