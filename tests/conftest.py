@@ -16,6 +16,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as wandb_records
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Commands under test (compare, evaluate, demo) set torch's thread count; later tests keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def length_parity(completions, **_):
     """A reward with variance on random text: 1.0 for an even number of characters."""
     return [float(len(c) % 2 == 0) for c in completions]

@@ -60,8 +60,9 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--kill-during-save-at", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="the parent's torch threads: same arithmetic")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # as tests/conftest.py: same arithmetic
+    torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     plugins = [DieDuringSave(args.kill_during_save_at)] if args.kill_during_save_at else []
     fit(make_module, make_dm, args.steps, Path(args.out), plugins=plugins)
 

@@ -29,7 +29,8 @@ SCRIPT = Path(__file__).with_name("reliability_train_script.py")
 def test_kill_9_during_a_checkpoint_write_then_resume_and_finish(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
-    child = subprocess.run([sys.executable, str(SCRIPT), str(out), "--steps", "6", "--kill-during-save-at", "4"],
+    child = subprocess.run([sys.executable, str(SCRIPT), str(out), "--steps", "6", "--kill-during-save-at", "4",
+                            "--threads", str(torch.get_num_threads())],  # float sums in the same order as here
                            env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
