@@ -13,7 +13,10 @@ folder), the same Arithmetic prompts, 1 prompt x 8 completions per optimizer ste
 temperature 1 (no top-k/top-p), fp32 (or --precision bf16 for both), gradient checkpointing off
 (TRL 1.16 turns it on by default: we turn it off), AdamW, LoRA r16/alpha 32 on q/k/v/o or full
 fine-tuning, beta 0 or 0.04. Reported: median seconds per optimizer step over steps 2..N, generated
-tokens per second, peak RSS, and the ratios rftlab / TRL and rftlab / floor.
+tokens per second, peak RSS, and the ratios rftlab / TRL and rftlab / floor. rftlab runs with its
+defaults (``share_prompt=True``: each prompt encoded once per group in the training forward);
+``--sampling-copy`` adds a third side, rftlab sampling from a bf16 copy of the weights
+(``sampling_dtype="bfloat16"``), alternated with the other two.
 """
 
 from __future__ import annotations
@@ -66,22 +69,25 @@ def run_rftlab(cfg: dict[str, Any]) -> dict[str, Any]:
     rows = prompt_rows(cfg["steps"] + 2)
     task = RowsTask(rows, rewards={"correct": correct_reward})
     module = GRPO(policy=cfg["model"], lora=cfg["lora"], lora_r=16, lora_alpha=32, lora_target_modules=LORA_TARGETS,
-                  num_generations=8, beta=cfg["beta"], lr=cfg["lr"], validate_at_start=False, max_grad_norm=1.0)
+                  num_generations=8, beta=cfg["beta"], lr=cfg["lr"], validate_at_start=False, max_grad_norm=1.0,
+                  share_prompt=cfg.get("share_prompt", True), sampling_dtype=cfg.get("sampling_dtype"))
     dm = RolloutDataModule(task=task, prompts_per_step=1, max_new_tokens=32, temperature=1.0, seed=cfg["seed"])
     ends: list[float] = []
     tokens: list[int] = []
+    generate: list[float] = []
 
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             ends.append(time.perf_counter())
             tokens.append(int(batch.completion_mask.sum()))
+            generate.append(float(batch.extras["metrics"]["timing/generate"]))
 
     trainer = L.Trainer(max_steps=cfg["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         precision="bf16-mixed" if cfg["precision"] == "bf16" else "32-true", callbacks=[Timer()])
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    return _summary([start] + ends, tokens)
+    return {**_summary([start] + ends, tokens), "median_generate_s": statistics.median(generate[1:] or generate)}
 
 
 def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -174,12 +180,14 @@ def _summary(times: list[float], tokens: list[int]) -> dict[str, Any]:
     }
 
 
-WORKERS = {"rftlab": run_rftlab, "trl": run_trl, "floor": run_floor}
+WORKERS = {"rftlab": run_rftlab, "rftlab+copy": run_rftlab, "trl": run_trl, "floor": run_floor}
 
 
 # ---- orchestration ---------------------------------------------------------------------------
 def spawn(side: str, cfg: dict[str, Any]) -> dict[str, Any]:
     python = str(TRL_PYTHON) if side == "trl" else sys.executable
+    if side == "rftlab+copy":  # rftlab sampling from a bf16 copy of the weights
+        cfg = {**cfg, "sampling_dtype": "bfloat16"}
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run([python, __file__, "--worker", side, "--cfg", json.dumps(cfg)],
@@ -198,6 +206,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--configs", default="lora-beta0,lora-beta0.04,full-beta0,full-beta0.04")
     parser.add_argument("--out", default="benchmarks/results/vs_trl.json")
+    parser.add_argument("--sampling-copy", action="store_true",
+                        help="also run rftlab with sampling_dtype='bfloat16' (a third side, alternated with the others)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cfg", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,19 +225,25 @@ def main() -> None:
         cfg = {"model": model_dir, "lora": kind == "lora", "beta": float(beta), "steps": args.steps,
                "threads": args.threads, "precision": args.precision, "seed": 0,
                "lr": 2e-4 if kind == "lora" else 1e-5, "workdir": f"/tmp/vs_trl_{name}"}
-        runs: dict[str, list[dict[str, Any]]] = {"rftlab": [], "trl": []}
+        sides = ("rftlab", "trl", "rftlab+copy") if args.sampling_copy else ("rftlab", "trl")
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
-            for side in ("rftlab", "trl") if repeat % 2 == 0 else ("trl", "rftlab"):
+            for side in sides if repeat % 2 == 0 else sides[::-1]:
                 runs[side].append(spawn(side, cfg))
                 print(name, side, repeat, f"{runs[side][-1]['median_step_s']:.2f} s/step", flush=True)
         floor = spawn("floor", cfg)
         row = {side: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                      "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs), "runs": rs}
+                      "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs), "runs": rs,
+                      **({"median_generate_s": statistics.median(r["median_generate_s"] for r in rs)}
+                         if "median_generate_s" in rs[0] else {})}
                for side, rs in runs.items()}
         row["floor"] = floor
         row["ratio_rftlab_vs_trl"] = row["rftlab"]["median_step_s"] / row["trl"]["median_step_s"]
         row["ratio_rftlab_vs_floor"] = row["rftlab"]["median_step_s"] / floor["median_step_s"]
+        if "rftlab+copy" in row:
+            row["ratio_rftlab_copy_vs_trl"] = row["rftlab+copy"]["median_step_s"] / row["trl"]["median_step_s"]
+            row["ratio_rftlab_copy_vs_floor"] = row["rftlab+copy"]["median_step_s"] / floor["median_step_s"]
         results["configs"][name] = row
         print(json.dumps({k: v for k, v in row.items() if k not in ("rftlab", "trl", "floor")}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +254,11 @@ def main() -> None:
         print(f"{name:18s} {row['rftlab']['median_step_s']:14.2f} {row['trl']['median_step_s']:11.2f} "
               f"{row['ratio_rftlab_vs_trl']:6.2f} {row['floor']['median_step_s']:6.2f} {row['ratio_rftlab_vs_floor']:7.2f} "
               f"{row['rftlab']['peak_rss_gib']:10.2f} {row['trl']['peak_rss_gib']:8.2f}")
+        if "rftlab+copy" in row:
+            copy = row["rftlab+copy"]
+            print(f"{name + ' +copy':18s} {copy['median_step_s']:14.2f} {row['trl']['median_step_s']:11.2f} "
+                  f"{row['ratio_rftlab_copy_vs_trl']:6.2f} {row['floor']['median_step_s']:6.2f} "
+                  f"{row['ratio_rftlab_copy_vs_floor']:7.2f} {copy['peak_rss_gib']:10.2f} {row['trl']['peak_rss_gib']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from rftlab.models.build import PolicySpec, build_policy, check_reference_placem
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.optim import build_optimizer, check_optimizer
 from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
+from rftlab.models.sampling_copy import SAMPLING_DTYPES, SamplingCopy
 from rftlab.rollout.distributed import any_rank, is_distributed, reduce_metrics
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
@@ -70,6 +71,10 @@ class RFTModule(L.LightningModule):
         share_prompt: encode each prompt once per group in the training and scoring forwards (its
             key/value cache serves the G completions; same result, ~40% less work at 36-token prompts
             and 8 x 32-token completions); off only for a model whose cache cannot carry gradients.
+        sampling_dtype: None samples with the policy itself; "bfloat16" (or "float16") samples from
+            a copy of its weights in that dtype, adapter merged, refreshed after every update: half
+            the memory traffic per generated token (~+270 MB for the 135M model). Training and the
+            log-probs stay in the policy's precision. Not with ``quantization``.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).
@@ -105,6 +110,7 @@ class RFTModule(L.LightningModule):
         init_checkpoint: str | None = None,
         logprob_batch_size: int = 64,
         share_prompt: bool = True,
+        sampling_dtype: str | None = None,
         validate_at_start: bool = True,
         log_every_n_steps: int | None = 1,
         seed: int = 0,
@@ -130,6 +136,10 @@ class RFTModule(L.LightningModule):
         check_optimizer(optimizer)
         check_reference_placement(reference_placement)
         _require(logprob_batch_size >= 1, "logprob_batch_size", logprob_batch_size, ">= 1")
+        _require(sampling_dtype is None or sampling_dtype in SAMPLING_DTYPES, "sampling_dtype", sampling_dtype,
+                 f"None or one of {', '.join(SAMPLING_DTYPES)}")
+        _require(sampling_dtype is None or quantization == "none", "sampling_dtype", sampling_dtype,
+                 f"None with quantization={quantization!r} (a quantized base has no weights to copy)")
         _require(log_every_n_steps is None or log_every_n_steps >= 1, "log_every_n_steps", log_every_n_steps, ">= 1 or None")
         self.save_hyperparameters()
         self.num_generations = num_generations
@@ -149,6 +159,10 @@ class RFTModule(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None  # restored when training starts
         self._drop_update = False  # a skipped non-finite loss under DDP (see training_step)
         self._batch_start = 0.0
+        # The low-precision sampling copy (sampling_dtype), built at the first rollout; a plain
+        # attribute, so it is neither saved in checkpoints nor counted as a submodule.
+        self._sampling_copy: SamplingCopy | None = None
+        self._sampling_copy_step = -1
 
     # ---- the policy ------------------------------------------------------------------------
     @property
@@ -238,9 +252,22 @@ class RFTModule(L.LightningModule):
                 eos.append(extra)
         with self._precision_context():
             return sample_completions(
-                self.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations, params,
-                eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id,
+                self.sampling_model(), prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
+                params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id,
             )
+
+    def sampling_model(self) -> torch.nn.Module:
+        """The model that decodes: the policy, or its low-precision copy (``sampling_dtype``), up to date."""
+        dtype = self.hparams.get("sampling_dtype")
+        if dtype is None:
+            return self.policy
+        if self._sampling_copy is None:
+            self._sampling_copy = SamplingCopy(self.policy, dtype)
+        elif self._trainer is None or self._sampling_copy_step != self.global_step:
+            # Under a Trainer weights change only at optimizer steps; outside one, always refresh.
+            self._sampling_copy.refresh(self.policy)
+        self._sampling_copy_step = self.global_step
+        return self._sampling_copy.model
 
     def _hf_model(self) -> torch.nn.Module:
         return self.policy.get_base_model() if is_adapter_model(self.policy) else self.policy

@@ -1,0 +1,108 @@
+"""The low-precision sampling copy: merged adapter, refreshed weights, untouched policy, wired into sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from rftlab import GRPO, RolloutDataModule
+from rftlab.models import apply_lora
+from rftlab.models.loading import tiny_llama
+from rftlab.models.sampling_copy import SamplingCopy
+from rftlab.tasks import Arithmetic
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def lora_policy():
+    model = apply_lora(tiny_llama(100, seed=0), r=4, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    return model
+
+
+def fresh_copy(policy, dtype=torch.bfloat16):
+    """What a copy made now holds: PEFT's own merge of a deep copy, rounded."""
+    return dict(copy.deepcopy(policy).merge_and_unload().to(dtype).named_parameters())
+
+
+def test_copy_merges_the_adapter_and_follows_updates_without_touching_the_policy():
+    policy = lora_policy()
+    sampling = SamplingCopy(policy, "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in sampling.model.parameters())
+    assert not any("lora" in name for name, _ in sampling.model.named_parameters())
+    torch.testing.assert_close(logits(sampling.model), logits(policy), atol=0.2, rtol=0)  # bf16 rounding
+
+    with torch.no_grad():  # an "optimizer step" on the adapter
+        for name, p in policy.named_parameters():
+            if "lora_A" in name:
+                p.add_(torch.randn_like(p))
+    updated = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    expected = fresh_copy(policy)
+    stale = [n for n, p in sampling.model.named_parameters() if not torch.equal(p, expected[n])]
+    assert stale and all("q_proj" in n or "v_proj" in n for n in stale)
+    sampling.refresh(policy)
+    assert all(torch.equal(p, expected[n]) for n, p in sampling.model.named_parameters())
+    assert all(torch.equal(updated[n], p) for n, p in policy.named_parameters()), "refresh wrote to the policy"
+
+
+def test_copy_of_a_fully_fine_tuned_policy_follows_every_weight():
+    policy = tiny_llama(100, seed=0)
+    sampling = SamplingCopy(policy, "float16")
+    with torch.no_grad():
+        policy.model.embed_tokens.weight.mul_(2.0)
+        policy.model.layers[1].mlp.down_proj.weight.add_(0.5)
+    sampling.refresh(policy)
+    assert torch.equal(sampling.model.model.embed_tokens.weight, policy.model.embed_tokens.weight.to(torch.float16))
+    down = sampling.model.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(down, policy.model.layers[1].mlp.down_proj.weight.to(torch.float16))
+
+
+def test_invalid_sampling_dtype_is_refused_at_construction():
+    with pytest.raises(ValueError, match="sampling_dtype='int8'.*bfloat16, float16"):
+        GRPO(policy="tiny", sampling_dtype="int8")
+    with pytest.raises(ValueError, match="sampling_dtype='bfloat16'.*quantization='nf4'"):
+        GRPO(policy="tiny", lora=True, quantization="nf4", sampling_dtype="bfloat16")
+    with pytest.raises(ValueError, match="sampling_dtype"):
+        SamplingCopy(tiny_llama(100), "float32")
+
+
+def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_reward, monkeypatch):
+    import rftlab.algorithms.base as base
+
+    seen = []
+    original = base.sample_completions
+
+    def spy(model, *args, **kwargs):
+        seen.append((model, next(model.parameters()).dtype))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(base, "sample_completions", spy)
+    refreshes = []
+    monkeypatch.setattr(SamplingCopy, "refresh", lambda self, policy, real=SamplingCopy.refresh:
+                        refreshes.append(1) or real(self, policy))
+    module = GRPO(policy="tiny", lora=True, num_generations=2, lr=5e-2, validate_at_start=False,
+                  sampling_dtype="bfloat16")
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert len(seen) == 3 and all(dtype == torch.bfloat16 for _, dtype in seen)
+    assert all(model is not module.policy for model, _ in seen)
+    assert len(refreshes) == 2  # before the rollouts of steps 2 and 3 (the first rollout builds the copy)
+    # the last refresh copied the policy after step 2; refreshed once more it holds the final one
+    expected = fresh_copy(module.policy)
+    assert any(not torch.equal(p, expected[n]) for n, p in module._sampling_copy.model.named_parameters())
+    module._sampling_copy.refresh(module.policy)
+    assert all(torch.equal(p, expected[n]) for n, p in module._sampling_copy.model.named_parameters())
+    assert not any("_sampling_copy" in key or key.startswith("sampling") for key in module.state_dict())
