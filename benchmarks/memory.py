@@ -34,6 +34,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from rss import RssPeak, current_rss_bytes  # benchmarks/rss.py
+
 BASES: dict[str, dict[str, Any]] = {
     "full_fp32": {"lora": False},
     "lora_fp32": {"lora": True},
@@ -61,31 +63,6 @@ def configurations() -> dict[str, dict[str, Any]]:
     return out
 
 
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class RssSampler(threading.Thread):
-    """Samples this process's RSS every ``interval`` seconds; ``peak`` is the max since ``reset``."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, 0, threading.Event()
-
-    def reset(self) -> None:
-        self.peak = current_rss_bytes()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, current_rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-
-
 def run_child(name: str, options: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration a few steps in this process and measure it."""
     import lightning as L
@@ -96,7 +73,7 @@ def run_child(name: str, options: dict[str, Any], args: argparse.Namespace) -> d
 
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
-    sampler = RssSampler()
+    sampler = RssPeak()
     sampler.start()
     module = GRPO(policy=args.policy, num_generations=args.gens, lr=1e-5, beta=options["beta"], lora=options["lora"],
                   quantization=options.get("quantization", "none"), optimizer=options.get("optimizer", "adamw"),
@@ -141,7 +118,7 @@ def run_child(name: str, options: dict[str, Any], args: argparse.Namespace) -> d
 class StepTimer(Callback):
     """Wall time between consecutive optimizer steps (rollout + update), and per-step logged timings."""
 
-    def __init__(self, sampler: RssSampler) -> None:
+    def __init__(self, sampler: RssPeak) -> None:
         self.sampler, self.step_seconds, self.logged = sampler, [], []
         self._last = self._update_start = 0.0
 

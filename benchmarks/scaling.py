@@ -40,6 +40,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rss import RssPeak, current_rss_bytes  # benchmarks/rss.py
+
 PHASES = ("generate", "reward", "logprobs", "ref", "score", "forward", "backward", "train")
 TABLE_PHASES = ("generate", "reward", "logprobs", "forward", "backward")
 
@@ -87,35 +89,6 @@ def fit_results(results: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 # ---- one configuration (in a subprocess) ---------------------------------------------------------
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class RssPeak(threading.Thread):
-    """Samples this process's RSS every ``interval`` seconds; ``peak`` is the max since ``reset``.
-
-    Args:
-        interval: seconds between samples.
-    """
-
-    def __init__(self, interval: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, 0, threading.Event()
-
-    def reset(self) -> None:
-        self.peak = current_rss_bytes()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, current_rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-
-
 def measured(values: list[float]) -> list[float]:
     """The values of the steps after the first (which pays one-off warm-up), when there are two or more."""
     return values[1:] if len(values) > 1 else values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,8 @@ def load_benchmark(name: str) -> ModuleType:
     Args:
         name: the script's file name without ``.py``, e.g. "scaling".
     """
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helpers (rss.py) as when run
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
