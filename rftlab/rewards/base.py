@@ -165,10 +165,16 @@ class RewardSet:
         for j, (name, fn) in enumerate(zip(self.names, self.functions)):
             start = time.perf_counter()
             policy = self._timeout_policy(fn)
+            own_before = _own_timeouts(fn)
             if policy is None:
                 scores, n_errors = self._call(name, fn, completions, prompts, columns)
             else:
                 scores, n_errors, timeouts[name] = self._call_per_sample(name, policy, completions, prompts, columns)
+            if own_before is not None:
+                # A function that times itself out (MathAnswer off the main thread) counts in its own
+                # `timeouts`; add what this call counted. Calls in a process pool count in the
+                # workers' copies, which this process does not see.
+                timeouts[name] = timeouts.get(name, 0) + _own_timeouts(fn) - own_before
             seconds[name] = time.perf_counter() - start
             per_fn[:, j] = torch.tensor(scores, dtype=torch.float32)
             errors[name] = n_errors
@@ -247,6 +253,13 @@ class RewardSet:
             scores.extend(values)
             n_errors += junk
         return scores, n_errors
+
+
+def _own_timeouts(fn: Any) -> int | None:
+    """The ``timeouts`` counter a reward function keeps itself (unwrapping ``WithTimeout``), or None."""
+    inner = fn.fn if isinstance(fn, WithTimeout) else fn
+    count = getattr(inner, "timeouts", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _columns(rows: list[dict[str, Any]], n: int) -> dict[str, list]:

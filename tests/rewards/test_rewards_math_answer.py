@@ -83,3 +83,18 @@ def test_bad_arguments():
         MathAnswer(timeout=0)
     with pytest.raises(KeyError, match="'answer'"):
         MathAnswer()(["1"], solution=["1"])
+
+
+def test_own_timeouts_reach_the_reward_sets_count(monkeypatch):
+    # Off the main thread (a reward pool, a dataloader worker) MathAnswer times itself out; the
+    # RewardSet reports those in reward/<fn>/timeouts like its own.
+    reward = MathAnswer(timeout=0.2)
+    monkeypatch.setattr(reward, "_compare", lambda *a: time.sleep(2) or True)
+    rewards = RewardSet({"math": reward, "fmt": lambda completions, **_: [1.0] * len(completions)})
+    box = []
+    worker = threading.Thread(target=lambda: box.append(rewards.score(["Answer: 7", "no answer"], ["p", "p"],
+                                                                     [{"answer": "7"}, {"answer": "7"}])))
+    worker.start()
+    worker.join(10)
+    assert box and box[0].timeouts == {"math": 1} and box[0].total.tolist() == [1.0, 1.0]
+    assert reward.timeouts == 1
