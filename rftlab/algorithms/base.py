@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from rftlab.algorithms.faults import CHECKPOINT_KEY, abort_nonfinite, grad_scaler_active, pending_rng, resume_state
-from rftlab.core import entropy_from_logits, masked_mean, selective_log_softmax
+from rftlab.core import entropy_from_logits, kl_penalty, masked_mean, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
 from rftlab.models.build import PolicySpec, build_policy, check_reference_placement, frozen_reference, module_device
 from rftlab.models.loading import load_tokenizer
@@ -68,6 +68,10 @@ class RFTModule(L.LightningModule):
         init_checkpoint: a Lightning checkpoint of any rftlab algorithm (e.g. ``SFT``) whose policy,
             adapter merged, is the starting policy (and the reference); ``policy`` names its base model.
         logprob_batch_size: sequences per forward when scoring a rollout without grad (memory bound).
+        log_kl_every: with beta 0 (no KL term, so no reference forward), still log ``kl``, the masked
+            token mean of KL(policy || reference), every n steps: two extra no-grad forwards (the
+            policy, the reference) on that step's rollout; None never. Needs a reference: LoRA (the
+            adapter switched off) or beta > 0 (where ``kl`` is logged every step anyway).
         share_prompt: encode each prompt once per group in the training and scoring forwards (its
             key/value cache serves the G completions; same result, ~40% less work at 36-token prompts
             and 8 x 32-token completions); off only for a model whose cache cannot carry gradients.
@@ -109,6 +113,7 @@ class RFTModule(L.LightningModule):
         reference_placement: str = "device",
         init_checkpoint: str | None = None,
         logprob_batch_size: int = 64,
+        log_kl_every: int | None = None,
         share_prompt: bool = True,
         sampling_dtype: str | None = None,
         validate_at_start: bool = True,
@@ -136,6 +141,9 @@ class RFTModule(L.LightningModule):
         check_optimizer(optimizer)
         check_reference_placement(reference_placement)
         _require(logprob_batch_size >= 1, "logprob_batch_size", logprob_batch_size, ">= 1")
+        _require(log_kl_every is None or log_kl_every >= 1, "log_kl_every", log_kl_every, ">= 1 or None")
+        _require(log_kl_every is None or lora or beta > 0, "log_kl_every", log_kl_every,
+                 "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
         _require(sampling_dtype is None or sampling_dtype in SAMPLING_DTYPES, "sampling_dtype", sampling_dtype,
                  f"None or one of {', '.join(SAMPLING_DTYPES)}")
         _require(sampling_dtype is None or quantization == "none", "sampling_dtype", sampling_dtype,
@@ -289,11 +297,30 @@ class RFTModule(L.LightningModule):
                 start = time.perf_counter()
                 rollout.ref_logp = self.batched_logprobs(rollout, reference=True)
                 timing["timing/ref"] = time.perf_counter() - start
+            elif self.monitors_kl():
+                start = time.perf_counter()
+                timing["kl"] = self.monitored_kl(rollout)
+                timing["timing/kl_monitor"] = time.perf_counter() - start
             rollout = self.compute_advantages(rollout)
-        # Per-phase costs (issue: where the time goes); the DataModule merges them into the
-        # rollout's metrics, which training_step logs.
-        rollout.extras["score_timing"] = timing
+        # Per-phase costs (issue: where the time goes) and the KL monitor; the DataModule merges
+        # them into the rollout's metrics, which training_step logs.
+        rollout.extras["score_metrics"] = timing
         return rollout
+
+    def monitors_kl(self) -> bool:
+        """Whether this step's rollout gets the KL monitor (``log_kl_every``, beta 0 only)."""
+        every = self.hparams.get("log_kl_every")
+        return every is not None and self.hparams.beta == 0 and self.global_step % every == 0
+
+    def monitored_kl(self, rollout: Rollout) -> float:
+        """Masked token mean of KL(policy || reference) on a rollout, for logging only (no grad).
+
+        The rollout's log-probs are left as they are: with beta 0 the loss has no KL term.
+        """
+        ref = self.batched_logprobs(rollout, reference=True)
+        current = rollout.old_logp if rollout.old_logp is not None else self.batched_logprobs(rollout, reference=False)
+        kl = kl_penalty(current, ref, kind=self.hparams.get("kl_estimator", "k3"))
+        return float(masked_mean(kl, rollout.completion_mask))
 
     def record_sampling_state(self, rollout: Rollout) -> Rollout:
         """Hook (no grad): freeze what the sampling policy computes, once, at rollout time.

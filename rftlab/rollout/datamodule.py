@@ -418,7 +418,7 @@ class RolloutDataModule(L.LightningDataModule):
         score_start = time.perf_counter()
         rollout = module.score_rollout(rollout)
         metrics["timing/score"] = time.perf_counter() - score_start
-        metrics.update(rollout.extras.pop("score_timing", {}))
+        metrics.update(rollout.extras.pop("score_metrics", {}))
         metrics["timing/rollout"] = time.perf_counter() - start
         # Cumulative, so it stays right however many minibatches log the same rollout's metrics.
         metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
