@@ -23,38 +23,9 @@ import torch
 
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.callbacks import TrainClock
+from rftlab.experiments.tracking import RunRecorder
+from rftlab.experiments.variants import Budget
 from rftlab.tasks import Arithmetic, WordProblems
-
-
-class Recorder(L.Callback):
-    """Collects per-step metrics and evaluations; stops the fit when the time budget is spent."""
-
-    def __init__(self, clock: TrainClock, minutes: float) -> None:
-        self.clock, self.budget = clock, minutes * 60
-        self.steps: list[dict[str, Any]] = []
-        self.evals: list[dict[str, Any]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        row = {"step": trainer.global_step, "train_seconds": round(self.clock.train_seconds, 2)}
-        for key, value in trainer.callback_metrics.items():
-            if not key.startswith("val/"):
-                row[key] = round(float(value), 5)
-        self.steps.append(row)
-        if self.clock.train_seconds >= self.budget:
-            trainer.should_stop = True
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module.initial_val_accuracy is not None:
-            self.evals.append({"step": 0, "train_seconds": 0.0, "val/accuracy": pl_module.initial_val_accuracy})
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/accuracy" not in trainer.callback_metrics:
-            return
-        self.evals.append({
-            "step": trainer.global_step,
-            "train_seconds": round(self.clock.train_seconds, 2),
-            "val/accuracy": float(trainer.callback_metrics["val/accuracy"]),
-        })
 
 
 def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModule]:
@@ -95,7 +66,7 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     return model, dm
 
 
-def write_outputs(out: Path, rec: Recorder, args: argparse.Namespace, wall: float) -> dict[str, Any]:
+def write_outputs(out: Path, rec: RunRecorder, args: argparse.Namespace, wall: float) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("steps.csv", rec.steps), ("evals.csv", rec.evals)):
         if rows:
@@ -120,7 +91,7 @@ def write_outputs(out: Path, rec: Recorder, args: argparse.Namespace, wall: floa
     return summary
 
 
-def plot(out: Path, rec: Recorder, args: argparse.Namespace) -> None:
+def plot(out: Path, rec: RunRecorder, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +120,7 @@ def plot(out: Path, rec: Recorder, args: argparse.Namespace) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", default="grpo")
     parser.add_argument("--policy", default="default")
@@ -185,14 +156,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/out/learning_curve")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     L.seed_everything(args.seed, workers=True)
     model, dm = build(args)
     clock = TrainClock()
-    rec = Recorder(clock, args.minutes)
+    rec = RunRecorder(clock, Budget(minutes=args.minutes))  # the same recorder as rftlab compare
     trainer = L.Trainer(
         max_steps=args.max_steps, accelerator="cpu", devices=1, precision=args.precision,
         logger=False, enable_checkpointing=False, callbacks=[clock, rec],
@@ -202,13 +173,11 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     if not rec.evals or rec.evals[-1]["step"] != trainer.global_step:
-        trainer.validate(model, datamodule=dm, verbose=False)
-        rec.evals.append({"step": trainer.global_step, "train_seconds": round(clock.train_seconds, 2),
-                          "val/accuracy": float(trainer.callback_metrics["val/accuracy"])})
+        trainer.validate(model, datamodule=dm, verbose=False)  # the recorder keeps its result
     summary = write_outputs(Path(args.out), rec, args, time.perf_counter() - start)
     print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=2))
     for e in rec.evals:
-        print(f"step {e['step']:4d}  {e['train_seconds'] / 60:6.2f} min  accuracy {100 * e['val/accuracy']:.1f}%")
+        print(f"step {int(e['step']):4d}  {e['train_seconds'] / 60:6.2f} min  accuracy {100 * e['val/accuracy']:.1f}%")
 
 
 if __name__ == "__main__":
