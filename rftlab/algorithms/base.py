@@ -77,8 +77,9 @@ class RFTModule(L.LightningModule):
             and 8 x 32-token completions); off only for a model whose cache cannot carry gradients.
         sampling_dtype: None samples with the policy itself; "bfloat16" (or "float16") samples from
             a copy of its weights in that dtype, adapter merged, refreshed after every update: half
-            the memory traffic per generated token (~+270 MB for the 135M model). Training and the
-            log-probs stay in the policy's precision. Not with ``quantization``.
+            the memory traffic per generated token (~+270 MB for the 135M model). Held-out
+            evaluation decodes with it too; training and the log-probs stay in the policy's
+            precision. Not with ``quantization``.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).

@@ -106,3 +106,25 @@ def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_r
     module._sampling_copy.refresh(module.policy)
     assert all(torch.equal(p, expected[n]) for n, p in module._sampling_copy.model.named_parameters())
     assert not any("_sampling_copy" in key or key.startswith("sampling") for key in module.state_dict())
+
+
+def test_a_critic_adapter_is_not_merged_into_the_sampling_copy():
+    from rftlab import PPO
+    from rftlab.algorithms.ppo import CRITIC_ADAPTER
+
+    module = PPO(policy="tiny", lora=True, critic="adapter", num_generations=2, validate_at_start=False,
+                 sampling_dtype="bfloat16")
+    module.configure_model()
+    module.sampling_model()  # builds the copy
+    with torch.no_grad():  # both adapters move away from zero, as after some training
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    module._sampling_copy.refresh(module.policy)
+    layer = module.policy.get_base_model().model.layers[0].self_attn.q_proj
+    assert CRITIC_ADAPTER in layer.lora_A
+    policy_only = (layer.base_layer.weight + layer.get_delta_weight("default")).to(torch.bfloat16)
+    both = (layer.base_layer.weight + layer.get_delta_weight("default")
+            + layer.get_delta_weight(CRITIC_ADAPTER)).to(torch.bfloat16)
+    copied = module._sampling_copy.model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(copied, policy_only) and not torch.equal(copied, both)
