@@ -32,7 +32,7 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     common = dict(
         policy=args.policy, lora=not args.full, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
         num_generations=args.gens, lr=args.lr, beta=args.beta, seed=args.seed,
-        init_checkpoint=args.init_checkpoint,
+        init_checkpoint=args.init_checkpoint, sampling_dtype=args.sampling_dtype,
     )
     if args.algo == "grpo":
         model = GRPO(loss_agg=args.loss_agg, scale=args.scale, **common)
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whiten-advantages", action="store_true", help="SegmentRFT: whiten segment advantages over the batch")
     parser.add_argument("--segment-options", default="{}", help='other SegmentRFT options as JSON, e.g. \'{"lam": 1e6}\'')
     parser.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's policy (e.g. an SFT run)")
+    parser.add_argument("--sampling-dtype", default=None, help="sample from a copy of the weights in this dtype (bfloat16)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
