@@ -49,7 +49,10 @@ class SamplingCopy:
         if dtype not in SAMPLING_DTYPES:
             raise ValueError(f"sampling_dtype={dtype!r} is invalid: must be one of {', '.join(SAMPLING_DTYPES)} or None")
         self.dtype = SAMPLING_DTYPES[dtype]
-        self.model = _plain_model(policy).to(self.dtype).eval()
+        # Lightning validates under inference mode, and the first rollout may be a validation one:
+        # tensors made there are inference tensors, which later refreshes could not write to.
+        with torch.inference_mode(False), torch.no_grad():
+            self.model = _plain_model(policy).to(self.dtype).eval()
         self.model.requires_grad_(False)
 
     def refresh(self, policy: nn.Module) -> None:
@@ -63,7 +66,7 @@ class SamplingCopy:
         """
         source = policy.get_base_model() if is_adapter_model(policy) else policy
         sources = dict(source.named_modules())
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for name, target in self.model.named_modules():
                 own = dict(target.named_parameters(recurse=False))
                 if not own:

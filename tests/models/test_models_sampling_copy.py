@@ -91,19 +91,22 @@ def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_r
     refreshes = []
     monkeypatch.setattr(SamplingCopy, "refresh", lambda self, policy, real=SamplingCopy.refresh:
                         refreshes.append(1) or real(self, policy))
-    module = GRPO(policy="tiny", lora=True, num_generations=2, lr=5e-2, validate_at_start=False,
+    # validate_at_start: the copy is first built under Lightning's inference mode (a validation
+    # batch), and later refreshes must still be able to write to it.
+    module = GRPO(policy="tiny", lora=True, num_generations=2, lr=5e-2, validate_at_start=True,
                   sampling_dtype="bfloat16")
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4,
+                           val_batch_size=2)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+                        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=3,
+                        default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
-    assert len(seen) == 3 and all(dtype == torch.bfloat16 for _, dtype in seen)
+    # decoding calls: validation at start, 3 rollouts, validation after step 3
+    assert len(seen) == 5 and all(dtype == torch.bfloat16 for _, dtype in seen)
     assert all(model is not module.policy for model, _ in seen)
-    assert len(refreshes) == 2  # before the rollouts of steps 2 and 3 (the first rollout builds the copy)
-    # the last refresh copied the policy after step 2; refreshed once more it holds the final one
+    assert len(refreshes) == 3  # before the rollouts of steps 2 and 3 and the final validation
+    # the last refresh (for the final validation) copied the final policy
     expected = fresh_copy(module.policy)
-    assert any(not torch.equal(p, expected[n]) for n, p in module._sampling_copy.model.named_parameters())
-    module._sampling_copy.refresh(module.policy)
     assert all(torch.equal(p, expected[n]) for n, p in module._sampling_copy.model.named_parameters())
     assert not any("_sampling_copy" in key or key.startswith("sampling") for key in module.state_dict())
 
