@@ -32,8 +32,10 @@ def cpu_has_native_bf16() -> bool:
 
 def _probe(dtype: torch.dtype, device: torch.device) -> None:
     # The operations a causal LM forward/backward needs: matmul, softmax, an embedding gather.
-    x = torch.randn(4, 8, device=device).to(dtype).requires_grad_(True)
-    weight = torch.randn(8, 8, device=device).to(dtype)
+    # Fixed inputs, not torch.randn: a probe drawing from the global generator would make the first
+    # model built in a process start from other random numbers (LoRA init) than the next, same seed.
+    x = torch.linspace(-1, 1, 32, device=device).reshape(4, 8).to(dtype).requires_grad_(True)
+    weight = torch.linspace(1, -1, 64, device=device).reshape(8, 8).to(dtype)
     y = torch.log_softmax(x @ weight, dim=-1)
     y = y + torch.nn.functional.embedding(torch.tensor([0, 1, 2, 3], device=device), weight)
     y.float().sum().backward()

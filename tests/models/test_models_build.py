@@ -75,6 +75,29 @@ def test_every_dtype_runs_on_this_cpu(fresh_dtype_cache):
         precision.check_dtype_runs(name, "cpu")  # raises if this CPU could not train in it
 
 
+def test_the_dtype_probe_leaves_the_random_generator_alone(fresh_dtype_cache):
+    # It once drew from torch.randn, so the first policy built in a process got other LoRA
+    # initial weights than a second one built after the same seed.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for name in precision.DTYPES:
+        precision.check_dtype_runs(name, "cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_same_seed_same_lora_init_in_one_process(fresh_dtype_cache):
+    import lightning as L
+
+    inits = []
+    for _ in range(2):
+        L.seed_everything(0, verbose=False)
+        module = GRPO(policy="tiny", lora=True, validate_at_start=False)
+        module.configure_model()
+        inits.append({n: p.detach().clone() for n, p in module.named_parameters() if "lora_A" in n})
+    assert inits[0] and all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0])
+
+
 def test_a_loaded_policy_trains_in_train_mode(tmp_path, tokenizer):
     from rftlab.models.loading import tiny_llama
 
