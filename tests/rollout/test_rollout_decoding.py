@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rftlab.rollout.decoding import filter_logits, next_tokens
+from rftlab.rollout.decoding import filter_logits, inverse_cdf, next_tokens
 from rftlab.rollout.sampler import SamplingParams, left_pad, sample_completions
 
 
@@ -62,6 +62,44 @@ def test_samples_follow_the_filtered_tempered_softmax(temperature, top_k, top_p)
     freq = torch.bincount(samples, minlength=5).float() / len(samples)
     expected = filter_logits(logits[:1] / temperature, top_k, top_p).softmax(-1)[0]
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
+def test_inverse_cdf_by_hand():
+    # cdf of [1/8, 0, 1/2, 3/8] is [1/8, 1/8, 5/8, 1] (exact in binary):
+    # u in [0, 1/8) -> 0, [1/8, 5/8) -> 2, [5/8, 1) -> 3; the zero-probability token 1 never
+    probs = torch.tensor([[0.125, 0.0, 0.5, 0.375]]).repeat(7, 1)
+    u = torch.tensor([0.0, 0.1249, 0.125, 0.6249, 0.625, 0.95, 0.999999])
+    assert inverse_cdf(probs, u).tolist() == [0, 0, 2, 2, 3, 3, 3]
+    # unnormalised rows and a trailing filtered-out token, even at u = 1 (the rounding edge)
+    probs = torch.tensor([[2.0, 0.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    assert inverse_cdf(probs, torch.tensor([0.49, 0.0])).tolist() == [0, 2]
+    assert inverse_cdf(probs, torch.tensor([1.0, 1.0])).tolist() == [2, 2]
+
+
+def test_inverse_cdf_equals_a_slow_reference_loop():
+    torch.manual_seed(0)
+    probs = torch.rand(50, 30).pow(3)
+    probs[:, ::4] = 0.0  # filtered-out tokens
+    u = torch.rand(50, dtype=torch.float64)
+
+    def reference(row, value):
+        total = sum(float(p) for p in row)
+        running = 0.0
+        for i, p in enumerate(row):
+            running += float(p)
+            if running > value * total:
+                return i
+
+    assert inverse_cdf(probs, u).tolist() == [reference(probs[n], float(u[n])) for n in range(50)]
+
+
+def test_sampling_matches_torch_multinomial_in_distribution():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 20).repeat(100_000, 1)
+    ours = torch.bincount(next_tokens(logits, SamplingParams()), minlength=20).float() / 100_000
+    theirs = torch.bincount(torch.multinomial(logits.softmax(-1), 1).squeeze(-1), minlength=20).float() / 100_000
+    torch.testing.assert_close(ours, logits[0].softmax(-1), atol=0.006, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=0.008, rtol=0)
 
 
 def test_each_prompt_is_prefilled_once(tiny_grpo, tokenizer, monkeypatch):
