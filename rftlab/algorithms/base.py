@@ -26,6 +26,7 @@ from rftlab.core.arguments import check_init_arguments
 from rftlab.models.cast_cache import FrozenCastCache
 from rftlab.models.build import PolicySpec, build_policy, check_reference_placement, frozen_reference, module_device
 from rftlab.models.loading import load_tokenizer
+from rftlab.models.onednn_sampling import OneDNNSampling
 from rftlab.models.optim import build_optimizer, check_optimizer
 from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
 from rftlab.models.sampling_copy import SAMPLING_DTYPES, SamplingCopy
@@ -87,6 +88,11 @@ class RFTModule(L.LightningModule):
             instead of autocast casting them again at every call and every decoded token. Same
             numbers (bit-identical logits and gradients); costs 2 bytes per frozen weight (~270 MB
             for the 135M model under LoRA). No effect in float32.
+        onednn_sampling: on a CPU in float32, sample with oneDNN's linear kernels instead of torch's
+            default BLAS (frozen weights prepacked once: +4 bytes per frozen weight, ~540 MB for
+            the 135M model under LoRA): 66 -> 34 ms per decoded token here. float32 math in
+            another summation order (logits within ~1e-5 relative); training and log-probs keep
+            torch's kernels. No effect under autocast or on a GPU.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).
@@ -125,6 +131,7 @@ class RFTModule(L.LightningModule):
         share_prompt: bool = True,
         sampling_dtype: str | None = None,
         cache_weight_casts: bool = True,
+        onednn_sampling: bool = True,
         validate_at_start: bool = True,
         log_every_n_steps: int | None = 1,
         seed: int = 0,
@@ -183,6 +190,7 @@ class RFTModule(L.LightningModule):
         # Frozen linear weights already cast to the autocast dtype (cache_weight_casts); a plain
         # attribute for the same reason.
         self._cast_cache = FrozenCastCache()
+        self._onednn = OneDNNSampling()  # onednn_sampling: prepacked frozen weights
 
     # ---- the policy ------------------------------------------------------------------------
     @property
@@ -271,7 +279,8 @@ class RFTModule(L.LightningModule):
             if extra is not None and extra not in eos:
                 eos.append(extra)
         model = self.sampling_model()  # before the cast cache swaps weights: the copy merges float32 ones
-        with self._precision_context():
+        kernels = self._onednn.active(model) if self.hparams.get("onednn_sampling", True) else nullcontext()
+        with self._precision_context(), kernels:
             return sample_completions(
                 model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
                 params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id,

@@ -17,8 +17,9 @@ decoded token, and one forward+backward of 8 x 70 tokens 1.4 -> 1.2 s.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,43 @@ def _cacheable(module: nn.Module) -> bool:
             and not weight.requires_grad)
 
 
+class DerivedWeights:
+    """Tensors made from modules' weights (a cast, a packed layout), remade only when a weight changes.
+
+    A weight has changed when it was replaced, moved, or modified in place (its version counter
+    moved: an optimizer step, ``load_state_dict``).
+
+    Args:
+        make: builds the derived tensor from a detached weight and the caller's ``tag`` (e.g. a dtype).
+    """
+
+    def __init__(self, make: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+        self._make = make
+        # id(module) -> (the weight it was made from, (its version, device, tag), the derived tensor)
+        self._entries: dict[int, tuple[nn.Parameter, tuple, torch.Tensor]] = {}
+
+    def get(self, module: nn.Module, tag: Any = None) -> torch.Tensor:
+        """The tensor derived from ``module.weight`` (made now if missing or stale).
+
+        Args:
+            module: a module with a ``weight`` parameter.
+            tag: anything the derived tensor depends on besides the weight.
+        """
+        weight = module._parameters["weight"]
+        state = (weight._version, weight.device, tag)
+        entry = self._entries.get(id(module))
+        if entry is not None and entry[0] is weight and entry[1] == state:
+            return entry[2]
+        # Lightning evaluates under inference mode; a tensor made there could not be used to train.
+        with torch.inference_mode(False), torch.no_grad():
+            derived = self._make(weight.detach(), tag)
+        self._entries[id(module)] = (weight, state, derived)
+        return derived
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class FrozenCastCache:
     """Keeps autocast-dtype copies of a model's frozen float32 ``nn.Linear`` weights.
 
@@ -40,21 +78,8 @@ class FrozenCastCache:
     """
 
     def __init__(self) -> None:
-        # id(module) -> (the float32 parameter it was made from, its version, the copy)
-        self._copies: dict[int, tuple[nn.Parameter, int, nn.Parameter]] = {}
+        self._copies = DerivedWeights(lambda weight, dtype: nn.Parameter(weight.to(dtype), requires_grad=False))
         self._depth = 0
-
-    def _copy_of(self, module: nn.Linear, dtype: torch.dtype) -> nn.Parameter:
-        weight = module._parameters["weight"]
-        entry = self._copies.get(id(module))
-        if (entry is not None and entry[0] is weight and entry[1] == weight._version and entry[2].dtype == dtype
-                and entry[2].device == weight.device):
-            return entry[2]
-        # Lightning evaluates under inference mode; a copy made there could not be used to train.
-        with torch.inference_mode(False), torch.no_grad():
-            copy = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        self._copies[id(module)] = (weight, weight._version, copy)
-        return copy
 
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[None]:
@@ -74,7 +99,7 @@ class FrozenCastCache:
             for module in model.modules():
                 if _cacheable(module):
                     swapped.append((module, module._parameters["weight"]))
-                    module._parameters["weight"] = self._copy_of(module, dtype)
+                    module._parameters["weight"] = self._copies.get(module, dtype)
             yield
         finally:
             for module, weight in swapped:
