@@ -26,7 +26,7 @@ from rftlab.core.arguments import check_init_arguments
 from rftlab.models.cast_cache import FrozenCastCache
 from rftlab.models.build import PolicySpec, build_policy, check_reference_placement, frozen_reference, module_device
 from rftlab.models.loading import load_tokenizer
-from rftlab.models.onednn_sampling import OneDNNSampling
+from rftlab.models.onednn import OneDNNLinears
 from rftlab.models.optim import build_optimizer, check_optimizer
 from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
 from rftlab.models.sampling_copy import SAMPLING_DTYPES, SamplingCopy
@@ -88,11 +88,12 @@ class RFTModule(L.LightningModule):
             instead of autocast casting them again at every call and every decoded token. Same
             numbers (bit-identical logits and gradients); costs 2 bytes per frozen weight (~270 MB
             for the 135M model under LoRA). No effect in float32.
-        onednn_sampling: on a CPU in float32, sample with oneDNN's linear kernels instead of torch's
-            default BLAS (frozen weights prepacked once: +4 bytes per frozen weight, ~540 MB for
-            the 135M model under LoRA): 66 -> 34 ms per decoded token here. float32 math in
-            another summation order (logits within ~1e-5 relative); training and log-probs keep
-            torch's kernels. No effect under autocast or on a GPU.
+        onednn_kernels: on a CPU in float32, run linear layers with oneDNN instead of torch's
+            default BLAS: frozen weights (prepacked once: +4 bytes per frozen weight, ~540 MB for
+            the 135M model under LoRA) in every forward and backward, trained weights while
+            sampling. Here: 66 -> 34 ms per decoded token, LoRA forward+backward ~2x faster.
+            float32 math in another summation order (within ~1e-5 relative). No effect under
+            autocast or on a GPU; frozen weights keep torch's kernels under gradient checkpointing.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).
@@ -131,7 +132,7 @@ class RFTModule(L.LightningModule):
         share_prompt: bool = True,
         sampling_dtype: str | None = None,
         cache_weight_casts: bool = True,
-        onednn_sampling: bool = True,
+        onednn_kernels: bool = True,
         validate_at_start: bool = True,
         log_every_n_steps: int | None = 1,
         seed: int = 0,
@@ -190,7 +191,7 @@ class RFTModule(L.LightningModule):
         # Frozen linear weights already cast to the autocast dtype (cache_weight_casts); a plain
         # attribute for the same reason.
         self._cast_cache = FrozenCastCache()
-        self._onednn = OneDNNSampling()  # onednn_sampling: prepacked frozen weights
+        self._onednn = OneDNNLinears()  # onednn_kernels: prepacked frozen weights
 
     # ---- the policy ------------------------------------------------------------------------
     @property
@@ -279,8 +280,7 @@ class RFTModule(L.LightningModule):
             if extra is not None and extra not in eos:
                 eos.append(extra)
         model = self.sampling_model()  # before the cast cache swaps weights: the copy merges float32 ones
-        kernels = self._onednn.active(model) if self.hparams.get("onednn_sampling", True) else nullcontext()
-        with self._precision_context(), kernels:
+        with self._precision_context(), self._linear_kernels(model, sampling=True):
             return sample_completions(
                 model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
                 params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id,
@@ -306,8 +306,15 @@ class RFTModule(L.LightningModule):
     def _precision_context(self) -> Iterator[None]:
         """The Trainer's precision context (autocast under ``*-mixed``) with the cached weight casts."""
         trainer = self._trainer
-        with trainer.precision_plugin.forward_context() if trainer is not None else nullcontext(), self._weight_casts():
+        with (trainer.precision_plugin.forward_context() if trainer is not None else nullcontext(),
+              self._weight_casts(), self._linear_kernels(self.policy)):
             yield
+
+    def _linear_kernels(self, model: torch.nn.Module | None, sampling: bool = False) -> Any:
+        """Run ``model``'s float32 linears with oneDNN on a CPU (``onednn_kernels``; see ``rftlab.models.onednn``)."""
+        if model is None or not self.hparams.get("onednn_kernels", True):
+            return nullcontext()
+        return self._onednn.active(model, sampling=sampling)
 
     def _weight_casts(self) -> Any:
         """Serve frozen linear weights from the cast cache while autocast is on (``cache_weight_casts``)."""
@@ -411,7 +418,7 @@ class RFTModule(L.LightningModule):
 
     def training_step(self, batch: Rollout, batch_idx: int) -> Tensor | None:
         # Lightning runs this under its autocast; the backward keeps the cached casts it saved.
-        with self._weight_casts():
+        with self._weight_casts(), self._linear_kernels(self.policy):
             loss, metrics = self.compute_loss(batch)
         n = len(batch)
         step = {name: float(value) for name, value in batch.extras.get("metrics", {}).items()}

@@ -1,4 +1,4 @@
-"""onednn_sampling: float32 linears run by oneDNN while sampling, torch's kernels everywhere else."""
+"""onednn_kernels: float32 linears run by oneDNN (frozen ones always, trained ones while sampling)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import rftlab.models.onednn_sampling as onednn
+import rftlab.models.onednn as onednn
 from rftlab import GRPO, RolloutDataModule
 from rftlab.models import apply_lora
 from rftlab.models.loading import tiny_llama
-from rftlab.models.onednn_sampling import OneDNNSampling, onednn_linear
+from rftlab.models.onednn import OneDNNLinears, onednn_linear
 from rftlab.rollout.sampler import SamplingParams, left_pad, sample_completions
 from rftlab.tasks import Arithmetic
 
@@ -51,34 +51,77 @@ def test_sampling_logits_match_torch_kernels_and_only_no_grad_float32_calls_are_
     model = lora_policy().eval()
     with torch.no_grad():
         plain = model(input_ids=IDS).logits
-    sampling = OneDNNSampling()
-    with sampling.active(model):
+    sampling = OneDNNLinears()
+    with sampling.active(model, sampling=True):
         with torch.no_grad():
             routed = model(input_ids=IDS).logits
         n = len(calls)
-        grad = model(input_ids=IDS).logits  # a forward with grad: torch's kernels
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=IDS)  # under autocast: torch's kernels
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     assert n == len(linears) > 0 and len(calls) == n
     torch.testing.assert_close(routed, plain, atol=1e-5, rtol=1e-5)
-    assert torch.equal(grad.detach(), plain) and grad.requires_grad
     assert not any("forward" in m.__dict__ for m in model.modules()), "the swap was not undone"
     # frozen weights (the base model) were prepacked; the adapter's trained weights run as they are
     assert len(sampling) == sum(not m.weight.requires_grad for m in linears)
 
 
+def grads_of(model, kernels, calls):
+    model.zero_grad()
+    with kernels.active(model) if kernels is not None else torch.enable_grad():
+        logits = model(input_ids=IDS).logits
+    forward_calls = len(calls)
+    logits.logsumexp(-1).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads, forward_calls
+
+
+def test_training_forward_and_backward_through_frozen_layers_match_torch(calls):
+    model = lora_policy()
+    plain_logits, plain_grads, _ = grads_of(model, None, calls)
+    assert calls == []
+    logits, grads, forward_calls = grads_of(model, OneDNNLinears(), calls)
+    frozen = [m for m in model.modules() if type(m) is nn.Linear and not m.weight.requires_grad]
+    assert forward_calls == len(frozen) > 0  # the adapter's own (trained) layers keep torch's kernels
+    assert len(calls) > forward_calls  # input gradients of the frozen layers in the backward
+    torch.testing.assert_close(logits, plain_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == plain_grads.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_the_frozen_linear_backward_by_hand():
+    # y = x W^T + b with W = [[1, 2], [3, 4], [5, 6]]: dL/dx = g W; W and b get no gradient
+    weight = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    bias = torch.tensor([0.5, -0.5, 1.0])
+    x = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    y = onednn._FrozenLinear.apply(x, weight, torch.ops.mkldnn._reorder_linear_weight(weight), bias)
+    assert y.tolist() == [[-0.5, -1.5, 0.0]]
+    y.backward(torch.tensor([[1.0, 0.0, 2.0]]))
+    assert x.grad.tolist() == [[11.0, 14.0]]
+
+
+def test_gradient_checkpointing_keeps_torch_kernels_outside_sampling(calls):
+    model = tiny_llama(100, seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.requires_grad_(False)
+    with OneDNNLinears().active(model), torch.no_grad():
+        model(input_ids=IDS)
+    assert calls == []
+
+
 def test_prepacked_copies_are_reused_and_remade_after_a_change():
     model = lora_policy().eval()
-    sampling = OneDNNSampling()
+    sampling = OneDNNLinears()
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-    with sampling.active(model):
+    with sampling.active(model, sampling=True):
         first = sampling._packed.get(q)
-    with sampling.active(model):
+    with sampling.active(model, sampling=True):
         assert sampling._packed.get(q) is first
     with torch.no_grad():
         q.weight.mul_(2.0)
-    with sampling.active(model), torch.no_grad():
+    with sampling.active(model, sampling=True), torch.no_grad():
         second = sampling._packed.get(q)
         x = torch.randn(2, q.in_features)
         torch.testing.assert_close(onednn_linear(x, second, None), x @ q.weight.t(), atol=1e-5, rtol=1e-5)
@@ -87,8 +130,8 @@ def test_prepacked_copies_are_reused_and_remade_after_a_change():
 
 def test_nothing_is_routed_under_autocast(calls):
     model = tiny_llama(100, seed=0).eval()
-    sampling = OneDNNSampling()
-    with torch.autocast("cpu", dtype=torch.bfloat16), sampling.active(model), torch.no_grad():
+    sampling = OneDNNLinears()
+    with torch.autocast("cpu", dtype=torch.bfloat16), sampling.active(model, sampling=True), torch.no_grad():
         model(input_ids=IDS)
     assert calls == [] and len(sampling) == 0
 
@@ -99,13 +142,13 @@ def test_greedy_decoding_gives_the_same_tokens(tiny_grpo, tokenizer, calls):
     params = SamplingParams(max_new_tokens=8, greedy=True)
     expected = sample_completions(module.policy, prompt_ids, prompt_mask, 2, params, [-1], tokenizer.pad_token_id)
     assert calls == []
-    with OneDNNSampling().active(module.policy):
+    with OneDNNLinears().active(module.policy, sampling=True):
         got = sample_completions(module.policy, prompt_ids, prompt_mask, 2, params, [-1], tokenizer.pad_token_id)
     assert calls and all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2]))
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_grpo_samples_with_onednn_and_trains_with_torch_kernels(tmp_path, vary_reward, calls, monkeypatch, lora):
+def test_grpo_samples_and_trains_with_onednn(tmp_path, vary_reward, calls, monkeypatch, lora):
     forwards = []
     module = GRPO(policy="tiny", lora=lora, num_generations=2, lr=5e-2, validate_at_start=False)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
@@ -124,20 +167,25 @@ def test_grpo_samples_with_onednn_and_trains_with_torch_kernels(tmp_path, vary_r
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     trainer.fit(module, datamodule=dm)
     assert calls, "sampling did not use oneDNN"
-    assert forwards == [0, 0], "the training forward must use torch's kernels"
+    # the training forward routes the frozen layers (LoRA's base model) only
+    frozen = [m for m in module.policy.modules() if type(m) is nn.Linear and not m.weight.requires_grad]
+    if lora:  # once per layer for the prompts and once for the completions (share_prompt)
+        assert forwards == [2 * len(frozen)] * 2 and frozen
+    else:
+        assert forwards == [0, 0] and not frozen
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if n in before)
     assert not any("forward" in m.__dict__ for m in module.policy.modules())
     assert (len(module._onednn) > 0) == lora  # full fine-tuning: every weight trains, none prepacked
 
 
-def test_onednn_sampling_off_routes_nothing(tmp_path, vary_reward, calls):
-    module = GRPO(policy="tiny", lora=True, num_generations=2, validate_at_start=False, onednn_sampling=False)
+def test_onednn_kernels_off_routes_nothing(tmp_path, vary_reward, calls):
+    module = GRPO(policy="tiny", lora=True, num_generations=2, validate_at_start=False, onednn_kernels=False)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
     L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, default_root_dir=tmp_path).fit(module, datamodule=dm)
     assert calls == [] and len(module._onednn) == 0
 
 
-def test_onednn_sampling_must_be_a_bool():
-    with pytest.raises((TypeError, ValueError), match="onednn_sampling"):
-        GRPO(policy="tiny", onednn_sampling="on")
+def test_onednn_kernels_must_be_a_bool():
+    with pytest.raises((TypeError, ValueError), match="onednn_kernels"):
+        GRPO(policy="tiny", onednn_kernels="on")

@@ -1,0 +1,141 @@
+"""oneDNN kernels for float32 linear layers on a CPU (``onednn_kernels``).
+
+torch's default CPU BLAS for float32 is slow at the shapes of RL fine-tuning here: on this
+machine's AMD EPYC, 8 rows (a decoding step) times SmolLM2's 49152 x 576 output matrix take 13 ms,
+oneDNN's linear 7 ms on the same weight and 3.5 ms on a copy prepacked in its blocked layout; 544
+rows (a training forward) 286 ms vs 135 ms prepacked. So float32 ``nn.Linear`` layers run
+``torch.ops.mkldnn._linear_pointwise`` instead of ``F.linear``:
+
+- frozen weights (a LoRA run's base model, made once into a prepacked copy) everywhere: sampling,
+  the scoring forwards and the training forward, whose backward computes the input gradient with
+  oneDNN too (``_FrozenLinear``; a frozen weight needs no gradient of its own);
+- trained weights only while sampling (no grad), on the weight as it is (it changes every step);
+  their training forward keeps torch's kernels, because their gradient does.
+
+The scoring and training forwards route the same layers, so old log-probs still equal the training
+forward's at the first update. It is float32 arithmetic in another summation order, as with any
+other BLAS: logits within about 1e-5 relative of torch's kernels, gradients likewise (tested).
+Off under autocast (its matmuls already run in bf16), for non-float32 inputs, and outside sampling
+under gradient checkpointing (the backward's recompute would run outside the context).
+
+Measured (SmolLM2-135M-Instruct fp32, 2 threads, one process, alternated): decoding 8 rows, 66 ms
+per token with torch's kernels, 44 ms with oneDNN on plain weights, 34 ms prepacked; forward and
+backward of 8 x 68 tokens under LoRA r16 q/k/v/o, 1.29 + 1.46 s -> 0.59 + 1.04 s.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rftlab.models.cast_cache import DerivedWeights
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's CPU linear kernels."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight"))
+
+
+def _float32_cpu_linear(module: nn.Module) -> bool:
+    """A plain float32 ``nn.Linear`` on the CPU (quantized subclasses keep their own kernels)."""
+    weight = module._parameters.get("weight") if type(module) is nn.Linear else None
+    return weight is not None and type(weight) is nn.Parameter and weight.dtype == torch.float32 and weight.device.type == "cpu"
+
+
+def _frozen(module: nn.Linear) -> bool:
+    return not module.weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` with oneDNN; ``weight`` plain (out, in) or prepacked. No autograd.
+
+    Args:
+        x: (..., in) float32 input.
+        weight: the (out, in) weight (a transposed view works too) or its ``_reorder_linear_weight`` packing.
+        bias: (out,) or None.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """A linear layer whose weight and bias get no gradient: oneDNN forward, oneDNN input gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        return onednn_linear(x, packed, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (weight,) = ctx.saved_tensors
+        # d(x W^T + b)/dx applied to grad is grad @ W: a linear layer whose weight is W^T.
+        return onednn_linear(grad.contiguous(), weight.t(), None), None, None, None
+
+
+def _forward(module: nn.Linear, kernel_weight: Tensor, x: Tensor) -> Tensor:
+    if torch.is_autocast_enabled("cpu") or x.dtype != torch.float32:
+        return F.linear(x, module.weight, module.bias)
+    if not torch.is_grad_enabled():
+        return onednn_linear(x, kernel_weight, module.bias)
+    if _frozen(module) and x.requires_grad:
+        return _FrozenLinear.apply(x, module.weight, kernel_weight, module.bias)
+    if _frozen(module):
+        return onednn_linear(x, kernel_weight, module.bias)  # nothing upstream needs a gradient
+    return F.linear(x, module.weight, module.bias)  # a trained weight: torch's kernels and autograd
+
+
+class OneDNNLinears:
+    """Routes a model's float32 CPU linear layers through oneDNN inside ``active``; keeps frozen weights prepacked."""
+
+    def __init__(self) -> None:
+        self._packed = DerivedWeights(lambda weight, _: torch.ops.mkldnn._reorder_linear_weight(weight))
+
+    @contextmanager
+    def active(self, model: nn.Module, sampling: bool = False) -> Iterator[None]:
+        """Route ``model``'s frozen float32 linears (and, with ``sampling``, all of them) until exit.
+
+        A no-op under autocast, where oneDNN is missing, and (without ``sampling``) under gradient
+        checkpointing. Nested uses add layers, never re-route.
+
+        Args:
+            model: the model about to run.
+            sampling: also route trained weights (for the no-grad decoding loop).
+        """
+        from rftlab.rollout.sampler import is_checkpointing
+
+        if torch.is_autocast_enabled("cpu") or not onednn_linear_available():
+            yield
+            return
+        if not sampling and is_checkpointing(model):
+            # The backward's recompute would run outside this context, on torch's kernels; the
+            # scoring forwards stay on them too, so old log-probs match the training forward's.
+            yield
+            return
+        routed = []
+        try:
+            for module in model.modules():
+                if not _float32_cpu_linear(module) or "forward" in module.__dict__:
+                    continue
+                if _frozen(module):
+                    kernel_weight = self._packed.get(module)
+                elif sampling:
+                    kernel_weight = module.weight
+                else:
+                    continue
+                module.forward = functools.partial(_forward, module, kernel_weight)
+                routed.append(module)
+            yield
+        finally:
+            for module in routed:
+                del module.forward
+
+    def __len__(self) -> int:
+        return len(self._packed)
