@@ -88,12 +88,12 @@ class RFTModule(L.LightningModule):
             instead of autocast casting them again at every call and every decoded token. Same
             numbers (bit-identical logits and gradients); costs 2 bytes per frozen weight (~270 MB
             for the 135M model under LoRA). No effect in float32.
-        onednn_kernels: on a CPU in float32, run linear layers with oneDNN instead of torch's
-            default BLAS: frozen weights (prepacked once: +4 bytes per frozen weight, ~540 MB for
-            the 135M model under LoRA) in every forward and backward, trained weights while
-            sampling. Here: 66 -> 34 ms per decoded token, LoRA forward+backward ~2x faster.
+        onednn_kernels: on a CPU in float32, run the linear layers (sampling, scoring and the
+            training forward and backward) with oneDNN instead of torch's default BLAS; frozen
+            weights are prepacked once (+4 bytes per frozen weight, ~540 MB for the 135M model
+            under LoRA). Here: 66 -> 34 ms per decoded token, forward+backward 1.5-2x faster.
             float32 math in another summation order (within ~1e-5 relative). No effect under
-            autocast or on a GPU; frozen weights keep torch's kernels under gradient checkpointing.
+            autocast or on a GPU; only sampling uses it under gradient checkpointing.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
         log_every_n_steps: overrides the Trainer's (its default 50 suits supervised training, not
             RL steps that take seconds).
