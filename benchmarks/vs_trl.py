@@ -14,7 +14,9 @@ temperature 1 (no top-k/top-p), fp32 (or --precision bf16 for both), gradient ch
 (TRL 1.16 turns it on by default: we turn it off), AdamW, LoRA r16/alpha 32 on q/k/v/o or full
 fine-tuning, beta 0 or 0.04. Reported: median seconds per optimizer step over steps 2..N, generated
 tokens per second, peak RSS, and the ratios rftlab / TRL and rftlab / floor. rftlab runs with its
-defaults (``share_prompt=True``: each prompt encoded once per group in the training forward);
+defaults: ``share_prompt`` (each prompt encoded once per group in the training forward),
+``onednn_kernels`` (fp32 linear layers on oneDNN instead of torch's BLAS), ``cache_weight_casts``
+(bf16: frozen weights cast once, not at every call) and inverse-CDF sampling;
 ``--sampling-copy`` adds a third side, rftlab sampling from a bf16 copy of the weights
 (``sampling_dtype="bfloat16"``), alternated with the other two.
 """
