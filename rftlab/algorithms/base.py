@@ -252,10 +252,12 @@ class RFTModule(L.LightningModule):
             reference.to(device)
         where = module_device(reference)
         try:
-            logits = completion_logits(
-                reference, batch.prompt_ids.to(where), batch.prompt_mask.to(where), batch.completion_ids.to(where),
-                batch.completion_mask.to(where), batch.temperature, share_prompt=self.share_prompt,
-            )
+            # oneDNN on the copy's own weights: prepacking would keep a second copy of the model.
+            with self._linear_kernels(reference, prepack=False):
+                logits = completion_logits(
+                    reference, batch.prompt_ids.to(where), batch.prompt_mask.to(where), batch.completion_ids.to(where),
+                    batch.completion_mask.to(where), batch.temperature, share_prompt=self.share_prompt,
+                )
         finally:
             if placement == "offload":
                 reference.to("cpu")
@@ -310,11 +312,11 @@ class RFTModule(L.LightningModule):
               self._weight_casts(), self._linear_kernels(self.policy)):
             yield
 
-    def _linear_kernels(self, model: torch.nn.Module | None, sampling: bool = False) -> Any:
+    def _linear_kernels(self, model: torch.nn.Module | None, sampling: bool = False, prepack: bool = True) -> Any:
         """Run ``model``'s float32 linears with oneDNN on a CPU (``onednn_kernels``; see ``rftlab.models.onednn``)."""
         if model is None or not self.hparams.get("onednn_kernels", True):
             return nullcontext()
-        return self._onednn.active(model, sampling=sampling)
+        return self._onednn.active(model, sampling=sampling, prepack=prepack)
 
     def _weight_casts(self) -> Any:
         """Serve frozen linear weights from the cast cache while autocast is on (``cache_weight_casts``)."""

@@ -122,7 +122,7 @@ class OneDNNLinears:
         self._packed = DerivedWeights(lambda weight, _: torch.ops.mkldnn._reorder_linear_weight(weight))
 
     @contextmanager
-    def active(self, model: nn.Module, sampling: bool = False) -> Iterator[None]:
+    def active(self, model: nn.Module, sampling: bool = False, prepack: bool = True) -> Iterator[None]:
         """Route ``model``'s float32 CPU linear layers through oneDNN until exit.
 
         A no-op under autocast, where oneDNN is missing, and (unless ``sampling``) under gradient
@@ -131,6 +131,7 @@ class OneDNNLinears:
         Args:
             model: the model about to run.
             sampling: the no-grad decoding loop (sampling switches gradient checkpointing off).
+            prepack: keep prepacked copies of frozen weights (faster; memory of one more copy).
         """
         from rftlab.rollout.sampler import is_checkpointing
 
@@ -147,7 +148,7 @@ class OneDNNLinears:
             for module in model.modules():
                 if not _float32_cpu_linear(module) or "forward" in module.__dict__:
                     continue
-                kernel_weight = self._packed.get(module) if _frozen(module) else module.weight
+                kernel_weight = self._packed.get(module) if prepack and _frozen(module) else module.weight
                 module.forward = functools.partial(_forward, module, kernel_weight)
                 routed.append(module)
             yield

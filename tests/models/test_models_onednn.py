@@ -201,6 +201,21 @@ def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls
     assert (len(module._onednn) > 0) == lora  # prepacked: frozen weights only (none under full fine-tuning)
 
 
+def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(tiny_grpo, vary_reward, calls):
+    module = GRPO(policy="tiny", lora=False, beta=0.1, num_generations=2, validate_at_start=False)
+    module.configure_model()
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2,
+                           max_new_tokens=4).attach(module)
+    rollout = dm.build_rollout()
+    before = len(calls)
+    logits = module.reference_logits(rollout)
+    reference_linears = [m for m in module.ref_policy.modules() if type(m) is nn.Linear]
+    assert len(calls) - before == 2 * len(reference_linears)  # prompts + completions (share_prompt)
+    assert len(module._onednn) == 0  # every reference weight is frozen, none was prepacked
+    module.hparams.onednn_kernels = False
+    torch.testing.assert_close(module.reference_logits(rollout), logits, atol=1e-5, rtol=1e-5)
+
+
 def test_onednn_kernels_off_routes_nothing(tmp_path, vary_reward, calls):
     module = GRPO(policy="tiny", lora=True, num_generations=2, validate_at_start=False, onednn_kernels=False)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
