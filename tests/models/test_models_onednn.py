@@ -9,24 +9,16 @@ from torch import nn
 
 import rftlab.models.onednn as onednn
 from rftlab import GRPO, RolloutDataModule
-from rftlab.models import apply_lora
 from rftlab.models.loading import tiny_llama
 from rftlab.models.onednn import OneDNNLinears, onednn_linear
 from rftlab.rollout.sampler import SamplingParams, left_pad, sample_completions
 from rftlab.tasks import Arithmetic
+from tiny_models import lora_policy
 
 pytestmark = pytest.mark.skipif(not onednn.onednn_linear_available(), reason="torch built without oneDNN")
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 
-
-def lora_policy() -> nn.Module:
-    model = apply_lora(tiny_llama(100, seed=0), r=4, target_modules=["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-    return model
 
 
 @pytest.fixture

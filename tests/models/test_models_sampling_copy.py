@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rftlab import GRPO, RolloutDataModule
-from rftlab.models import apply_lora
 from rftlab.models.loading import tiny_llama
 from rftlab.models.sampling_copy import SamplingCopy
 from rftlab.tasks import Arithmetic
+from tiny_models import lora_policy
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -21,14 +21,6 @@ def logits(model):
     with torch.no_grad():
         return model(input_ids=IDS).logits.float()
 
-
-def lora_policy():
-    model = apply_lora(tiny_llama(100, seed=0), r=4, target_modules=["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-    return model
 
 
 def fresh_copy(policy, dtype=torch.bfloat16):
