@@ -23,8 +23,8 @@ from torchmetrics import MeanMetric
 from rftlab.algorithms.faults import CHECKPOINT_KEY, abort_nonfinite, grad_scaler_active, pending_rng, resume_state
 from rftlab.core import entropy_from_logits, kl_penalty, masked_mean, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
-from rftlab.models.cast_cache import FrozenCastCache
 from rftlab.models.build import PolicySpec, build_policy, check_reference_placement, frozen_reference, module_device
+from rftlab.models.cast_cache import FrozenCastCache
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.onednn import OneDNNLinears
 from rftlab.models.optim import build_optimizer, check_optimizer
@@ -306,7 +306,7 @@ class RFTModule(L.LightningModule):
 
     @contextmanager
     def _precision_context(self) -> Iterator[None]:
-        """The Trainer's precision context (autocast under ``*-mixed``) with the cached weight casts."""
+        """The Trainer's precision context (autocast under ``*-mixed``), cached weight casts, oneDNN linears."""
         trainer = self._trainer
         with (trainer.precision_plugin.forward_context() if trainer is not None else nullcontext(),
               self._weight_casts(), self._linear_kernels(self.policy)):
