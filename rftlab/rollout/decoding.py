@@ -52,10 +52,13 @@ def inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
     cdf = probs.double().cumsum(-1)
     target = uniform.double().unsqueeze(-1) * cdf[:, -1:]
     index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # u * total can round up to total itself (probability ~2**-53): fall back to the last token
-    # with non-zero probability rather than past the end (or onto a filtered-out token).
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
-    return torch.minimum(index, last)
+    if bool((index >= probs.shape[-1]).any()):
+        # u * total rounded up to total itself (probability ~2**-53): take the last token with
+        # non-zero probability rather than one past the end. Checked first: the search over the
+        # vocabulary runs only then, not at every decoded token.
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+        index = torch.minimum(index, last)
+    return index
 
 
 def next_tokens(logits: Tensor, params: SamplingParams) -> Tensor:
