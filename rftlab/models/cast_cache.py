@@ -25,11 +25,16 @@ import torch
 from torch import nn
 
 
-def _cacheable(module: nn.Module) -> bool:
-    """A plain ``nn.Linear`` with a frozen float32 weight (quantized layers have their own kernels)."""
+def float32_linear_weight(module: nn.Module) -> nn.Parameter | None:
+    """The weight of a plain float32 ``nn.Linear``, else None (quantized subclasses keep their own kernels)."""
     weight = module._parameters.get("weight") if type(module) is nn.Linear else None
-    return (weight is not None and type(weight) is nn.Parameter and weight.dtype == torch.float32
-            and not weight.requires_grad)
+    return weight if type(weight) is nn.Parameter and weight.dtype == torch.float32 else None
+
+
+def _cacheable(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with a frozen float32 weight."""
+    weight = float32_linear_weight(module)
+    return weight is not None and not weight.requires_grad
 
 
 class DerivedWeights:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rftlab.models.cast_cache import DerivedWeights
+from rftlab.models.cast_cache import DerivedWeights, float32_linear_weight
 
 
 def onednn_linear_available() -> bool:
@@ -49,9 +49,9 @@ def onednn_linear_available() -> bool:
 
 
 def _float32_cpu_linear(module: nn.Module) -> bool:
-    """A plain float32 ``nn.Linear`` on the CPU (quantized subclasses keep their own kernels)."""
-    weight = module._parameters.get("weight") if type(module) is nn.Linear else None
-    return weight is not None and type(weight) is nn.Parameter and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    """A plain float32 ``nn.Linear`` on the CPU."""
+    weight = float32_linear_weight(module)
+    return weight is not None and weight.device.type == "cpu"
 
 
 def _frozen(module: nn.Linear) -> bool:
