@@ -193,7 +193,7 @@ def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls
     assert (len(module._onednn) > 0) == lora  # prepacked: frozen weights only (none under full fine-tuning)
 
 
-def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(tiny_grpo, vary_reward, calls):
+def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(vary_reward, calls):
     module = GRPO(policy="tiny", lora=False, beta=0.1, num_generations=2, validate_at_start=False)
     module.configure_model()
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2,
