@@ -28,6 +28,7 @@ from rftlab.models.cast_cache import FrozenCastCache
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.onednn import OneDNNLinears
 from rftlab.models.optim import build_optimizer, check_optimizer
+from rftlab.models.packing import PACKING
 from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
 from rftlab.models.sampling_copy import SAMPLING_DTYPES, SamplingCopy
 from rftlab.rollout.distributed import any_rank, is_distributed, reduce_metrics
@@ -78,6 +79,12 @@ class RFTModule(L.LightningModule):
         share_prompt: encode each prompt once per group in the training and scoring forwards (its
             key/value cache serves the G completions; same result, ~40% less work at 36-token prompts
             and 8 x 32-token completions); off only for a model whose cache cannot carry gradients.
+        packing: with ``share_prompt``, lay out each group as one row of real tokens only (the
+            prompt once, then its completions back to back, a 4D attention mask keeping them
+            apart): no padding, and prompt sharing also under gradient checkpointing. "auto" packs
+            when it is estimated cheaper (attention over a packed row grows with the square of its
+            length, so long rows with little padding stay padded), "always" whenever the model's
+            attention takes the mask (SDPA or eager), "never" keeps the padded layout.
         sampling_dtype: None samples with the policy itself; "bfloat16" (or "float16") samples from
             a copy of its weights in that dtype, adapter merged, refreshed after every update: half
             the memory traffic per generated token (~+270 MB for the 135M model). Held-out
@@ -130,6 +137,7 @@ class RFTModule(L.LightningModule):
         logprob_batch_size: int = 64,
         log_kl_every: int | None = None,
         share_prompt: bool = True,
+        packing: str = "auto",
         sampling_dtype: str | None = None,
         cache_weight_casts: bool = True,
         onednn_kernels: bool = True,
@@ -158,6 +166,7 @@ class RFTModule(L.LightningModule):
         check_optimizer(optimizer)
         check_reference_placement(reference_placement)
         _require(logprob_batch_size >= 1, "logprob_batch_size", logprob_batch_size, ">= 1")
+        _require(packing in PACKING, "packing", packing, f"one of {', '.join(PACKING)}")
         _require(log_kl_every is None or log_kl_every >= 1, "log_kl_every", log_kl_every, ">= 1 or None")
         _require(log_kl_every is None or lora or beta > 0, "log_kl_every", log_kl_every,
                  "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
@@ -256,7 +265,7 @@ class RFTModule(L.LightningModule):
             with self._linear_kernels(reference, prepack=False):
                 logits = completion_logits(
                     reference, batch.prompt_ids.to(where), batch.prompt_mask.to(where), batch.completion_ids.to(where),
-                    batch.completion_mask.to(where), batch.temperature, share_prompt=self.share_prompt,
+                    batch.completion_mask.to(where), batch.temperature, **self.forward_options,
                 )
         finally:
             if placement == "offload":
@@ -264,9 +273,13 @@ class RFTModule(L.LightningModule):
         return logits.to(device)
 
     @property
-    def share_prompt(self) -> bool:
-        """Whether forwards encode each prompt once per group (``share_prompt``; checkpoints from before it: on)."""
-        return bool(self.hparams.get("share_prompt", True))
+    def forward_options(self) -> dict[str, Any]:
+        """How ``completion_forward`` lays out a batch (``share_prompt``, ``packing``).
+
+        Checkpoints saved before an option existed get its default.
+        """
+        return {"share_prompt": bool(self.hparams.get("share_prompt", True)),
+                "packing": self.hparams.get("packing", "auto")}
 
     def configure_extra_modules(self) -> None:
         """Hook for subclasses to add modules (value heads, critics) after the policy exists."""
@@ -396,7 +409,7 @@ class RFTModule(L.LightningModule):
         with ctx:
             return completion_logits(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                batch.temperature, share_prompt=self.share_prompt,
+                batch.temperature, **self.forward_options,
             )
 
     def check_datamodule(self, datamodule: Any) -> None:

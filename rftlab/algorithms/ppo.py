@@ -237,14 +237,14 @@ class PPO(RFTModule):
         if logits or shared:
             with torch.set_grad_enabled(torch.is_grad_enabled() and train_policy):
                 out = completion_forward(self.policy, *inputs, batch.temperature, logits=logits, hidden=shared,
-                                         share_prompt=self.share_prompt)
+                                         **self.forward_options)
         if shared:
             state = self.value_head(out.hidden)
         elif self.critic is not None:
-            state = completion_state_values(self.critic, self.value_head, *inputs, share_prompt=self.share_prompt)
+            state = completion_state_values(self.critic, self.value_head, *inputs, **self.forward_options)
         else:  # the policy's base with the critic's adapter: generation never sees it
             with adapter_active(self.policy, CRITIC_ADAPTER):
-                state = completion_state_values(self.policy, self.value_head, *inputs, share_prompt=self.share_prompt)
+                state = completion_state_values(self.policy, self.value_head, *inputs, **self.forward_options)
         return (out.logits if out is not None else None), token_values(state)
 
     # ---- scoring a rollout -----------------------------------------------------------------

@@ -262,7 +262,7 @@ class SegmentRFT(RFTModule):
                     mb = rollout.select(torch.arange(i, min(i + self.hparams.logprob_batch_size, len(rollout))), trim=False)
                     out = completion_forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                              mb.completion_mask, mb.temperature, logits=need_logp, hidden=True,
-                                             share_prompt=self.share_prompt)
+                                             **self.forward_options)
                     if need_logp:
                         logps.append(selective_log_softmax(out.logits, mb.completion_ids).float())
                     states.append(self.value_head(out.hidden).float())
@@ -338,7 +338,7 @@ class SegmentRFT(RFTModule):
         T = batch.completion_ids.shape[1]
         out = completion_forward(self.policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                  batch.completion_mask, batch.temperature, logits=True, hidden=True,
-                                 share_prompt=self.share_prompt)
+                                 **self.forward_options)
         logp = selective_log_softmax(out.logits, batch.completion_ids)
         old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()
         starts, seg_mask, targets = seg["starts"].clamp(max=T), seg["mask"], seg["targets"]

@@ -9,6 +9,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from rftlab.models.packing import (PACKING, attention_pair_cost, causal_lm, is_prefix_mask, pack_groups, packable,
+                                   packed_states, packing_pays)
 from rftlab.rollout.sampler import is_checkpointing, position_ids_from_mask
 
 
@@ -173,6 +175,7 @@ def completion_forward(
     logits: bool = True,
     hidden: bool = False,
     share_prompt: bool = True,
+    packing: str = "never",
 ) -> CompletionOutput:
     """One forward over prompt + completion giving the completion logits and/or last hidden states.
 
@@ -189,6 +192,12 @@ def completion_forward(
     (P + G*T) / (G * (P + T)) of the cost. Not used under gradient checkpointing (recomputing a
     layer would read the cache after later layers extended it).
 
+    With ``share_prompt`` and ``packing`` "always", or "auto" where ``packing_pays`` estimates it
+    cheaper, each group runs as one packed row (the prompt once, then every completion's real
+    tokens; ``rftlab.models.packing``): no padding, the prompt encoded once, also under gradient
+    checkpointing. Long rows with little padding stay padded: attention over a packed row grows
+    with the square of its length.
+
     Args:
         model: HF causal LM (PEFT-wrapped or not).
         prompt_ids: (N, P) left-padded.
@@ -199,13 +208,18 @@ def completion_forward(
         logits: return the (N, T, V) logits.
         hidden: return the (N, T + 1, H) last hidden states.
         share_prompt: encode each distinct prompt once (when some rows repeat one).
+        packing: "auto", "always" or "never": lay out each group as one packed row (see above).
     """
     T = completion_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)
-    if share_prompt and T > 0 and not (torch.is_grad_enabled() and is_checkpointing(model)):
+    if share_prompt and T > 0:
         first, group = prompt_groups(prompt_ids, prompt_mask)
-        if len(first) < len(group):
+        if _packs(model, prompt_mask, completion_mask, group, len(first), packing):
+            states = packed_states(model, pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, group))
+            scaled = _scaled(causal_lm(model).get_output_embeddings()(states[:, :T]), temperature) if logits else None
+            return CompletionOutput(scaled, states if hidden else None)
+        if len(first) < len(group) and not _recomputes(model):
             return _shared_prompt_forward(model, prompt_ids, prompt_mask, completion_ids, attention_mask, positions,
                                           first, group, temperature, logits, hidden)
     out = model(
@@ -220,6 +234,22 @@ def completion_forward(
     # hidden_states[-1] is the final-norm output the LM head reads (checked in the tests).
     last = out.hidden_states[-1][:, -(T + 1) :] if hidden else None
     return CompletionOutput(scaled, last)
+
+
+def _recomputes(model: nn.Module) -> bool:
+    """Whether this forward's layers will be recomputed in backward (gradient checkpointing)."""
+    return torch.is_grad_enabled() and is_checkpointing(model)
+
+
+def _packs(model: nn.Module, prompt_mask: Tensor, completion_mask: Tensor, group: Tensor, groups: int,
+           packing: str) -> bool:
+    """Whether ``completion_forward`` runs packed rows (see there)."""
+    if packing not in PACKING:
+        raise ValueError(f"packing={packing!r} is invalid: must be one of {', '.join(PACKING)}")
+    if packing == "never" or groups == len(group) or not packable(model) or not is_prefix_mask(completion_mask):
+        return False
+    return packing == "always" or packing_pays(prompt_mask, completion_mask, group, attention_pair_cost(model),
+                                               prompt_cache=not _recomputes(model))
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
@@ -268,6 +298,7 @@ def completion_logits(
     completion_mask: Tensor,
     temperature: float = 1.0,
     share_prompt: bool = True,
+    packing: str = "never",
 ) -> Tensor:
     """Logits that predicted each completion token, divided by the sampling temperature.
 
@@ -281,12 +312,13 @@ def completion_logits(
         completion_mask: (N, T).
         temperature: sampling temperature (> 0).
         share_prompt: encode each distinct prompt once (see ``completion_forward``).
+        packing: "auto", "always" or "never" (see ``completion_forward``).
 
     Returns:
         (N, T, V) float32 logits; row t predicts ``completion_ids[:, t]``.
     """
     return completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                              share_prompt=share_prompt).logits
+                              share_prompt=share_prompt, packing=packing).logits
 
 
 def trainable_state_keys(module: nn.Module) -> set[str]:

@@ -1,4 +1,5 @@
-"""share_prompt (each prompt encoded once per group) changes no loss, metric or gradient of any algorithm."""
+"""share_prompt (each prompt encoded once per group, through a shared cache or packed rows) changes no
+loss, metric or gradient of any algorithm."""
 
 from __future__ import annotations
 
@@ -19,18 +20,25 @@ CASES = [
 ]
 
 
-def build(cls, share_prompt, **kwargs):
-    module = cls(policy="tiny", num_generations=3, lr=1e-2, validate_at_start=False, share_prompt=share_prompt, **kwargs)
+def build(cls, share_prompt, packing="never", **kwargs):
+    module = cls(policy="tiny", num_generations=3, lr=1e-2, validate_at_start=False, share_prompt=share_prompt,
+                 packing=packing, **kwargs)
     module.configure_model()
     return module
 
 
+# The layout under test: the prompt's key/value cache shared by the group, or packed rows.
+LAYOUTS = {"cache": ("_shared_prompt_forward", "never"), "packed": ("packed_states", "always")}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("cls, kwargs", CASES, ids=lambda c: getattr(c, "__name__", None) or str(c))
-def test_share_prompt_gives_the_same_loss_metrics_and_gradients(cls, kwargs, vary_reward, monkeypatch):
+def test_share_prompt_gives_the_same_loss_metrics_and_gradients(cls, kwargs, layout, vary_reward, monkeypatch):
     calls = []
-    original = policy_module._shared_prompt_forward
-    monkeypatch.setattr(policy_module, "_shared_prompt_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    shared, full = build(cls, True, **kwargs), build(cls, False, **kwargs)
+    function, packing = LAYOUTS[layout]
+    original = getattr(policy_module, function)
+    monkeypatch.setattr(policy_module, function, lambda *a, **k: calls.append(1) or original(*a, **k))
+    shared, full = build(cls, True, packing, **kwargs), build(cls, False, **kwargs)
     full.load_state_dict(shared.state_dict())  # adapters and value heads start at random: make them equal
     task = WordProblems(num_test=0) if cls is SegmentRFT else Arithmetic(num_test=0)
     dm = RolloutDataModule(task=task, rewards=None if cls is SegmentRFT else vary_reward, prompts_per_step=2,
@@ -49,7 +57,7 @@ def test_share_prompt_gives_the_same_loss_metrics_and_gradients(cls, kwargs, var
         loss.backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         results.append((loss.detach(), {k: float(v) for k, v in metrics.items()}, grads))
-    assert calls, "the shared path ran"
+    assert calls, f"the {layout} layout ran"
     (loss_s, metrics_s, grads_s), (loss_f, metrics_f, grads_f) = results
     torch.testing.assert_close(loss_s, loss_f, atol=1e-5, rtol=1e-4)
     assert metrics_s.keys() == metrics_f.keys()
@@ -63,3 +71,9 @@ def test_share_prompt_gives_the_same_loss_metrics_and_gradients(cls, kwargs, var
 def test_share_prompt_must_be_a_bool():
     with pytest.raises((TypeError, ValueError), match="share_prompt"):
         GRPO(policy="tiny", share_prompt="yes")
+
+
+@pytest.mark.parametrize("value", ["sometimes", True, 512])
+def test_packing_must_be_auto_always_or_never(value):
+    with pytest.raises((TypeError, ValueError), match="packing"):
+        GRPO(policy="tiny", packing=value)

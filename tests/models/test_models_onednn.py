@@ -167,7 +167,7 @@ def test_greedy_decoding_gives_the_same_tokens(tiny_grpo, tokenizer, calls):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls, monkeypatch, lora):
     forwards = []
-    module = GRPO(policy="tiny", lora=lora, num_generations=2, lr=5e-2, validate_at_start=False)
+    module = GRPO(policy="tiny", lora=lora, num_generations=2, lr=5e-2, validate_at_start=False, packing="always")
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
@@ -184,17 +184,17 @@ def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     trainer.fit(module, datamodule=dm)
     assert calls, "sampling did not use oneDNN"
-    # the training forward runs every linear layer with oneDNN: once for the prompts and once for
-    # the completions (share_prompt)
+    # the training forward runs every linear layer with oneDNN, once: each group is one packed row
+    # (packing)
     linears = [m for m in module.policy.modules() if type(m) is nn.Linear]
-    assert forwards == [2 * len(linears)] * 2
+    assert forwards == [len(linears)] * 2
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if n in before)
     assert not any("forward" in m.__dict__ for m in module.policy.modules())
     assert (len(module._onednn) > 0) == lora  # prepacked: frozen weights only (none under full fine-tuning)
 
 
 def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(vary_reward, calls):
-    module = GRPO(policy="tiny", lora=False, beta=0.1, num_generations=2, validate_at_start=False)
+    module = GRPO(policy="tiny", lora=False, beta=0.1, num_generations=2, validate_at_start=False, packing="always")
     module.configure_model()
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2,
                            max_new_tokens=4).attach(module)
@@ -202,7 +202,7 @@ def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(vary_rew
     before = len(calls)
     logits = module.reference_logits(rollout)
     reference_linears = [m for m in module.ref_policy.modules() if type(m) is nn.Linear]
-    assert len(calls) - before == 2 * len(reference_linears)  # prompts + completions (share_prompt)
+    assert len(calls) - before == len(reference_linears)  # one packed row per group (packing)
     assert len(module._onednn) == 0  # every reference weight is frozen, none was prepacked
     module.hparams.onednn_kernels = False
     torch.testing.assert_close(module.reference_logits(rollout), logits, atol=1e-5, rtol=1e-5)

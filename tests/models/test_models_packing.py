@@ -1,0 +1,184 @@
+"""Packed rows (each group's prompt once, its completions back to back) against the padded forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rftlab.models.policy as policy_module
+from rftlab.models import apply_lora
+from rftlab.models.loading import tiny_llama
+from rftlab.models.packing import (ATTENTION_SLOWDOWN, attention_pair_cost, is_prefix_mask, pack_groups, packable,
+                                   packed_attention_mask, packed_row_lengths, packing_pays)
+from rftlab.models.policy import completion_forward
+from rftlab.rollout.sampler import set_checkpointing
+from tests.models.test_models_shared_prompt import grouped_batch
+
+
+def test_pack_groups_hand_computed():
+    # group 0: prompt [5, 6, 7] (left-padded to 5) with completions [20, 21] and [30];
+    # group 1: prompt [8, 9] with completion [40, 41, 42]
+    prompt_ids = torch.tensor([[0, 0, 5, 6, 7], [0, 0, 5, 6, 7], [0, 0, 0, 8, 9]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    completion_ids = torch.tensor([[20, 21, 0], [30, 0, 0], [40, 41, 42]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    group = torch.tensor([0, 0, 1])
+    packed = pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, group)
+    assert packed.width == 6  # row 0: 3 prompt + 2 + 1 completion tokens; row 1: 2 + 3
+    assert packed.input_ids.tolist() == [[5, 6, 7, 20, 21, 30], [8, 9, 40, 41, 42, 0]]
+    # each completion's positions continue from the end of its prompt, as when it was sampled
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 4, 0]]
+    assert packed.segment.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, -1]]
+    # state t = after the prompt and t completion tokens; flat index b * 6 + column; -1 past the end
+    assert packed.state_index.tolist() == [[2, 3, 4, -1], [2, 5, -1, -1], [7, 8, 9, 10]]
+    assert packed_row_lengths(prompt_mask, completion_mask, group).tolist() == [6, 5]
+
+
+def test_packed_attention_mask_hand_computed():
+    segment = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],  # prompt: causal over the prompt
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # completion 1: the prompt and itself
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # completion 2: the prompt and itself, never completion 1
+        [0, 0, 0, 0, 0, 1],  # padding: only itself (no all-masked row, no NaN)
+    ], dtype=torch.bool)
+    mask = packed_attention_mask(segment)
+    assert mask.shape == (1, 1, 6, 6) and torch.equal(mask[0, 0], expected)
+    additive = packed_attention_mask(segment, torch.float32)[0, 0]
+    assert torch.equal(additive == 0, expected) and (additive[~expected] == torch.finfo(torch.float32).min).all()
+
+
+def test_is_prefix_mask():
+    assert is_prefix_mask(torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]]))
+    assert not is_prefix_mask(torch.tensor([[1, 0, 1]]))
+
+
+def _row_by_row(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    """Slow reference: each sequence alone, real tokens only, no padding anywhere."""
+    logits, hidden = [], []
+    for n in range(len(prompt_ids)):
+        prompt = prompt_ids[n][prompt_mask[n].bool()]
+        completion = completion_ids[n][completion_mask[n].bool()]
+        out = model(input_ids=torch.cat([prompt, completion])[None], output_hidden_states=True)
+        logits.append(out.logits[0, len(prompt) - 1 : -1] / temperature)
+        hidden.append(out.hidden_states[-1][0, len(prompt) - 1 :])
+    return logits, hidden
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_logits_and_hidden_equal_each_sequence_alone(attention, shuffle, temperature):
+    model = tiny_llama(100, seed=0).eval()
+    model.config._attn_implementation = attention
+    batch = grouped_batch(torch.Generator().manual_seed(0), shuffle)
+    calls = []
+    original = policy_module.packed_states
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(policy_module, "packed_states", lambda *a: calls.append(1) or original(*a))
+        packed = completion_forward(model, *batch, temperature, hidden=True, packing="always")
+        logits, hidden = _row_by_row(model, *batch, temperature)
+    assert calls == [1]
+    assert packed.logits.shape == (6, 4, 100) and packed.hidden.shape == (6, 5, 64)
+    lengths = batch[3].sum(-1)
+    for n, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(packed.logits[n, :length], logits[n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed.hidden[n, : length + 1], hidden[n], atol=1e-5, rtol=1e-5)
+        assert (packed.hidden[n, length + 1 :] == 0).all()  # past the end: zeros, never read
+
+
+def _grads(model, batch, **options):
+    model.zero_grad(set_to_none=True)
+    out = completion_forward(model, *batch, 1.0, **options)
+    logp = out.logits.log_softmax(-1).gather(-1, batch[2].unsqueeze(-1)).squeeze(-1)
+    weights = torch.linspace(-1.0, 1.0, logp.shape[0]).unsqueeze(-1)  # unequal advantages per row
+    (weights * logp * batch[3]).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_gradients_equal_the_padded_forward(lora, checkpointing):
+    model = tiny_llama(100, seed=0)
+    if lora:
+        model = apply_lora(model, r=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    batch = grouped_batch(torch.Generator().manual_seed(1), shuffle=True)
+    full = _grads(model, batch, share_prompt=False)
+    set_checkpointing(getattr(model, "get_base_model", lambda: model)(), checkpointing)
+    model.train()
+    calls = []
+    original = policy_module.packed_states
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(policy_module, "packed_states", lambda *a: calls.append(1) or original(*a))
+        packed = _grads(model, batch, packing="always")
+    assert calls == [1]  # packed also under gradient checkpointing
+    assert full.keys() == packed.keys() and full
+    for name in full:
+        torch.testing.assert_close(packed[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+class Packed(Exception):
+    """Raised by the spy in place of the packed forward."""
+
+
+def test_when_rows_are_packed(monkeypatch):
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        raise Packed
+
+    monkeypatch.setattr(policy_module, "packed_states", spy)
+    model = tiny_llama(100, seed=0)
+    batch = grouped_batch(torch.Generator().manual_seed(2))
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    # packing off, no shared prompt: the padded layouts
+    for options in (dict(packing="never"), dict(share_prompt=False, packing="always")):
+        assert completion_forward(model, *batch, **options).logits.shape == (6, 4, 100) and not calls
+    distinct = tuple(t[::3] for t in batch)  # every row its own prompt: nothing to share
+    assert completion_forward(model, *distinct, packing="always").logits.shape == (2, 4, 100) and not calls
+    holes = completion_mask.clone()
+    holes[0] = torch.tensor([1, 0, 1, 1])  # not real tokens then padding: no packed layout
+    out = completion_forward(model, prompt_ids, prompt_mask, completion_ids, holes, packing="always")
+    assert out.logits.shape == (6, 4, 100) and not calls
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
+    assert not packable(model)
+    model.config._attn_implementation = "sdpa"
+    assert packable(apply_lora(model, r=4))  # the PEFT wrapper's base model decides
+    with pytest.raises(Packed):
+        completion_forward(model, *batch, packing="always")
+    assert calls == [1]
+    with pytest.raises(ValueError, match="packing"):
+        completion_forward(model, *batch, packing="sometimes")
+    # "auto": ragged completions are worth packing (see test_packing_pays_hand_computed), full-length
+    # ones only add attention over longer rows
+    with pytest.raises(Packed):
+        completion_forward(model, *batch, packing="auto")
+    full = torch.ones_like(completion_mask)
+    assert completion_forward(model, prompt_ids, prompt_mask, completion_ids, full, packing="auto").logits is not None
+    assert calls == [1, 1]
+
+
+def test_packing_pays_hand_computed():
+    # 2 groups x 3 completions, P = 5, T = 4, lengths 4, 2, 1; real prompts of 3 and 5 tokens:
+    # packed rows of 10 and 12 tokens -> B = 2, L = 12
+    _, prompt_mask, _, completion_mask = grouped_batch(torch.Generator().manual_seed(0))
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    # packed 2*12 + c*2*144 = 24 + 288c; with the prompt's cache 2*5 + 6*4 + c*6*4*9 = 34 + 216c:
+    # packing pays while 72c < 10, c < 0.139
+    assert packing_pays(prompt_mask, completion_mask, group, pair_cost=0.13)
+    assert not packing_pays(prompt_mask, completion_mask, group, pair_cost=0.15)
+    # without the cache (checkpointing): 6*9 + c*6*81 = 54 + 486c, more than 24 + 288c for any c
+    assert packing_pays(prompt_mask, completion_mask, group, pair_cost=10.0, prompt_cache=False)
+
+
+def test_attention_pair_cost_hand_computed():
+    model = tiny_llama(100, seed=0)  # 2 layers, 4 heads x 16, 80448 parameters
+    assert sum(p.numel() for p in model.parameters()) == 80448
+    assert attention_pair_cost(model) == pytest.approx(ATTENTION_SLOWDOWN * 2 * 2 * 64 / 80448)
