@@ -120,7 +120,10 @@ def test_packed_gradients_equal_the_padded_forward(lora, checkpointing):
     assert calls == [1]  # packed also under gradient checkpointing
     assert full.keys() == packed.keys() and full
     for name in full:
-        torch.testing.assert_close(packed[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+        # Gradients reach ~6 here and float32 sums in another order differ by up to ~1e-5, so the
+        # absolute tolerance scales with each tensor's largest entry.
+        scale = float(full[name].abs().max())
+        torch.testing.assert_close(packed[name], full[name], atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
 
 
 class Packed(Exception):
