@@ -197,8 +197,14 @@ def packing_pays(
 
 
 def packable(model: nn.Module) -> bool:
-    """Whether ``model``'s attention takes the custom 4D mask a packed forward needs."""
+    """Whether ``model``'s attention takes the custom 4D mask a packed forward needs.
+
+    SDPA or eager attention, and no sliding window (the mask would replace the window's, which
+    transformers builds only for its own masks).
+    """
     config = getattr(causal_lm(model), "config", None)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
     return getattr(config, "_attn_implementation", None) in PACKABLE_ATTENTION
 
 

@@ -248,6 +248,8 @@ def _packs(model: nn.Module, prompt_mask: Tensor, completion_mask: Tensor, group
         raise ValueError(f"packing={packing!r} is invalid: must be one of {', '.join(PACKING)}")
     if packing == "never" or groups == len(group) or not packable(model) or not is_prefix_mask(completion_mask):
         return False
+    if not prompt_mask.any(-1).all():  # a completion's first token is predicted from its prompt's last
+        return False
     return packing == "always" or packing_pays(prompt_mask, completion_mask, group, attention_pair_cost(model),
                                                prompt_cache=not _recomputes(model))
 

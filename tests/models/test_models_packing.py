@@ -150,9 +150,16 @@ def test_when_rows_are_packed(monkeypatch):
     holes[0] = torch.tensor([1, 0, 1, 1])  # not real tokens then padding: no packed layout
     out = completion_forward(model, prompt_ids, prompt_mask, completion_ids, holes, packing="always")
     assert out.logits.shape == (6, 4, 100) and not calls
+    empty = prompt_mask.clone()
+    empty[:3] = 0  # a prompt without real tokens: nothing to predict the first completion token from
+    out = completion_forward(model, prompt_ids, empty, completion_ids, completion_mask, packing="always")
+    assert out.logits.shape == (6, 4, 100) and not calls
     model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
     assert not packable(model)
     model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 4  # the custom mask would drop the window
+    assert not packable(model)
+    model.config.sliding_window = None
     assert packable(apply_lora(model, r=4))  # the PEFT wrapper's base model decides
     with pytest.raises(Packed):
         completion_forward(model, *batch, packing="always")
