@@ -12,7 +12,7 @@ from rftlab.models.packing import (ATTENTION_SLOWDOWN, attention_pair_cost, is_p
                                    packed_attention_mask, packed_row_lengths, packing_pays)
 from rftlab.models.policy import completion_forward
 from rftlab.rollout.sampler import set_checkpointing
-from tests.models.test_models_shared_prompt import grouped_batch
+from tests.models.test_models_shared_prompt import gradient_model, grouped_batch, layout_grads
 
 
 def test_pack_groups_hand_computed():
@@ -89,34 +89,19 @@ def test_packed_logits_and_hidden_equal_each_sequence_alone(attention, shuffle, 
         assert (packed.hidden[n, length + 1 :] == 0).all()  # past the end: zeros, never read
 
 
-def _grads(model, batch, **options):
-    model.zero_grad(set_to_none=True)
-    out = completion_forward(model, *batch, 1.0, **options)
-    logp = out.logits.log_softmax(-1).gather(-1, batch[2].unsqueeze(-1)).squeeze(-1)
-    weights = torch.linspace(-1.0, 1.0, logp.shape[0]).unsqueeze(-1)  # unequal advantages per row
-    (weights * logp * batch[3]).sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 def test_packed_gradients_equal_the_padded_forward(lora, checkpointing):
-    model = tiny_llama(100, seed=0)
-    if lora:
-        model = apply_lora(model, r=4)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.1)
+    model = gradient_model(lora)
     batch = grouped_batch(torch.Generator().manual_seed(1), shuffle=True)
-    full = _grads(model, batch, share_prompt=False)
+    full = layout_grads(model, batch, share_prompt=False)
     set_checkpointing(getattr(model, "get_base_model", lambda: model)(), checkpointing)
     model.train()
     calls = []
     original = policy_module.packed_states
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(policy_module, "packed_states", lambda *a: calls.append(1) or original(*a))
-        packed = _grads(model, batch, packing="always")
+        packed = layout_grads(model, batch, packing="always")
     assert calls == [1]  # packed also under gradient checkpointing
     assert full.keys() == packed.keys() and full
     for name in full:

@@ -53,17 +53,18 @@ def test_shared_prompt_logits_and_hidden_equal_the_full_forward(shuffle, tempera
     torch.testing.assert_close(shared.hidden[hidden_valid], full.hidden[hidden_valid], atol=1e-5, rtol=1e-5)
 
 
-def _grads(model, batch, share_prompt):
+def layout_grads(model, batch, **options):
+    """Gradients of a weighted log-prob loss through ``completion_forward(..., **options)``."""
     model.zero_grad(set_to_none=True)
-    out = completion_forward(model, *batch, 1.0, share_prompt=share_prompt)
+    out = completion_forward(model, *batch, 1.0, **options)
     logp = out.logits.log_softmax(-1).gather(-1, batch[2].unsqueeze(-1)).squeeze(-1)
     weights = torch.linspace(-1.0, 1.0, logp.shape[0]).unsqueeze(-1)  # unequal advantages per row
     (weights * logp * batch[3]).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_gradients_equal_the_full_forward(lora):
+def gradient_model(lora):
+    """The tiny model, or it with a LoRA adapter whose B is non-zero (so the adapter changes outputs)."""
     model = tiny_llama(100, seed=0)
     if lora:
         model = apply_lora(model, r=4)
@@ -71,8 +72,14 @@ def test_shared_prompt_gradients_equal_the_full_forward(lora):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_gradients_equal_the_full_forward(lora):
+    model = gradient_model(lora)
     batch = grouped_batch(torch.Generator().manual_seed(1), shuffle=True)
-    full, shared = _grads(model, batch, False), _grads(model, batch, True)
+    full, shared = layout_grads(model, batch, share_prompt=False), layout_grads(model, batch, share_prompt=True)
     assert full.keys() == shared.keys() and full
     # the prompt's layers get gradient from every completion of its group: all weights are covered
     assert all(full[n].abs().sum() > 0 for n in full if "lora_A" in n or not lora)
