@@ -29,13 +29,13 @@ from rftlab.models.loading import load_tokenizer
 from rftlab.models.onednn import OneDNNLinears
 from rftlab.models.optim import build_optimizer, check_optimizer
 from rftlab.models.packing import PACKING
-from rftlab.models.policy import adapter_disabled, completion_logits, is_adapter_model, trainable_state_keys
+from rftlab.models.policy import adapter_disabled, completion_logits, trainable_state_keys
 from rftlab.models.sampling_copy import SAMPLING_DTYPES, SamplingCopy
 from rftlab.rollout.distributed import any_rank, is_distributed, reduce_metrics
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.resume import restore_rng_state
-from rftlab.rollout.sampler import SamplingParams, sample_completions
+from rftlab.rollout.sampler import SamplingParams, hf_model, sample_completions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -315,7 +315,7 @@ class RFTModule(L.LightningModule):
         return self._sampling_copy.model
 
     def _hf_model(self) -> torch.nn.Module:
-        return self.policy.get_base_model() if is_adapter_model(self.policy) else self.policy
+        return hf_model(self.policy)
 
     @contextmanager
     def _precision_context(self) -> Iterator[None]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rftlab.rollout.sampler import hf_model
+
 # Attention implementations that accept a custom 4D mask (boolean for SDPA, additive for eager).
 PACKABLE_ATTENTION = ("sdpa", "eager")
 
@@ -161,7 +163,7 @@ def attention_pair_cost(model: nn.Module) -> float:
     Args:
         model: HF causal LM (PEFT-wrapped or not).
     """
-    config = causal_lm(model).config
+    config = hf_model(model).config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = config.num_attention_heads * head_dim
     parameters = sum(p.numel() for p in model.parameters())
@@ -202,7 +204,7 @@ def packable(model: nn.Module) -> bool:
     SDPA or eager attention, and no sliding window (the mask would replace the window's, which
     transformers builds only for its own masks).
     """
-    config = getattr(causal_lm(model), "config", None)
+    config = getattr(hf_model(model), "config", None)
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
     return getattr(config, "_attn_implementation", None) in PACKABLE_ATTENTION
@@ -215,7 +217,7 @@ def packed_states(model: nn.Module, packed: PackedRows) -> Tensor:
         model: HF causal LM (PEFT-wrapped or not) whose ``packable`` is True.
         packed: the rows (``pack_groups``).
     """
-    lm = causal_lm(model)
+    lm = hf_model(model)
     # Eager attention adds the mask to its scores; float32 keeps the minimum finite in any dtype.
     mask = packed_attention_mask(packed.segment, torch.float32 if lm.config._attn_implementation == "eager" else None)
     out = lm.get_decoder()(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
@@ -225,8 +227,3 @@ def packed_states(model: nn.Module, packed: PackedRows) -> Tensor:
     valid = packed.state_index >= 0
     states = flat[packed.state_index.clamp_min(0)]
     return states * valid[..., None].to(states.dtype)
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The HF causal LM inside a PEFT wrapper (its layers carry the adapter), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

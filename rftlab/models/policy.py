@@ -9,9 +9,9 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rftlab.models.packing import (PACKING, attention_pair_cost, causal_lm, is_prefix_mask, pack_groups, packable,
-                                   packed_states, packing_pays)
-from rftlab.rollout.sampler import is_checkpointing, position_ids_from_mask
+from rftlab.models.packing import (PACKING, attention_pair_cost, is_prefix_mask, pack_groups, packable, packed_states,
+                                   packing_pays)
+from rftlab.rollout.sampler import hf_model, is_checkpointing, position_ids_from_mask
 
 
 def apply_lora(
@@ -217,7 +217,7 @@ def completion_forward(
         first, group = prompt_groups(prompt_ids, prompt_mask)
         if _packs(model, prompt_mask, completion_mask, group, len(first), packing):
             states = packed_states(model, pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, group))
-            scaled = _scaled(causal_lm(model).get_output_embeddings()(states[:, :T]), temperature) if logits else None
+            scaled = _scaled(hf_model(model).get_output_embeddings()(states[:, :T]), temperature) if logits else None
             return CompletionOutput(scaled, states if hidden else None)
         if len(first) < len(group) and not _recomputes(model):
             return _shared_prompt_forward(model, prompt_ids, prompt_mask, completion_ids, attention_mask, positions,

@@ -118,6 +118,11 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside a PEFT wrapper (its layers carry the adapter), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_checkpointing(model: nn.Module) -> bool:
     """Whether activation checkpointing is on (``is_gradient_checkpointing`` is deprecated in v5)."""
     model = getattr(model, "get_base_model", lambda: model)()  # a PEFT wrapper forwards it with a warning
@@ -233,13 +238,13 @@ def _hf_generate(
     from transformers import GenerationConfig
 
     config = generation_config(params, num_generations, eos_token_ids, pad_token_id)
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved_config = hf_model.generation_config
+    lm = hf_model(model)
+    saved_config = lm.generation_config
     # The model's own generation_config may carry min_p, suppress_tokens, ...; hide it while sampling.
-    hf_model.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids) or None)
+    lm.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids) or None)
     try:
         with sampling_mode(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     finally:
-        hf_model.generation_config = saved_config
+        lm.generation_config = saved_config
     return out[:, prompt_ids.shape[1] :]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rftlab.rollout.sampler import SamplingParams
+from rftlab.rollout.sampler import SamplingParams, hf_model
 
 # Passed to ``vllm.LLM``. Training shares the GPU, so vLLM gets a fraction of it (weights + KV cache),
 # not its default 0.9; prefix caching lets the G samples of a prompt share its prefill.
@@ -145,7 +145,7 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     Args:
         model: a HF causal LM, PEFT-wrapped or not.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = hf_model(model)
     lora_layers = {name: module for name, module in base.named_modules() if _is_lora_layer(module)}
     for name, param in base.named_parameters():
         if "lora_" in name:
@@ -176,10 +176,10 @@ class VLLMEngine:
 
         # In-process engine: its model object is reachable for load_weights (TRL's colocate mode does the same).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm = hf_model(model)
         self._folder = tempfile.TemporaryDirectory(prefix="rftlab-vllm-")  # lives as long as the engine
-        hf_model.config.save_pretrained(self._folder.name)  # config only: no generation_config, no weights
-        dtype = str(next(hf_model.parameters()).dtype).removeprefix("torch.")
+        lm.config.save_pretrained(self._folder.name)  # config only: no generation_config, no weights
+        dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
         self.llm = vllm.LLM(model=self._folder.name, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                             **ENGINE_KWARGS)
 
