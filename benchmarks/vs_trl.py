@@ -15,6 +15,7 @@ temperature 1 (no top-k/top-p), fp32 (or --precision bf16 for both), gradient ch
 fine-tuning, beta 0 or 0.04. Reported: median seconds per optimizer step over steps 2..N, generated
 tokens per second, peak RSS, and the ratios rftlab / TRL and rftlab / floor. rftlab runs with its
 defaults: ``share_prompt`` (each prompt encoded once per group in the training forward),
+``packing`` (each group as one row of real tokens where that is estimated cheaper),
 ``onednn_kernels`` (fp32 linear layers on oneDNN instead of torch's BLAS), ``cache_weight_casts``
 (bf16: frozen weights cast once, not at every call) and inverse-CDF sampling;
 ``--sampling-copy`` adds a third side, rftlab sampling from a bf16 copy of the weights
