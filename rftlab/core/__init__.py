@@ -1,23 +1,37 @@
 """Pure tensor math of RL fine-tuning: no Lightning, no transformers, no I/O.
 
 Shapes: N sequences, T completion positions (right-padded), V vocabulary; ``mask`` is 1 on real
-completion tokens (EOS included). Variants are chosen by name from the registries
-(``AGGREGATIONS``, ``ADVANTAGE_SCALES``, ``KL_ESTIMATORS``), to which users can add their own.
+completion tokens (EOS included). Variants are chosen by name from the registries: whole
+advantage estimators (``ADVANTAGE_ESTIMATORS``, ``register_advantage``), whole policy losses
+(``POLICY_LOSSES``, ``register_policy_loss``), and the smaller pieces (``AGGREGATIONS``,
+``ADVANTAGE_SCALES``, ``KL_ESTIMATORS``), to which users can add their own.
 """
 
-from rftlab.core.advantages import ADVANTAGE_SCALES, gae, group_advantages, whiten
+from rftlab.core.advantages import (
+    ADVANTAGE_CONTRACT,
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALES,
+    gae,
+    group_advantages,
+    register_advantage,
+    token_level_rewards,
+    whiten,
+)
 from rftlab.core.logprobs import entropy_from_logits, selective_log_softmax
 from rftlab.core.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    POLICY_LOSS_CONTRACT,
+    POLICY_LOSSES,
     aggregate,
     explained_variance,
     kl_penalty,
     policy_loss,
+    register_policy_loss,
     value_loss,
 )
 from rftlab.core.masked import masked_mean, masked_sum, masked_var
-from rftlab.core.registry import Registry
+from rftlab.core.registry import Registry, call_plugin, check_plugin_options
 from rftlab.core.shaping import overlong_penalty
 from rftlab.core.segments import (
     SEGMENT_RATIO_MODES,
@@ -53,7 +67,16 @@ __all__ = [
     "segment_value_loss",
     "segment_value_targets",
     "split_segments",
+    "ADVANTAGE_CONTRACT",
+    "ADVANTAGE_ESTIMATORS",
     "ADVANTAGE_SCALES",
+    "POLICY_LOSS_CONTRACT",
+    "POLICY_LOSSES",
+    "call_plugin",
+    "check_plugin_options",
+    "register_advantage",
+    "register_policy_loss",
+    "token_level_rewards",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "Registry",

@@ -1,4 +1,16 @@
-"""Advantage estimators: group-relative (GRPO / DAPO / Dr. GRPO) and GAE (PPO), plus whitening."""
+"""Advantage estimators: group-relative (GRPO / DAPO / Dr. GRPO) and GAE (PPO), plus whitening.
+
+Whole estimators are registered by name in ``ADVANTAGE_ESTIMATORS`` and chosen with
+``GRPO(advantage="name")``. Every estimator is called as
+
+    fn(rewards (N,), group_size, mask (N, T), **options) -> advantages (N,) or (N, T)
+
+where ``rewards`` are the (shaped) outcome rewards, groups are consecutive blocks of
+``group_size`` completions of one prompt, ``mask`` is 1 on the model's completion tokens, and the
+keyword options are the estimator's own (set by the user, e.g. ``scale``) or inputs an algorithm
+supplies when the estimator names them (PPO supplies ``values``, ``kl`` and ``kl_coef``).
+Register your own with ``@register_advantage("name")``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +21,30 @@ from torch import Tensor
 
 from rftlab.core.masked import masked_mean, masked_var
 from rftlab.core.registry import Registry
+
+#: Whole advantage estimators, ``fn(rewards, group_size, mask, **options) -> (N,) or (N, T)``.
+ADVANTAGE_ESTIMATORS: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
+
+#: The positional inputs every advantage estimator takes, in order.
+ADVANTAGE_CONTRACT = ("rewards", "group_size", "mask")
+
+
+def register_advantage(name: str, fn: Callable[..., Tensor] | None = None, *, overwrite: bool = False):
+    """Register a whole advantage estimator under ``name`` (usable as a decorator).
+
+    The function is called as ``fn(rewards, group_size, mask, **options)``: rewards (N,) float,
+    group_size G (groups are consecutive blocks of G rows), mask (N, T) 1 on the model's tokens;
+    it returns (N,) per-sequence advantages (broadcast over the tokens) or (N, T) per-token ones.
+    Keyword parameters are its options, typed by their annotations and checked when an algorithm
+    is built; an algorithm fills those it supplies (``values``, ``kl``, ``kl_coef`` in PPO).
+
+    Args:
+        name: the name algorithms select it by (``GRPO(advantage=name)``).
+        fn: the estimator; omitted when used as ``@register_advantage(name)``.
+        overwrite: replace an existing entry of that name.
+    """
+    return ADVANTAGE_ESTIMATORS.register(name, fn, overwrite=overwrite)
+
 
 #: Scale functions of ``group_advantages``: ``fn(grouped, eps) -> advantages`` where ``grouped``
 #: is (num_groups, group_size) rewards (one row per prompt) and the result has the same shape.
@@ -168,3 +204,125 @@ def whiten(x: Tensor, mask: Tensor) -> Tensor:
     var = masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return torch.where(mask != 0, out, torch.zeros_like(out))
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: Tensor, group_size: int, mask: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """GRPO outcome supervision: ``group_advantages(rewards, group_size, scale, eps)`` per sequence.
+
+    DeepSeekMath arXiv 2402.03300 §4.1.2: every token of completion i gets
+    ``(r_i - mean_g) / (std_g + eps)``; ``scale`` as in ``group_advantages`` ("group", "batch", "none").
+
+    Args:
+        rewards: (N,) outcome rewards.
+        group_size: G, completions per prompt.
+        mask: (N, T) completion mask (unused: one advantage per sequence).
+        scale: a name in ``ADVANTAGE_SCALES``.
+        eps: >= 0, added to the std.
+
+    Returns:
+        (N,) advantages.
+    """
+    return group_advantages(rewards.float(), group_size, scale=scale, eps=eps)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards: Tensor, group_size: int, mask: Tensor) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783 §3.2): ``r_i - mean_g``, no std division.
+
+    Args:
+        rewards: (N,) outcome rewards.
+        group_size: G, completions per prompt.
+        mask: (N, T) completion mask (unused).
+
+    Returns:
+        (N,) advantages.
+    """
+    return group_advantages(rewards.float(), group_size, scale="none")
+
+
+def _check_grpo_options(scale: str = "group", eps: float = 1e-6) -> None:
+    ADVANTAGE_SCALES.get(scale)
+    if eps < 0:
+        raise ValueError(f"eps={eps!r} is invalid: must be >= 0")
+
+
+grpo_advantages.check_options = _check_grpo_options
+
+
+def token_level_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+    """Per-token rewards of RLHF PPO: the outcome score on the last real token, minus a KL penalty.
+
+    ``r_t = -kl_coef * kl_t + [t == L_i - 1] * score_i`` on real tokens, 0 on padding, where L_i is
+    row i's number of real tokens. Summed over t this is Ziegler et al. 2019 (arXiv 1909.08593) eq. 2,
+    ``R(x, y) = r(x, y) - beta log(pi(y|x) / rho(y|x))``, with the log-ratio spread over the tokens
+    as in Stiennon et al. 2020 / Ouyang et al. 2022 (TRL's and OpenRLHF's ``compute_rewards`` do the same).
+
+    Args:
+        scores: (N,) outcome reward of each completion.
+        mask: (N, T) 1 on real completion tokens (a prefix of each row).
+        kl: (N, T) per-token KL estimate (k1 = logp - ref_logp in classic RLHF), or None.
+        kl_coef: >= 0, weight of the KL penalty.
+
+    Returns:
+        (N, T) float rewards; a row with no real token is all zeros.
+    """
+    if scores.dim() != 1 or mask.dim() != 2 or scores.shape[0] != mask.shape[0]:
+        raise ValueError(f"scores must be (N,) and mask (N, T), got {tuple(scores.shape)} and {tuple(mask.shape)}")
+    if kl is not None and kl.shape != mask.shape:
+        raise ValueError(f"kl must be (N, T) = {tuple(mask.shape)}, got {tuple(kl.shape)}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    real = mask != 0
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    rewards = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    if kl is not None and kl_coef:
+        rewards = torch.where(real, -kl_coef * kl.to(dtype), rewards)
+    lengths = real.sum(-1)
+    last = (lengths - 1).clamp_min(0).unsqueeze(1)
+    outcome = torch.where(lengths > 0, scores.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
+    return rewards.scatter_add(1, last, outcome.unsqueeze(1))
+
+
+@register_advantage("gae")
+def gae_advantages(
+    rewards: Tensor,
+    group_size: int,
+    mask: Tensor,
+    values: Tensor,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> Tensor:
+    """GAE over token-level rewards (PPO): ``gae(token_level_rewards(rewards, mask, kl, kl_coef), values, ...)``.
+
+    The outcome reward sits on each completion's last real token, minus ``kl_coef * kl`` on every
+    token (KL in the reward, Ziegler et al. 2019 eq. 2); advantages are raw GAE (Schulman et al.
+    2016, arXiv 1506.02438 eq. 16), not whitened. The value targets are ``advantages + values``.
+
+    Args:
+        rewards: (N,) outcome rewards.
+        group_size: G (unused: GAE needs no groups).
+        mask: (N, T) 1 on the model's tokens.
+        values: (N, T) critic values V(s_t) at rollout time (supplied by the algorithm).
+        kl: (N, T) per-token KL to the reference put into the reward, or None (supplied).
+        kl_coef: >= 0, its coefficient (supplied).
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns:
+        (N, T) advantages, zero on padding.
+    """
+    token_rewards = token_level_rewards(rewards.float(), mask, kl, kl_coef)
+    advantages, _ = gae(token_rewards, values, mask, gamma, lam)
+    return advantages
+
+
+def _check_gae_options(gamma: float = 1.0, lam: float = 0.95) -> None:
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value!r} is invalid: must be in [0, 1]")
+
+
+gae_advantages.check_options = _check_gae_options

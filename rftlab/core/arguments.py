@@ -17,6 +17,7 @@ reads the callers' frames the way Lightning's ``save_hyperparameters`` does
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import inspect
 import math
 import numbers
@@ -54,6 +55,10 @@ def describe(annotation: Any) -> str:
         return "a mapping"
     if origin is collections.abc.Callable or annotation is collections.abc.Callable:
         return "a callable"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if dataclasses.is_dataclass(annotation):
+        return f"a {annotation.__name__} (or a mapping of its fields)"
     return f"a {getattr(annotation, '__name__', str(annotation))}"
 
 
@@ -81,9 +86,13 @@ def matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, collections.abc.Mapping)
     if origin is collections.abc.Callable or annotation is collections.abc.Callable:
         return callable(value)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(annotation))
+    if dataclasses.is_dataclass(annotation) and isinstance(value, collections.abc.Mapping):
+        return True  # an option group given as a mapping of its fields (converted by the receiver)
     if origin is None and isinstance(annotation, type):
         return isinstance(value, annotation)
-    return True  # Literal, TypeVar, ...: not ours to police
+    return True  # TypeVar, ...: not ours to police
 
 
 def check_arguments(func: Callable[..., Any], values: typing.Mapping[str, Any]) -> None:

@@ -1,5 +1,17 @@
 """Policy and value losses, their aggregation over tokens, and per-token KL estimators.
 
+Whole policy losses are registered by name in ``POLICY_LOSSES`` and chosen with
+``GRPO(loss="name")``. Every policy loss is called as
+
+    fn(logp, old_logp, advantages, mask, **options) -> (loss, metrics)
+
+with ``logp`` (N, T) the current log-probs (with grad), ``old_logp`` (N, T) the sampling policy's
+(equal to ``logp.detach()`` when a rollout feeds a single update: no extra forward is run then),
+``advantages`` (N,) or (N, T), ``mask`` (N, T) 1 on the tokens that carry loss, and keyword options
+(its own, or inputs the algorithm supplies when the loss names them: ``eps_low``, ``eps_high``,
+``dual_clip`` from the clip group and ``agg``). ``metrics`` maps namespaced names to detached
+0-dim tensors; they reach every logger. Register your own with ``@register_policy_loss("name")``.
+
 Shapes: N sequences, T completion positions (right-padded); ``mask`` is 1 on real completion
 tokens (EOS included), 0 on padding. Padded positions are excluded with ``torch.where`` so garbage
 there (e.g. an inf log-ratio) never reaches the loss or its gradient.
@@ -20,6 +32,31 @@ AGGREGATIONS: Registry[Callable[[Tensor, Tensor, "int | None"], Tensor]] = Regis
 
 #: ``fn(d) -> per-token estimate of KL(policy || ref)``, with ``d = ref_logp - logp`` (N, T).
 KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
+
+#: Whole policy losses, ``fn(logp, old_logp, advantages, mask, **options) -> (loss, metrics)``.
+POLICY_LOSSES: Registry[Callable[..., "tuple[Tensor, dict[str, Tensor]]"]] = Registry("policy loss")
+
+#: The positional inputs every policy loss takes, in order.
+POLICY_LOSS_CONTRACT = ("logp", "old_logp", "advantages", "mask")
+
+
+def register_policy_loss(name: str, fn: Callable[..., "tuple[Tensor, dict[str, Tensor]]"] | None = None, *,
+                         overwrite: bool = False):
+    """Register a whole policy loss under ``name`` (usable as a decorator).
+
+    The function is called as ``fn(logp, old_logp, advantages, mask, **options)`` (shapes in this
+    module's docstring) and returns ``(loss, metrics)``: a 0-dim loss to minimise and a dict of
+    namespaced, detached 0-dim metrics. Keyword parameters are its options, typed by their
+    annotations and checked when an algorithm is built; the algorithm fills ``eps_low``,
+    ``eps_high``, ``dual_clip`` (its clip group) and ``agg`` (its loss aggregation) when named.
+
+    Args:
+        name: the name algorithms select it by (``GRPO(loss=name)``).
+        fn: the loss; omitted when used as ``@register_policy_loss(name)``.
+        overwrite: replace an existing entry of that name.
+    """
+    return POLICY_LOSSES.register(name, fn, overwrite=overwrite)
+
 
 # Log-ratios are clamped to this range before exp(): exp(20) ~ 4.9e8 is far outside any clip
 # range, so no clipping decision changes, while exp(>88) would overflow float32 to inf and its
@@ -175,6 +212,18 @@ def policy_loss(
         metrics["clip_ratio/high"] = masked_mean(((adv > 0) & (ratio > 1.0 + eps_high)).to(logp.dtype), mask)
         metrics["approx_kl"] = masked_mean((ratio - 1.0) - log_ratio, mask)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+POLICY_LOSSES.register("ppo_clip", policy_loss)
+
+
+def _check_clip_options(eps_low: float = 0.2, eps_high: float = 0.2, agg: str = "token-mean",
+                        dual_clip: float | None = None) -> None:
+    _check_clip_params(eps_low, eps_high, dual_clip)
+    AGGREGATIONS.get(agg)
+
+
+policy_loss.check_options = _check_clip_options
 
 
 @KL_ESTIMATORS.register("k1")

@@ -98,3 +98,86 @@ class Registry(Generic[F]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, names={self.names()})"
+
+
+def check_plugin_options(
+    fn: Callable,
+    kind: str,
+    name: str,
+    contract: tuple[str, ...],
+    options: "dict[str, object]",
+    supplied: "frozenset[str] | set[str] | tuple[str, ...]",
+    where: str,
+) -> None:
+    """Check, before any training, that ``fn`` can be called with the user's and the algorithm's inputs.
+
+    A registered piece (advantage estimator, policy loss) takes the positional inputs of its
+    contract, then keyword options. Each keyword is filled from ``options`` (what the user set) or,
+    when the algorithm supplies an input of that name (a critic's ``values``, the clip group's
+    ``eps_low``), from the algorithm; otherwise the function's default applies.
+
+    Args:
+        fn: the registered function.
+        kind: "advantage" or "loss", for messages.
+        name: its registered name.
+        contract: the positional parameters every function of this kind takes, in order.
+        options: the user's keyword options for it.
+        supplied: keyword inputs the algorithm passes when the function names them.
+        where: the configuration key the options come from (e.g. "advantage.options").
+
+    Raises:
+        ValueError: naming ``where``, the option and the valid ones, for an option the function does
+            not take, one that the algorithm supplies itself, a required keyword nobody fills, or a
+            value whose type does not fit the function's annotation.
+    """
+    import inspect
+
+    from rftlab.core.arguments import check_arguments
+
+    params = inspect.signature(fn).parameters
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(contract) and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+        raise ValueError(f"{kind} {name!r} must take ({', '.join(contract)}) first, takes "
+                         f"({', '.join(p.name for p in positional)})")
+    keywords = {p.name: p for p in list(params.values())[len(contract):]
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for option in options:
+        if option in supplied:
+            raise ValueError(f"{where}.{option} is invalid: {option!r} is supplied by the algorithm, not set by hand")
+        if option not in keywords and not open_ended:
+            valid = sorted(k for k in keywords if k not in supplied)
+            raise ValueError(f"{where}.{option} is invalid: {kind} {name!r} takes no option {option!r}; "
+                             f"its options: {', '.join(valid) or 'none'}")
+    for param in keywords.values():
+        if param.default is param.empty and param.name not in options and param.name not in supplied:
+            raise ValueError(f"{where}.{param.name} is missing: {kind} {name!r} requires it and the algorithm "
+                             f"does not supply it (supplied: {', '.join(sorted(supplied)) or 'nothing'})")
+    try:
+        check_arguments(fn, dict(options))
+        # Range checks a function declares for its options (``fn.check_options(**options)``).
+        check = getattr(fn, "check_options", None)
+        if check is not None:
+            check(**{k: v for k, v in options.items() if k in keywords})
+    except ValueError as err:  # ArgumentTypeError is a ValueError too
+        raise type(err)(f"{where}.{err}") from None
+
+
+def call_plugin(fn: Callable, args: tuple, supplied: "dict[str, object]", options: "dict[str, object]"):
+    """Call a registered piece: contract inputs positionally, then the supplied inputs it names, then options.
+
+    Args:
+        fn: the registered function (checked beforehand by ``check_plugin_options``).
+        args: its contract's positional inputs.
+        supplied: every input the algorithm offers; only those ``fn`` names (or all, if it takes
+            ``**kwargs``) are passed.
+        options: the user's options.
+    """
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        wanted = supplied
+    else:
+        wanted = {k: v for k, v in supplied.items() if k in params}
+    return fn(*args, **wanted, **options)

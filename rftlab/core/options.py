@@ -1,0 +1,69 @@
+"""Option groups: frozen dataclasses of related options, each field checked at construction.
+
+An invalid field raises an error naming the group and the field, e.g.
+``clip.eps_high=-1 is invalid: must be >= clip.eps_low (0.2)``. Groups are given as the dataclass
+or as a mapping of its fields (``as_group``); LightningCLI reads them from YAML mappings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+from rftlab.core.arguments import describe, matches
+
+G = TypeVar("G")
+
+
+class OptionGroup:
+    """Base of the option groups: type checks of every field against its annotation, then ``validate``."""
+
+    group: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not matches(value, hints[f.name]):
+                self.fail(f.name, describe(hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks across fields (override); call ``self.require`` for each."""
+
+    def require(self, ok: bool, name: str, allowed: str) -> None:
+        """Raise a ValueError naming ``<group>.<name>``, its value and ``allowed`` unless ``ok``."""
+        if not ok:
+            self.fail(name, allowed)
+
+    def fail(self, name: str, allowed: str) -> None:
+        raise ValueError(f"{self.group}.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+    def replace(self: G, **changes: Any) -> G:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def as_group(value: Any, cls: type[G], name: str | None = None) -> G:
+    """``value`` as an instance of the option group ``cls``: itself, or built from a mapping of fields.
+
+    Args:
+        value: an instance of ``cls`` or a mapping of (some of) its fields.
+        cls: the option group.
+        name: the parameter it was given as (for errors), default ``cls.group``.
+    """
+    name = name or getattr(cls, "group", cls.__name__)
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{name}.{unknown[0]} is invalid: {name} has no field {unknown[0]!r}; "
+                             f"fields: {', '.join(sorted(known))}")
+        return cls(**value)
+    raise TypeError(f"{name}={value!r} is invalid: must be a {cls.__name__} or a mapping of its fields")
+
+
