@@ -83,7 +83,7 @@ def run_rftlab(cfg: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             ends.append(time.perf_counter())
             tokens.append(int(batch.completion_mask.sum()))
-            generate.append(float(batch.extras["metrics"]["timing/generate"]))
+            generate.append(float(batch.metrics["timing/generate"]))
 
     trainer = L.Trainer(max_steps=cfg["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -1,8 +1,28 @@
 """rftlab: reinforcement fine-tuning of language models with verifiable rewards, on Lightning."""
 
-from rftlab.algorithms import DAPO, GRPO, PPO, RFTModule, SegmentRFT
+from rftlab.algorithms import (
+    DAPO,
+    GRPO,
+    PPO,
+    AdvantageSpec,
+    ClipOptions,
+    CriticOptions,
+    KLOptions,
+    LogOptions,
+    LossSpec,
+    OptimOptions,
+    OverlongOptions,
+    RFTModule,
+    SegmentOptions,
+    SegmentRFT,
+)
 from rftlab.algorithms.sft import SFT, SFTDataModule
+from rftlab.models import ForwardOptions, PolicySpec
 from rftlab.rollout import Rollout, RolloutDataModule
 
 __version__ = "0.1.0"
-__all__ = ["DAPO", "GRPO", "PPO", "RFTModule", "Rollout", "RolloutDataModule", "SFT", "SFTDataModule", "SegmentRFT", "__version__"]
+__all__ = [
+    "DAPO", "GRPO", "PPO", "RFTModule", "Rollout", "RolloutDataModule", "SFT", "SFTDataModule", "SegmentRFT",
+    "AdvantageSpec", "ClipOptions", "CriticOptions", "ForwardOptions", "KLOptions", "LogOptions", "LossSpec",
+    "OptimOptions", "OverlongOptions", "PolicySpec", "SegmentOptions", "__version__",
+]

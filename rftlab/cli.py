@@ -2,6 +2,7 @@
 
     rftlab fit --config configs/grpo_arithmetic.yaml
     rftlab fit --config configs/grpo_arithmetic.yaml --model.init_args.lr 1e-4 --trainer.max_steps 20
+    rftlab fit --imports [my_variants] --config my_config.yaml   (your registered plug-ins; see rftlab.core.plugins)
     rftlab compare --config configs/compare_arithmetic.yaml      (see rftlab/experiments/cli.py)
     rftlab evaluate --policy default --num_samples 8 --k [1,8]
     rftlab export --ckpt last.ckpt --out exported/ [--adapter-only]   (see rftlab/models/export.py)
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from rftlab.algorithms.base import RFTModule
 from rftlab.callbacks import CompletionTable, TrainClock, WandbMetrics
 from rftlab.callbacks.checkpointing import AtomicCheckpoints, ResumableCheckpoint
+from rftlab.core.plugins import import_plugins
 from rftlab.rollout.datamodule import RolloutDataModule
 
 
@@ -42,7 +44,17 @@ class RFTCLI(LightningCLI):
     Lightning's default ``ModelCheckpoint`` saves once per epoch, and an RL "epoch" is a pass over
     the prompts (hours); when the config lists no ModelCheckpoint, a ``ResumableCheckpoint`` takes
     its place, so ``rftlab fit ... --ckpt_path <run>/checkpoints/last.ckpt`` resumes exactly.
+    ``--imports`` (or ``imports:`` in the YAML) imports the user's plug-in modules before any
+    object is built, so registered names (``advantage: my_baseline``) resolve.
     """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--imports", type=list[str], default=[],
+                            help="modules or .py files to import first: your registered advantages, losses, classes")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        import_plugins(config.get("imports") or [])
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     L.seed_everything(0)
     out = Path(args.out)
-    model = GRPO(policy="default", lora=True, lora_r=16, lora_alpha=32, num_generations=8, beta=0.0, lr=2e-4)
+    model = GRPO(policy="default", lora=True, beta=0.0, lr=2e-4)
     dm = RolloutDataModule(task=Arithmetic(digits=2, num_test=200), prompts_per_step=4, max_new_tokens=32,
                            val_batch_size=100)
     logger = make_wandb_logger(project="rftlab", save_dir=str(out), name="demo-grpo-arithmetic", job_type="demo")

@@ -3,7 +3,21 @@
 from rftlab.algorithms.base import RFTModule
 from rftlab.algorithms.dapo import DAPO
 from rftlab.algorithms.grpo import GRPO
+from rftlab.algorithms.options import (
+    AdvantageSpec,
+    ClipOptions,
+    CriticOptions,
+    KLOptions,
+    LogOptions,
+    LossSpec,
+    OptimOptions,
+    OverlongOptions,
+    SegmentOptions,
+)
 from rftlab.algorithms.ppo import PPO
 from rftlab.algorithms.segment_rft import SegmentRFT
 
-__all__ = ["DAPO", "GRPO", "PPO", "RFTModule", "SegmentRFT"]
+__all__ = [
+    "DAPO", "GRPO", "PPO", "RFTModule", "SegmentRFT", "AdvantageSpec", "ClipOptions", "CriticOptions", "KLOptions",
+    "LogOptions", "LossSpec", "OptimOptions", "OverlongOptions", "SegmentOptions",
+]

@@ -69,18 +69,18 @@ def grad_scaler_active(trainer: L.Trainer | None) -> bool:
     return getattr(plugin, "scaler", None) is not None
 
 
-def resume_state(module: Any) -> dict[str, Any]:
+def resume_state(guard: "NonFiniteGuard") -> dict[str, Any]:
     """The module's entry of a checkpoint: every process's random generators and the fault counters.
 
     Called on every process while a checkpoint is dumped (each process has its own generators).
 
     Args:
-        module: the RFTModule.
+        guard: the module's non-finite step counters.
     """
     return {
         "rng": gather_objects(capture_rng_state()),
-        "nonfinite_steps": int(module.nonfinite_steps),
-        "consecutive_nonfinite": int(module.consecutive_nonfinite),
+        "nonfinite_steps": int(guard.total),
+        "consecutive_nonfinite": int(guard.in_a_row),
     }
 
 
@@ -100,3 +100,74 @@ def pending_rng(state: dict[str, Any], rank: int, world_size: int) -> dict[str, 
         "generators are not restored, so dropout differs from the uninterrupted run", stacklevel=2,
     )
     return None
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps with a non-finite loss or gradient, counts them, stops after too many in a row.
+
+    Args:
+        max_in_a_row: stop (``NonFiniteTrainingError``, after saving a checkpoint) at this many
+            consecutive skipped steps; None never stops.
+    """
+
+    def __init__(self, max_in_a_row: int | None) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.total = 0
+        self.in_a_row = 0
+        self.drop_update = False  # a skipped non-finite loss under DDP: on_before_optimizer_step drops it
+
+    def screen_loss(self, module: L.LightningModule, loss: Any) -> Any:
+        """The loss to return from ``training_step``: ``loss``, or None / a zero loss (DDP) to skip the step.
+
+        Every process must skip together, or DDP's gradient all-reduce waits for the one that did not.
+        """
+        import torch
+
+        from rftlab.rollout.distributed import any_rank, is_distributed
+
+        if not any_rank(not torch.isfinite(loss)):
+            return loss
+        self.record(module, "loss")
+        if not is_distributed():
+            return None  # Lightning skips the update
+        # Lightning refuses None under DDP: a zero loss over every trainable weight keeps the
+        # gradient all-reduce in step, and ``screen_gradients`` drops the update.
+        self.drop_update = True
+        return sum((p * 0.0).sum() for p in module.parameters() if p.requires_grad)
+
+    def screen_gradients(self, module: L.LightningModule) -> None:
+        """Log ``grad_norm``; drop the update when it is non-finite (or a skipped loss's zero gradients)."""
+        import torch
+
+        params = [p for p in module.parameters() if p.grad is not None]
+        if self.drop_update:
+            self.drop_update = False
+            for p in params:
+                p.grad = None
+            return
+        grads = [p.grad.detach().float().norm() for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+        module.log("grad_norm", norm, on_step=True, batch_size=1)
+        # Gradients are all-reduced before this hook, so every process reaches the same verdict.
+        if not torch.isfinite(norm):
+            for p in params:
+                p.grad = None  # AdamW skips parameters without gradients: the step becomes a no-op
+            if not grad_scaler_active(module._trainer):  # float16's GradScaler skips overflows by design
+                self.record(module, "gradient")
+        elif grads:  # a real update (a skipped non-finite loss reaches this hook without gradients)
+            self.in_a_row = 0
+
+    def record(self, module: L.LightningModule, what: str) -> None:
+        """Count and warn about a skipped step; raise after ``max_in_a_row`` in a row.
+
+        Args:
+            module: the training module.
+            what: "loss" or "gradient".
+        """
+        self.total += 1
+        self.in_a_row += 1
+        module.log("faults/nonfinite_steps", float(self.total), on_step=True, batch_size=1)
+        warnings.warn(f"non-finite {what} at step {module.global_step}: update skipped ({self.in_a_row} in a row)",
+                      stacklevel=3)
+        if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
+            raise abort_nonfinite(module, what, self.in_a_row)

@@ -13,9 +13,9 @@ Choices the source leaves open, and what we do:
 - KL: the source's ``L_kl = sum_j KL(pi_rollout || pi_ref)`` does not depend on theta (pi_rollout
   is the frozen sampler), so it has no gradient and regularises nothing. We use
   ``sum_j KL(pi_theta || pi_ref)`` over the segment's tokens instead, as GRPO does (DeepSeekMath
-  arXiv 2402.03300 Eq. 4): ``kl="k3"`` (or k1/k2) estimates it from the sampled tokens, ``kl="exact"``
+  arXiv 2402.03300 Eq. 4): ``kl.estimator="k3"`` (or k1/k2) estimates it from the sampled tokens, "exact"
   sums it over the vocabulary (one extra reference forward per step; fine for small models).
-- pi_rollout is the policy that sampled. With ``rollout_sync_every = n > 1`` it is a snapshot of
+- pi_rollout is the policy that sampled. With ``segments.rollout_sync_every = n > 1`` it is a snapshot of
   the trainable weights (adapter or full weights, and the value head), re-synced to pi_theta every
   n rollouts: it samples the rollouts, gives the old log-probs and V_rollout. Validation always
   uses the current policy. The snapshot and its schedule are checkpointed, so a resumed run samples
@@ -24,9 +24,7 @@ Choices the source leaves open, and what we do:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -34,11 +32,9 @@ import torch
 from torch import Tensor
 
 from rftlab.algorithms.base import RFTModule, _require
+from rftlab.algorithms.options import CriticOptions, KLOptions, SegmentOptions, as_group
 from rftlab.core import (
     KL_ESTIMATORS,
-    SEGMENT_RATIO_MODES,
-    SEGMENT_WHITENING,
-    SegmentRewardParams,
     batch_segment_rewards,
     exact_kl,
     explained_variance,
@@ -54,8 +50,6 @@ from rftlab.core import (
     split_segments,
     whiten,
 )
-from rftlab.core.arguments import check_choice
-from rftlab.models.policy import completion_forward
 from rftlab.models.value_head import ValueHead, values_at
 from rftlab.rewards.critics import ArithmeticStepCritic, Critic
 from rftlab.rollout.rollout import Rollout
@@ -79,97 +73,44 @@ def token_char_offsets(tokenizer: Any, ids: list[int], text: str) -> list[tuple[
 
 
 class SegmentRFT(RFTModule):
-    """Segment-level CoT RFT with a step critic, segment rewards and a value head (issue 5).
+    """Segment-level CoT RFT with a step critic, segment rewards and a value head.
 
     Loss ``L = mean over chains of sum_k [L_clip_k + vf_coef L_vf_k + beta L_kl_k]`` over the
     M thought segments and the answer segment, with ``Y_k = R_k + gamma V_rollout(s_{k+1})`` (the
-    lambda-return with ``td_lambda > 0``) and
-    ``A_k = Y_k - V_theta(s_k)`` (detached).
+    lambda-return with ``segments.td_lambda > 0``) and ``A_k = Y_k - V_theta(s_k)`` (detached).
 
     Args:
-        critic: the step critic (``Critic``); default ``ArithmeticStepCritic()``.
-        gamma: discount between segments, in [0, 1].
-        td_lambda: lambda-return weight in [0, 1]: 0 is issue 5's TD target (the answer's reward
-            reaches a thought segment only through the critic V), 1 the Monte-Carlo return.
-        eps: clip range of the segment ratio.
-        dual_clip: dual-clip constant c > 1 for negative advantages (None disables).
-        ratio_mode: "sum" (``exp`` of the summed token log-ratios, as specified), "mean"
-            (length-normalised, GSPO-style) or "token" (per-token ratios carrying A_k).
-        value_clip: c_v, clip range of ``V_theta - V_rollout`` in the value loss; 0 disables.
-        vf_coef: c_vf >= 0, weight of the value loss.
+        step_critic: the step critic (``Critic``) scoring each thought; default ``ArithmeticStepCritic()``.
         beta: weight of the KL to the reference (adapter disabled / frozen copy); 0 disables it.
-        kl: "exact" (over the vocabulary) or a sampled-token estimator "k1", "k2", "k3".
-        whiten_advantages: whiten A over the minibatch's real segments.
-        rollout_sync_every: re-sync pi_rollout to pi_theta every this many rollouts (>= 1).
-        alpha: boost of non-negative normalised thought scores.
-        delta: dampening of negative normalised thought scores.
-        window: W, moving-average window of past progress.
-        kappa_pos: divisor of positive progress effects.
-        kappa_neg: divisor of negative progress effects.
-        base: B, offset of negative progress effects.
-        lam: divisor of the progress multiplier S_k / lam.
-        rho: scale of the answer segment's reward ``rho * r_answer``.
-        alpha_1: lower cap ``-alpha_1 * r_max`` of thought rewards.
-        alpha_2: upper cap ``r_max + alpha_2`` of thought rewards.
-        eps_std: added inside the std of the thought-score normalisation.
-        reward_whiten: whiten combined scores C: "none", "chain" (removes G) or "batch".
-        value_head_init_scale: >= 0, scale of the value head's initial weights.
-        value_lr: learning rate of the value head; None uses ``lr``.
-        **kwargs: policy, LoRA, sampling-group, optimisation and logging options of ``RFTModule``.
+        kl: KL options; ``kl.estimator`` "exact" sums the KL over the vocabulary (one extra
+            reference forward per step), "k1"/"k2"/"k3" estimate it from the sampled tokens.
+        critic: the value head (``CriticOptions``; kind "shared" only: it reads the policy's trunk):
+            vf_coef, value_clip, lr, head_init_scale, whiten_advantages (over the minibatch's segments).
+        segments: discounting, ratio mode, pi_rollout's sync schedule and the segment-reward
+            hyper-parameters (``SegmentOptions``).
+        **kwargs: ``RFTModule`` options (policy, lora, lr, forward, optim, clip, log); ``clip``'s
+            eps_low/eps_high bound the segment ratio, its dual_clip the negative advantages.
     """
 
     def __init__(
         self,
-        critic: Critic | None = None,
-        gamma: float = 1.0,
-        td_lambda: float = 0.0,
-        eps: float = 0.2,
-        dual_clip: float | None = None,
-        ratio_mode: str = "sum",
-        value_clip: float = 0.2,
-        vf_coef: float = 0.1,
+        step_critic: Critic | None = None,
         beta: float = 0.05,
-        kl: str = "k3",
-        whiten_advantages: bool = False,
-        rollout_sync_every: int = 1,
-        alpha: float = 1.5,
-        delta: float = 0.5,
-        window: int = 3,
-        kappa_pos: float = 1.0,
-        kappa_neg: float = 1.0,
-        base: float = 1.0,
-        lam: float = 1.0,
-        rho: float = 2.0,
-        alpha_1: float = 2.0,
-        alpha_2: float = 1.0,
-        eps_std: float = 1e-8,
-        reward_whiten: str = "none",
-        value_head_init_scale: float = 0.01,
-        value_lr: float | None = None,
+        kl: KLOptions = KLOptions(),
+        critic: CriticOptions = CriticOptions(whiten_advantages=False),
+        segments: SegmentOptions = SegmentOptions(),
         **kwargs: Any,
     ) -> None:
-        super().__init__(beta=beta, **kwargs)
-        _require(critic is None or isinstance(critic, Critic), "critic", type(critic).__name__, "a Critic or None")
-        _require(0.0 <= gamma <= 1.0, "gamma", gamma, "in [0, 1]")
-        _require(0.0 <= td_lambda <= 1.0, "td_lambda", td_lambda, "in [0, 1]")
-        _require(0.0 <= eps < 1.0, "eps", eps, "in [0, 1)")
-        _require(dual_clip is None or dual_clip > 1, "dual_clip", dual_clip, "None or > 1")
-        check_choice(SEGMENT_RATIO_MODES, "ratio_mode", ratio_mode)  # unknown names raise, listing the valid ones
-        _require(reward_whiten in SEGMENT_WHITENING, "reward_whiten", reward_whiten, f"one of {', '.join(SEGMENT_WHITENING)}")
-        _require(value_clip >= 0, "value_clip", value_clip, ">= 0 (0 disables value clipping)")
-        _require(vf_coef >= 0 and math.isfinite(vf_coef), "vf_coef", vf_coef, ">= 0")
-        kinds = ["exact", *KL_ESTIMATORS.names()]  # read now: user-registered estimators count too
-        _require(kl in kinds, "kl", kl, f"one of {', '.join(kinds)}")
-        _require(isinstance(rollout_sync_every, int) and rollout_sync_every >= 1, "rollout_sync_every",
-                 rollout_sync_every, "an integer >= 1")
-        _require(value_head_init_scale >= 0, "value_head_init_scale", value_head_init_scale, ">= 0")
-        _require(value_lr is None or (value_lr > 0 and math.isfinite(value_lr)), "value_lr", value_lr, "None or > 0")
-        self.reward_params = SegmentRewardParams(
-            alpha=alpha, delta=delta, window=window, kappa_pos=kappa_pos, kappa_neg=kappa_neg, base=base,
-            lam=lam, rho=rho, alpha_1=alpha_1, alpha_2=alpha_2, eps_std=eps_std, whiten=reward_whiten,
-        )
-        self.save_hyperparameters(ignore=["critic"])
-        self.step_critic = critic if critic is not None else ArithmeticStepCritic()
+        super().__init__(beta=beta, kl=kl, **kwargs)
+        _require(step_critic is None or isinstance(step_critic, Critic), "step_critic", type(step_critic).__name__,
+                 "a Critic or None")
+        self.critic_options = as_group(critic, CriticOptions)
+        _require(self.critic_options.kind == "shared", "critic.kind", self.critic_options.kind,
+                 "'shared' for SegmentRFT (its value head reads the policy's own trunk)")
+        self.segment_options = as_group(segments, SegmentOptions)
+        self.reward_params = self.segment_options.rewards
+        self.save_hyperparameters(ignore=["step_critic"])
+        self.step_critic = step_critic if step_critic is not None else ArithmeticStepCritic()
         self.value_head: ValueHead | None = None
         self._rollout_state: dict[str, Tensor] | None = None  # pi_rollout's weights when stale
         self._rollout_version = 0
@@ -177,30 +118,34 @@ class SegmentRFT(RFTModule):
         self._sync_due = True
         self._evaluating = False
 
+    def kl_estimators(self) -> list[str]:
+        return ["exact", *KL_ESTIMATORS.names()]  # read now: user-registered estimators count too
+
     # ---- modules ---------------------------------------------------------------------------
     @property
     def needs_reference(self) -> bool:
         # The exact KL reads the reference's logits at train time: no ref log-probs in the rollout.
-        return self.hparams.beta > 0 and self.hparams.kl != "exact"
+        return self.beta > 0 and self.kl_options.estimator != "exact"
+
+    @property
+    def needs_reference_model(self) -> bool:
+        return self.beta > 0
 
     def configure_extra_modules(self) -> None:
-        hp = self.hparams
-        if hp.beta > 0 and hp.kl == "exact" and not hp.lora and self.ref_policy is None:
-            self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        generator = torch.Generator().manual_seed(hp.seed)
-        self.value_head = ValueHead(self.policy.config.hidden_size, hp.value_head_init_scale, generator=generator)
+        generator = torch.Generator().manual_seed(self.policy_spec.seed)
+        self.value_head = ValueHead(self.policy.config.hidden_size, self.critic_options.head_init_scale, generator=generator)
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         head = list(self.value_head.parameters())
         ids = {id(p) for p in head}
         policy = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": policy}, {"params": head, "lr": self.hparams.value_lr or self.hparams.lr}]
+        return [{"params": policy}, {"params": head, "lr": self.critic_options.lr or self.hparams.lr}]
 
     # ---- pi_rollout ------------------------------------------------------------------------
     @property
     def stale_rollouts(self) -> bool:
         """Whether pi_rollout is a snapshot that may lag pi_theta (``rollout_sync_every > 1``)."""
-        return self.hparams.rollout_sync_every > 1
+        return self.segment_options.rollout_sync_every > 1
 
     def _sync_rollout_policy(self) -> None:
         self._rollout_state = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -258,11 +203,11 @@ class SegmentRFT(RFTModule):
             for m in modules:
                 m.eval()  # no dropout: the distribution that sampled
             with self.rollout_policy():
-                for i in range(0, len(rollout), self.hparams.logprob_batch_size):
-                    mb = rollout.select(torch.arange(i, min(i + self.hparams.logprob_batch_size, len(rollout))), trim=False)
-                    out = completion_forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                             mb.completion_mask, mb.temperature, logits=need_logp, hidden=True,
-                                             **self.forward_options)
+                step = self.forward_options.logprob_batch_size
+                for i in range(0, len(rollout), step):
+                    mb = rollout.select(torch.arange(i, min(i + step, len(rollout))), trim=False)
+                    out = self.runtime.forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                               mb.completion_mask, mb.temperature, logits=need_logp, hidden=True)
                     if need_logp:
                         logps.append(selective_log_softmax(out.logits, mb.completion_ids).float())
                     states.append(self.value_head(out.hidden).float())
@@ -270,7 +215,7 @@ class SegmentRFT(RFTModule):
             for m, mode in zip(modules, modes):
                 m.train(mode)
         rollout.old_logp = torch.cat(logps) if need_logp else None
-        rollout.extras["state_values"] = torch.cat(states)  # (N, T + 1), consumed by compute_advantages
+        rollout.state_values = torch.cat(states)  # (N, T + 1), consumed by compute_advantages
         if self._rollout_state is not None:
             rollout.policy_version = self._rollout_version
         return rollout
@@ -294,7 +239,7 @@ class SegmentRFT(RFTModule):
 
     def compute_advantages(self, rollout: Rollout) -> Rollout:
         """Critic scores -> segment rewards -> TD targets with V_rollout (stored per sequence)."""
-        hp = self.hparams
+        opts = self.segment_options
         starts, texts = self.segment_layout(rollout)
         unparsed_before = self.step_critic.num_unparsed
         critiques = self.step_critic.score_batch(rollout.prompts, texts, rollout.rows)
@@ -309,13 +254,14 @@ class SegmentRFT(RFTModule):
         )
         device = rollout.completion_ids.device
         R, seg_mask = R.to(device), seg_mask.to(device)
-        state_values = rollout.extras.pop("state_values")
+        state_values, rollout.state_values = rollout.state_values, None
         old_values = torch.where(seg_mask != 0, values_at(state_values, starts.clamp(max=state_values.shape[1] - 1)), 0.0)
-        targets = segment_value_targets(R, old_values, seg_mask, hp.gamma, hp.td_lambda)
-        rollout.seq_extras.update(starts=starts, mask=seg_mask, rewards=R, targets=targets, old_values=old_values)
+        targets = segment_value_targets(R, old_values, seg_mask, opts.gamma, opts.td_lambda)
+        rollout.segment_starts, rollout.segment_mask, rollout.segment_rewards = starts, seg_mask, R
+        rollout.segment_targets, rollout.segment_old_values = targets, old_values
         rollout.seq_advantages = (targets - old_values).sum(1)  # rollout-time TD advantages, for sample tables
         self._rollouts_scored += 1
-        if self._rollouts_scored % hp.rollout_sync_every == 0:
+        if self._rollouts_scored % opts.rollout_sync_every == 0:
             self._sync_due = True
         metrics = {
             "segments/mean_count": seg_mask.sum(1).float().mean().item(),
@@ -328,36 +274,35 @@ class SegmentRFT(RFTModule):
         if thoughts:  # no thought segment at all: nothing to average
             metrics["critic/thought_mean"] = sum(s for s, _ in thoughts) / len(thoughts)
             metrics["critic/progress_mean"] = sum(p for _, p in thoughts) / len(thoughts)
-        rollout.extras["segment_metrics"] = metrics
+        rollout.metrics.update(metrics)
         return rollout
 
     # ---- training --------------------------------------------------------------------------
     def compute_loss(self, batch: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        hp = self.hparams
-        seg = batch.seq_extras
+        clip, crit = self.clip_options, self.critic_options
         T = batch.completion_ids.shape[1]
-        out = completion_forward(self.policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                 batch.completion_mask, batch.temperature, logits=True, hidden=True,
-                                 **self.forward_options)
+        out = self.runtime.forward(self.policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.completion_mask, batch.temperature, logits=True, hidden=True)
         logp = selective_log_softmax(out.logits, batch.completion_ids)
         old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()
-        starts, seg_mask, targets = seg["starts"].clamp(max=T), seg["mask"], seg["targets"]
+        starts, seg_mask, targets = batch.segment_starts.clamp(max=T), batch.segment_mask, batch.segment_targets
         values = values_at(self.value_head(out.hidden), starts)  # V_theta(s_k), (N, K)
         real = seg_mask != 0
         advantages = torch.where(real, targets - values.detach(), 0.0)  # the policy loss never trains V
-        if hp.whiten_advantages:
+        if crit.whiten_advantages:
             advantages = whiten(advantages, seg_mask)
         mask = batch.completion_mask.float()
         segment_index = segment_index_from_starts(starts, seg_mask, T)
         p_loss, metrics = segment_policy_loss(logp, old_logp, advantages, segment_index, mask,
-                                              ratio_mode=hp.ratio_mode, eps=hp.eps, dual_clip=hp.dual_clip)
-        v_loss, v_metrics = segment_value_loss(values, seg["old_values"], targets, seg_mask, clip=hp.value_clip)
+                                              ratio_mode=self.segment_options.ratio_mode, eps_low=clip.eps_low,
+                                              eps_high=clip.eps_high, dual_clip=clip.dual_clip)
+        v_loss, v_metrics = segment_value_loss(values, batch.segment_old_values, targets, seg_mask, clip=crit.value_clip)
         metrics.update(v_metrics)
-        loss = p_loss + hp.vf_coef * v_loss
-        if hp.beta > 0:
+        loss = p_loss + crit.vf_coef * v_loss
+        if self.beta > 0:
             kl = self.token_kl(out.logits, logp, batch)
             kl_loss = segment_kl_loss(kl, mask)
-            loss = loss + hp.beta * kl_loss
+            loss = loss + self.beta * kl_loss
             metrics["kl"] = masked_mean(kl.detach(), mask)
             metrics["loss/kl"] = kl_loss.detach()
         metrics["loss/policy"] = p_loss.detach()
@@ -367,16 +312,15 @@ class SegmentRFT(RFTModule):
         metrics["value/mean"] = masked_mean(values.detach(), seg_mask)
         metrics["advantages/mean"] = masked_mean(advantages, seg_mask)
         metrics["entropy"] = self.token_entropy(out.logits, batch.completion_mask)
-        metrics.update(batch.extras.get("segment_metrics", {}))
         return loss, metrics
 
     def token_kl(self, logits: Tensor, logp: Tensor, batch: Rollout) -> Tensor:
         """(N, T) KL(pi_theta || pi_ref) per token: exact over the vocabulary, or a k-estimator."""
-        if self.hparams.kl == "exact":
+        if self.kl_options.estimator == "exact":
             with torch.no_grad():
                 ref_logits = self.policy_logits(batch, reference=True)
             return exact_kl(logits, ref_logits)
-        return kl_penalty(logp, batch.ref_logp, kind=self.hparams.kl)
+        return kl_penalty(logp, batch.ref_logp, kind=self.kl_options.estimator)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -84,8 +84,6 @@ class SFTDataModule(RolloutDataModule):
         seed: seeds the example order.
     """
 
-    provides_references = True
-
     def __init__(
         self,
         task: Task,
@@ -103,7 +101,7 @@ class SFTDataModule(RolloutDataModule):
         if not isinstance(max_target_length, int) or max_target_length < 1:
             raise ValueError(f"max_target_length={max_target_length!r} is invalid: must be an integer >= 1")
         super().__init__(
-            task=task, prompts_per_step=batch_size, max_new_tokens=val_max_new_tokens, max_prompt_length=max_prompt_length,
+            task=task, prompts_per_step=batch_size, num_generations=1, max_new_tokens=val_max_new_tokens, max_prompt_length=max_prompt_length,
             prompt_truncation=prompt_truncation, dynamic_sampling=False, val_batch_size=val_batch_size,
             num_val_prompts=num_val_prompts, steps_per_epoch=steps_per_epoch, seed=seed,
         )
@@ -112,7 +110,7 @@ class SFTDataModule(RolloutDataModule):
         self.max_target_length = max_target_length
 
     def check_module(self, module: Any) -> None:
-        if not getattr(module, "trains_on_references", False):
+        if not isinstance(module, SFT):
             raise ValueError(f"SFTDataModule feeds reference solutions, which only rftlab.SFT trains on; "
                              f"{type(module).__name__} samples its own completions: give it a RolloutDataModule")
         module.check_datamodule(self)
@@ -145,8 +143,8 @@ class SFTDataModule(RolloutDataModule):
             rows=[dict(r) for r in rows],
         )
         lengths = completion_mask.sum(-1).float()
-        rollout.extras["metrics"] = {"completions/mean_length": lengths.mean().item(),
-                                     "completions/clipped_ratio": truncated.float().mean().item()}
+        rollout.metrics = {"completions/mean_length": lengths.mean().item(),
+                           "completions/clipped_ratio": truncated.float().mean().item()}
         return rollout
 
 
@@ -157,17 +155,14 @@ class SFT(RFTModule):
         loss_agg: aggregation of the per-token NLL: "token-mean" (every target token weighs the same,
             the usual SFT loss) or "seq-mean-token-mean" (every example weighs the same); any name
             of ``rftlab.core.AGGREGATIONS``.
-        **kwargs: policy, LoRA/QLoRA, optimizer and logging options of ``RFTModule``;
-            ``num_generations`` defaults to 1 and ``beta`` must stay 0 (no reference term).
+        **kwargs: ``RFTModule`` options (policy, lora, lr, forward, optim, log); ``beta`` must stay 0
+            (no reference term).
     """
 
-    trains_on_references = True
-
     def __init__(self, loss_agg: str = "token-mean", **kwargs: Any) -> None:
-        kwargs.setdefault("num_generations", 1)
         super().__init__(**kwargs)
-        AGGREGATIONS.get(loss_agg)  # unknown names raise, listing the valid ones
-        _require(self.hparams.beta == 0, "beta", self.hparams.beta, "0 for SFT (it has no KL-to-reference term)")
+        _require(loss_agg in AGGREGATIONS, "loss_agg", loss_agg, f"one of {', '.join(AGGREGATIONS.names())}")
+        _require(self.beta == 0, "beta", self.beta, "0 for SFT (it has no KL-to-reference term)")
         self.save_hyperparameters()
 
     @property
@@ -175,7 +170,7 @@ class SFT(RFTModule):
         return False
 
     def check_datamodule(self, datamodule: Any) -> None:
-        if not getattr(datamodule, "provides_references", False):
+        if not isinstance(datamodule, SFTDataModule):
             raise ValueError(f"SFT trains on reference solutions: use rftlab.SFTDataModule(task=...), "
                              f"not {type(datamodule).__name__} (which samples completions)")
 

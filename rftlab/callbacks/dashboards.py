@@ -120,9 +120,8 @@ class PhaseTimer(L.Callback):
         pl_module.log("timing/step", seconds, on_step=True, batch_size=1)
         if seconds <= 0:
             return
-        extras = getattr(batch, "extras", None) or {}
         # The rollout's phases were spent only on the step that built it (its first minibatch).
-        rollout = extras.get("metrics", {}) if extras.get("first_of_rollout", True) else {}
+        rollout = getattr(batch, "metrics", {}) if getattr(batch, "first_of_rollout", True) else {}
         fractions = {phase: float(rollout.get(f"timing/{phase}", 0.0)) for phase in self.PHASES if phase != "train"}
         fractions["train"] = train
         for phase, value in fractions.items():

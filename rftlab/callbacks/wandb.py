@@ -180,7 +180,7 @@ class WandbMetrics(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._experiments(trainer):
             return
-        metrics = (getattr(batch, "extras", None) or {}).get("metrics", {})
+        metrics = getattr(batch, "metrics", {})
         for key, value in metrics.items():
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean":

@@ -112,7 +112,7 @@ class SegmentRewardParams:
         kappa_pos: kappa+, divisor of positive progress effects (> 0).
         kappa_neg: kappa-, divisor of negative progress effects (> 0).
         base: B, offset of the negative progress effect ``(B - P_k)``.
-        lam: lambda, divisor of the progress multiplier ``m_k = S_k / lambda`` (> 0).
+        progress_divisor: lambda, divisor of the progress multiplier ``m_k = S_k / lambda`` (> 0).
         rho: scale of the answer segment's reward ``R_{M+1} = rho * r_answer``.
         alpha_1: multiplier of the lower cap ``-alpha_1 * r_max`` (>= 0).
         alpha_2: additive offset of the upper cap ``r_max + alpha_2`` (>= 0).
@@ -127,7 +127,7 @@ class SegmentRewardParams:
     kappa_pos: float = 1.0
     kappa_neg: float = 1.0
     base: float = 1.0
-    lam: float = 1.0
+    progress_divisor: float = 1.0
     rho: float = 2.0
     alpha_1: float = 2.0
     alpha_2: float = 1.0
@@ -141,7 +141,7 @@ class SegmentRewardParams:
             ("window", isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
              "an integer >= 1"),
             ("kappa_pos", self.kappa_pos > 0, "> 0"), ("kappa_neg", self.kappa_neg > 0, "> 0"),
-            ("lam", self.lam > 0, "> 0"), ("alpha_1", self.alpha_1 >= 0, ">= 0"),
+            ("progress_divisor", self.progress_divisor > 0, "> 0"), ("alpha_1", self.alpha_1 >= 0, ">= 0"),
             ("alpha_2", self.alpha_2 >= 0, ">= 0"), ("eps_std", self.eps_std > 0, "> 0"),
             ("whiten", self.whiten in SEGMENT_WHITENING, f"one of {', '.join(SEGMENT_WHITENING)}"),
         ]
@@ -222,7 +222,7 @@ def combined_segment_scores(G: Tensor | float, S: Tensor, P: Tensor, params: Seg
     s_hat = _zscore(S, params.eps_std)
     s_hat = torch.where(s_hat >= 0, params.alpha * s_hat, params.delta * s_hat)
     E = progress_effect(P, params.window, params.kappa_pos, params.kappa_neg, params.base)
-    return G + s_hat + E * (S / params.lam)
+    return G + s_hat + E * (S / params.progress_divisor)
 
 
 def _check_chain(G: Tensor, S: Tensor, P: Tensor, r_answer: Tensor) -> None:
@@ -260,7 +260,7 @@ def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | 
         S_hat_k = (S_k - mu_S) / sigma_S;  S_hat_k *= alpha if S_hat_k >= 0 else delta
         Pbar_1 = P_1;  Pbar_k = mean(P_j, j = max(1, k-W)..k-1);  dP_k = P_k - Pbar_k
         E_k = sqrt(dP_k) P_k / kappa+  (dP_k > 0);  -log(1 + |dP_k|) (B - P_k) / kappa-  (dP_k < 0);  0
-        Q_k = E_k * S_k / lambda;  C_k = G + S_hat_k + Q_k
+        Q_k = E_k * S_k / lambda (``progress_divisor``);  C_k = G + S_hat_k + Q_k
         [whiten C: "chain" -> (C - mean(C)) / sqrt(var(C) + eps_std)]
         R_k = clamp(C_k, -alpha_1 r_max, r_max + alpha_2)
 
@@ -277,7 +277,7 @@ def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | 
         P: (M,) progress scores in [0, 1].
         r_answer: 0-dim task verifier reward of the final answer.
         **params: fields of ``SegmentRewardParams`` (alpha=1.5, delta=0.5, window=3, kappa_pos=1,
-            kappa_neg=1, base=1, lam=1, rho=2, alpha_1=2, alpha_2=1, r_max=1, eps_std=1e-8,
+            kappa_neg=1, base=1, progress_divisor=1, rho=2, alpha_1=2, alpha_2=1, r_max=1, eps_std=1e-8,
             whiten="none"); unknown names raise ``TypeError``.
 
     Returns:
@@ -469,12 +469,13 @@ def segment_policy_loss(
     segment_index: Tensor,
     mask: Tensor,
     ratio_mode: str = "sum",
-    eps: float = 0.2,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
     dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Segment-level clipped surrogate, ``mean_i sum_k L_k^CLIP`` (issue 5, "Objective").
 
-    ``L_k = max(-A_k rho_k, -A_k clip(rho_k, 1 - eps, 1 + eps))``, and with a dual clip ``c > 1``,
+    ``L_k = max(-A_k rho_k, -A_k clip(rho_k, 1 - eps_low, 1 + eps_high))``, and with a dual clip ``c > 1``,
     for ``A_k < 0``: ``L_k = min(L_k, -c A_k)`` (Ye et al. 2020, arXiv 1912.09729). ``ratio_mode``
     (a name in ``SEGMENT_RATIO_MODES``): "sum" ``rho_k = exp(sum_j log-ratio)`` (as specified),
     "mean" ``exp(mean_j log-ratio)`` (GSPO-style), "token" per-token ratios carrying A_k, averaged
@@ -490,7 +491,8 @@ def segment_policy_loss(
         segment_index: (N, T) long segment of each token.
         mask: (N, T) 1 on real completion tokens.
         ratio_mode: "sum", "mean", "token" (or a user-registered name).
-        eps: clip range, >= 0.
+        eps_low: lower clip range, >= 0.
+        eps_high: upper clip range, >= eps_low; None uses ``eps_low`` (the symmetric clip).
         dual_clip: None, or c > 1.
 
     Returns:
@@ -514,7 +516,8 @@ def segment_policy_loss(
     # and "seq-mean-token-sum" is mean over chains of the sum over units.
     loss, inner = policy_loss(
         log_ratio, torch.zeros_like(log_ratio), unit_adv, unit_mask.to(logp.dtype),
-        eps_low=eps, eps_high=eps, agg="seq-mean-token-sum", dual_clip=dual_clip,
+        eps_low=eps_low, eps_high=eps_low if eps_high is None else eps_high, agg="seq-mean-token-sum",
+        dual_clip=dual_clip,
     )
     with torch.no_grad():
         abs_lr = torch.where(unit_mask, log_ratio.abs(), torch.zeros_like(log_ratio))

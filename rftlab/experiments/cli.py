@@ -24,6 +24,8 @@ def compare_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="rftlab compare", description="Train variants under the same budget and seeds; "
                             "write a Markdown/CSV table and a figure.", default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_argument("--imports", type=list[str], default=[],
+                        help="modules or .py files to import first: your registered advantages, losses, classes")
     parser.add_argument("--experiment", type=str, default="compare", help="experiment name (W&B group, output folder)")
     parser.add_argument("--variants", type=list[dict[str, Any]], required=True,
                         help="list of {name, algorithm, model, data}: the algorithm's import path and the options it changes")
@@ -51,8 +53,11 @@ def compare_main(argv: list[str] | None = None) -> Any:
     """Entry point of ``rftlab compare``."""
     from rftlab.experiments.compare import compare
 
+    from rftlab.core.plugins import import_plugins
+
     cfg = compare_parser().parse_args(argv).as_dict()
     cfg.pop("config", None)
+    import_plugins(cfg.pop("imports") or [])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return compare(**cfg)
 

@@ -18,6 +18,7 @@ process, or in ``processes`` worker processes.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -35,7 +36,15 @@ from rftlab.callbacks.checkpointing import AtomicCheckpoints
 from rftlab.experiments.evaluation import evaluate
 from rftlab.experiments.report import RunResult, aggregate, markdown_table, plot_comparison, write_csv
 from rftlab.experiments.tracking import RunRecorder, default_threads
-from rftlab.experiments.variants import Budget, Variant, check_variants, config_diff, instantiate, jsonable
+from rftlab.experiments.variants import (
+    Budget,
+    Variant,
+    check_variants,
+    config_diff,
+    instantiate,
+    jsonable,
+    merge_options,
+)
 from rftlab.rollout.datamodule import RolloutDataModule
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
@@ -67,7 +76,12 @@ class RunJob:
         return f"{self.variant.name}-seed{self.seed}"
 
     def model_options(self) -> dict[str, Any]:
-        return {**self.model, **self.variant.model, "seed": self.seed}
+        options = merge_options(self.model, self.variant.model)
+        policy = options.get("policy", "default")
+        # The run's seed also seeds the random initialisation (the "tiny" model, value heads).
+        policy = {"model": policy} if isinstance(policy, str) else dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else dict(policy)
+        options["policy"] = {**policy, "seed": self.seed}
+        return options
 
     def data_options(self) -> dict[str, Any]:
         return {**self.data, **self.variant.data, "seed": self.seed}
@@ -129,7 +143,8 @@ def compare(
 
     Args:
         variants: the arms: ``Variant`` objects or mappings {name, algorithm, model, data}.
-        model: algorithm options shared by every variant (policy, lora, lr, num_generations, ...).
+        model: algorithm options shared by every variant (policy, lora, lr, option groups, ...); a
+            variant's options merge into them group by group.
         data: ``RolloutDataModule`` options shared by every variant; ``task`` is a Task object or a
             {class_path, init_args} spec (so are rewards).
         seeds: one run per variant per seed; the seed is the model's and the DataModule's ``seed``.

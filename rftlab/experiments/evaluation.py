@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rftlab.algorithms.base import RFTModule
+from rftlab.models.migration import migrate_hparams
 from rftlab.rollout.datamodule import RolloutDataModule
 from rftlab.rollout.evaluation import score_answers
 from rftlab.rollout.sampler import SamplingParams
@@ -126,7 +127,7 @@ def evaluate(
     rows = list(task.test_rows() or [])[:num_prompts]
     if not rows:
         raise ValueError(f"task {getattr(task, 'name', task)!r} has no held-out rows to evaluate")
-    module = policy if isinstance(policy, RFTModule) else RFTModule(policy=policy, num_generations=1)
+    module = policy if isinstance(policy, RFTModule) else RFTModule(policy=policy)
     module.configure_model()
     dm = RolloutDataModule(task=task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
                            temperature=temperature, top_p=top_p, dynamic_sampling=False).attach(module)
@@ -183,9 +184,9 @@ def load_policy(checkpoint: str | Path, map_location: str = "cpu") -> RFTModule:
         raise FileNotFoundError(f"checkpoint={str(checkpoint)!r} is not a file")
     # weights_only=False: Lightning checkpoints carry hyper-parameters (plain Python objects).
     data = torch.load(path, map_location=map_location, weights_only=False)
-    hparams = dict(data.get("hyper_parameters", {}))
-    accepted = set(inspect.signature(RFTModule.__init__).parameters) - {"self"}
-    module = RFTModule(**{k: v for k, v in hparams.items() if k in accepted})
+    hparams = migrate_hparams(dict(data.get("hyper_parameters", {})))
+    # The policy alone: what generating needs (the algorithm's KL and critic options do not matter).
+    module = RFTModule(**{k: v for k, v in hparams.items() if k in ("policy", "lora", "forward")})
     module.configure_model()
     state = data["state_dict"]
     own = module.state_dict()

@@ -135,12 +135,11 @@ def generated_tokens(batch: Any, so_far: float) -> float:
         batch: the step's Rollout minibatch.
         so_far: the count before this step.
     """
-    extras = getattr(batch, "extras", None) or {}
-    metrics = extras.get("metrics", {})
+    metrics = getattr(batch, "metrics", {})
     if GENERATED_TOTAL in metrics:
         return float(metrics[GENERATED_TOTAL])
     mask = getattr(batch, "completion_mask", None)
-    if not extras.get("first_of_rollout", True) or mask is None:
+    if not getattr(batch, "first_of_rollout", True) or mask is None:
         return so_far
     return so_far + float(mask.sum())
 

@@ -183,6 +183,30 @@ def instantiate(value: Any) -> Any:
     return value
 
 
+def merge_options(shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """``shared`` with ``own`` on top; option groups (mappings) merge field by field, recursively.
+
+    A variant that sets ``clip: {eps_high: 0.28}`` keeps the shared ``clip.eps_low``; a
+    ``{class_path, init_args}`` spec or any other value replaces the shared one whole.
+
+    Args:
+        shared: the options every variant shares.
+        own: the variant's own options.
+    """
+    out = dict(shared)
+    for key, value in own.items():
+        base = out.get(key)
+        if _is_group(value) and _is_group(base):
+            out[key] = merge_options(base, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_group(value: Any) -> bool:
+    return isinstance(value, Mapping) and "class_path" not in value
+
+
 def jsonable(value: Any) -> Any:
     """A JSON-friendly copy of an option value (objects become their repr, functions their name).
 

@@ -12,11 +12,12 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from rftlab.core.options import OptionGroup, as_group
 from rftlab.models.loading import load_causal_lm, quantize_in_memory
 from rftlab.models.policy import apply_lora
 from rftlab.models.precision import check_dtype_runs, dtype_from_name
@@ -24,67 +25,100 @@ from rftlab.models.quantization import check_quantization
 from rftlab.rollout.sampler import set_checkpointing
 
 
+#: Where the frozen reference copy of a fully fine-tuned policy lives (adapter runs need no copy):
+#: "device" with the policy; "cpu" in CPU memory, its forward run there; "offload" in CPU memory,
+#: moved to the policy's device for each forward and back after.
+REFERENCE_PLACEMENTS = ("device", "cpu", "offload")
+
+DTYPE_NAMES = Literal["float32", "bfloat16", "float16"]
+
+
 @dataclass(frozen=True)
-class PolicySpec:
-    """Everything that determines the policy network (see ``RFTModule`` for each option's meaning).
+class PolicySpec(OptionGroup):
+    """The policy group: everything that determines the policy network.
+
+    An algorithm's ``policy`` argument is a model name (shorthand for ``PolicySpec(model=name)``) or
+    this group; its ``lora`` argument, when given, overrides ``lora`` here.
 
     Attributes:
-        policy: "default", "tiny", a model folder or a hub id: the base model.
-        dtype: parameter dtype name ("float32", "bfloat16", "float16").
-        quantization: "none", "nf4", "fp4" or "int8" (bitsandbytes; needs ``lora``).
-        compute_dtype: dtype name 4-bit layers compute in; None uses ``dtype``.
-        lora: wrap the base in a LoRA adapter.
-        lora_r: adapter rank.
-        lora_alpha: adapter scale numerator.
-        lora_dropout: adapter input dropout.
-        lora_target_modules: "all-linear", module-name suffixes, or a regex.
-        gradient_checkpointing: recompute activations in backward.
-        seed: seeds the "tiny" policy's random weights.
-        init_checkpoint: a Lightning checkpoint of any rftlab algorithm whose policy (adapter merged)
-            replaces the base weights; ``policy`` must be the base model it was trained from.
+        model: "default" (the bundled SmolLM2-135M-Instruct), "tiny" (a random 2-layer Llama with
+            the real tokenizer, for tests), a local model folder, or a hub id (downloaded only
+            because you named it).
+        dtype: parameter dtype (use the Trainer's precision for autocast).
+        quantization: "none", "nf4"/"fp4" (4-bit base weights, QLoRA) or "int8" (8-bit loading);
+            needs ``lora`` and bitsandbytes.
+        compute_dtype: dtype 4-bit layers compute in; None uses ``dtype``.
+        lora: train a LoRA adapter instead of all weights; the reference policy is then the same
+            model with the adapter disabled (no second copy).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (update scale alpha / r).
+        lora_dropout: LoRA dropout, in [0, 1).
+        lora_target_modules: "all-linear", module-name suffixes such as ["q_proj", "v_proj"], or a regex.
+        gradient_checkpointing: recompute activations in backward (switched off while sampling).
+        reference_placement: where the frozen reference copy of a fully fine-tuned policy (with a
+            KL term) lives: "device" (with the policy), "cpu" (CPU memory, its forward runs there) or
+            "offload" (CPU memory, moved to the device for each forward). Adapter runs have no copy.
+        init_checkpoint: a Lightning checkpoint of any rftlab algorithm (e.g. ``SFT``) whose policy,
+            adapter merged, is the starting policy (and the reference); ``model`` names its base.
+        seed: seeds the random initialisation of the "tiny" model and of value heads.
     """
 
-    policy: str = "default"
-    dtype: str = "float32"
-    quantization: str = "none"
-    compute_dtype: str | None = None
+    group: ClassVar[str] = "policy"
+    model: str = "default"
+    dtype: DTYPE_NAMES = "float32"
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    compute_dtype: DTYPE_NAMES | None = None
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: Any = "all-linear"
+    lora_target_modules: str | list[str] = "all-linear"
     gradient_checkpointing: bool = False
-    seed: int = 0
+    reference_placement: Literal["device", "cpu", "offload"] = "device"
     init_checkpoint: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.require(self.model != "", "model", "a non-empty model name or path")
+        self.require(self.lora_r >= 1, "lora_r", ">= 1")
+        self.require(self.lora_alpha > 0, "lora_alpha", "> 0")
+        self.require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
+        self.require(not self.lora or bool(self.lora_target_modules), "lora_target_modules",
+                     "'all-linear', a list of module names such as ['q_proj', 'v_proj'], or a regex")
+        self.require(self.quantization == "none" or self.lora, "quantization",
+                     "'none' unless lora=True (4-bit/8-bit base weights can only be trained through an adapter)")
+        self.require(0 <= self.seed <= 2**32 - 1, "seed", "in [0, 2**32 - 1] (as Lightning's seed_everything)")
+
+    @classmethod
+    def resolve(cls, policy: "str | PolicySpec | Mapping[str, Any]", lora: bool | None = None, **overrides: Any) -> "PolicySpec":
+        """The group an algorithm's ``policy`` and ``lora`` arguments describe.
+
+        Args:
+            policy: a model name, a ``PolicySpec``, or a mapping of its fields.
+            lora: overrides the group's ``lora`` when not None.
+            **overrides: other fields to replace (e.g. ``model=`` a moved base model).
+        """
+        spec = cls(model=policy) if isinstance(policy, str) else as_group(policy, cls)
+        if lora is not None:
+            overrides["lora"] = lora
+        return dataclasses.replace(spec, **overrides) if overrides else spec
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], **overrides: Any) -> "PolicySpec":
-        """The spec held in an algorithm's hyper-parameters (missing keys take the defaults).
+        """The group held in an algorithm's hyper-parameters (``policy`` and ``lora``).
 
         Args:
-            hparams: ``module.hparams`` or a checkpoint's ``hyper_parameters``.
-            **overrides: fields to replace (e.g. ``policy=`` a moved base model).
+            hparams: ``module.hparams`` or a (migrated) checkpoint's ``hyper_parameters``.
+            **overrides: fields to replace (e.g. ``model=`` a moved base model).
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(hparams).items() if k in names}
-        return cls(**{**values, **overrides})
+        return cls.resolve(hparams.get("policy", "default"), hparams.get("lora"), **overrides)
 
     def check(self) -> None:
-        """Raise a clear error for options that cannot work (called at construction, no weights loaded)."""
-        dtype_from_name(self.dtype, "dtype")
-        if self.compute_dtype is not None:
-            dtype_from_name(self.compute_dtype, "compute_dtype")
+        """Checks that need the machine (bitsandbytes present, the init checkpoint on disk); no weights load."""
         check_quantization(self.quantization, self.lora)
-        if self.lora and not self.lora_target_modules:
-            raise ValueError(f"lora_target_modules={self.lora_target_modules!r} is empty: must be 'all-linear', "
-                             "a list of module names such as ['q_proj', 'v_proj'], or a regex")
         if self.init_checkpoint is not None and not Path(self.init_checkpoint).is_file():
-            raise FileNotFoundError(f"init_checkpoint={self.init_checkpoint!r} is not a file "
+            raise FileNotFoundError(f"policy.init_checkpoint={self.init_checkpoint!r} is not a file "
                                     "(a .ckpt written by any rftlab algorithm, e.g. rftlab.SFT)")
-
-    def replace(self, **changes: Any) -> "PolicySpec":
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 def load_base_model(spec: PolicySpec, vocab_size: int | None, device: torch.device | str | None = None) -> nn.Module:
@@ -103,11 +137,11 @@ def load_base_model(spec: PolicySpec, vocab_size: int | None, device: torch.devi
         if spec.compute_dtype and spec.quantization != "none":
             check_dtype_runs(spec.compute_dtype, device, "compute_dtype")
     if spec.init_checkpoint is None:
-        return load_causal_lm(spec.policy, dtype, vocab_size=vocab_size, seed=spec.seed,
+        return load_causal_lm(spec.model, dtype, vocab_size=vocab_size, seed=spec.seed,
                               quantization=spec.quantization, compute_dtype=compute, device=device)
     from rftlab.models.export import load_checkpoint_policy  # export builds policies with this module
 
-    model = load_checkpoint_policy(spec.init_checkpoint, base=spec.policy, merge=True, dtype=spec.dtype).model
+    model = load_checkpoint_policy(spec.init_checkpoint, base=spec.model, merge=True, dtype=spec.dtype).model
     if spec.quantization == "none":
         return model
     return quantize_in_memory(model, spec.quantization, dtype, compute, device)
@@ -129,12 +163,6 @@ def build_policy(spec: PolicySpec, vocab_size: int | None, device: torch.device 
     # from_pretrained returns eval mode and Lightning (>= 2.2) keeps each submodule's mode, so without
     # this a loaded policy would train in eval mode (no dropout; 4-bit layers taking inference paths).
     return model.train()
-
-
-#: Where the frozen reference copy of a fully fine-tuned policy lives (adapter runs need no copy):
-#: "device" with the policy; "cpu" in CPU memory, its forward run there; "offload" in CPU memory,
-#: moved to the policy's device for each forward and back after.
-REFERENCE_PLACEMENTS = ("device", "cpu", "offload")
 
 
 def check_reference_placement(placement: str) -> None:

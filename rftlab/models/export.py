@@ -21,6 +21,7 @@ from torch import nn
 
 from rftlab.models.build import PolicySpec, build_policy, load_base_model
 from rftlab.models.loading import TINY_POLICY, ModelNotFoundError, load_tokenizer, resolve_model_path
+from rftlab.models.migration import migrate_hparams
 from rftlab.models.policy import apply_lora
 from rftlab.models.precision import dtype_from_name
 from rftlab.models.quantization import dequantized
@@ -59,6 +60,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "state_dict" not in data or "policy" not in data.get("hyper_parameters", {}):
         raise ValueError(f"checkpoint {str(path)!r} was not written by an rftlab algorithm "
                          "(no state_dict, or no 'policy' hyper-parameter)")
+    data["hyper_parameters"] = migrate_hparams(data["hyper_parameters"])  # earlier option layouts too
     return data
 
 
@@ -84,7 +86,7 @@ def load_policy_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], s
 
 def _base_not_found(source: str, spec: PolicySpec, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
-        f"checkpoint {source!r} was trained from policy={spec.policy!r}, which cannot be found ({err}); "
+        f"checkpoint {source!r} was trained from policy.model={spec.model!r}, which cannot be found ({err}); "
         "pass the same base model as base=... (rftlab export/generate: --base PATH)"
     )
 
@@ -109,9 +111,9 @@ def load_checkpoint_policy(
     source = str(checkpoint)
     data = read_checkpoint(checkpoint)
     hparams = data["hyper_parameters"]
-    spec = PolicySpec.from_hparams(hparams, gradient_checkpointing=False, **({"policy": base} if base else {}))
+    spec = PolicySpec.from_hparams(hparams, gradient_checkpointing=False, **({"model": base} if base else {}))
     try:
-        tokenizer = load_tokenizer(spec.policy)
+        tokenizer = load_tokenizer(spec.model)
         vocab = len(tokenizer)
         if merge and spec.lora and spec.quantization != "none":
             model = dequantized(load_base_model(spec, vocab, device), dtype_from_name(spec.dtype))
@@ -153,7 +155,7 @@ def export_checkpoint(
     """
     out = Path(out)
     hparams = read_checkpoint(checkpoint)["hyper_parameters"]
-    if adapter_only and not hparams.get("lora", False):
+    if adapter_only and not PolicySpec.from_hparams(hparams).lora:
         raise ValueError(f"adapter_only=True but checkpoint {str(checkpoint)!r} trained all weights (lora=False): "
                          "there is no adapter to export; export the merged model instead")
     loaded = load_checkpoint_policy(checkpoint, base=base, merge=not adapter_only, dtype=dtype)
@@ -161,9 +163,9 @@ def export_checkpoint(
     spec = loaded.spec
     if adapter_only:
         if spec.init_checkpoint is not None:
-            base_path = str(export_checkpoint(spec.init_checkpoint, out / "base", base=spec.policy, dtype=dtype).resolve())
+            base_path = str(export_checkpoint(spec.init_checkpoint, out / "base", base=spec.model, dtype=dtype).resolve())
         else:  # the random "tiny" policy has no folder: its name is kept
-            base_path = spec.policy if spec.policy == TINY_POLICY else resolve_model_path(spec.policy)
+            base_path = spec.model if spec.model == TINY_POLICY else resolve_model_path(spec.model)
         loaded.model.peft_config["default"].base_model_name_or_path = base_path
     # save_embedding_layers=False: LoRA never trains the embeddings, and PEFT's "auto" check would
     # look the base model's config up on the hub (no network at run time; "tiny" is not there).

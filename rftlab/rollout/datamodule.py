@@ -6,8 +6,9 @@ minibatches is empty it builds a new rollout with the CURRENT policy:
     prompts -> module.generate (G completions each) -> rewards -> [dynamic sampling]
             -> module.score_rollout -> num_iterations x num_minibatches minibatches
 
-The module side of the protocol is ``tokenizer``, ``num_generations``, ``generate(...)``,
-``score_rollout(rollout)`` and ``global_step``; this file never imports an algorithm.
+The module side of the protocol is ``rftlab.rollout.protocol.RolloutModule`` (``tokenizer``,
+``global_step``, ``generate``, ``score_rollout``, ``shape_rewards``, ``check_datamodule`` and the
+``prefers_dynamic_sampling`` flag); this file never imports an algorithm.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rftlab.rewards.pool import EXECUTORS
 from rftlab.rollout.distributed import any_rank, gather_objects
 from rftlab.rollout.evaluation import EvalStream
 from rftlab.rollout.prompts import PromptEncoder
+from rftlab.rollout.protocol import RolloutModule
 from rftlab.rollout.resume import rollout_from_state, rollout_to_state
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.sampler import BACKENDS, SamplingParams
@@ -80,6 +82,7 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout_value: the score of a timed-out sample.
         reward_executor: where timed reward calls run: "thread" or "process".
         prompts_per_step: prompt groups per rollout (per process); each gets num_generations completions.
+        num_generations: completions sampled per prompt (the group size G).
         max_new_tokens: completion budget.
         temperature: sampling temperature (> 0).
         top_p: nucleus sampling mass in (0, 1].
@@ -113,6 +116,7 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout_value: float = 0.0,
         reward_executor: str = "thread",
         prompts_per_step: int = 4,
+        num_generations: int = 8,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -135,6 +139,7 @@ class RolloutDataModule(L.LightningDataModule):
         check_init_arguments(self, inspect.currentframe())  # types first, the parameter named
         super().__init__()
         _check_positive("prompts_per_step", prompts_per_step)
+        _check_positive("num_generations", num_generations)
         _check_positive("max_new_tokens", max_new_tokens)
         _check_positive("num_iterations", num_iterations)
         _check_positive("num_minibatches", num_minibatches)
@@ -186,6 +191,7 @@ class RolloutDataModule(L.LightningDataModule):
         )
         self.encoder = PromptEncoder(max_prompt_length, prompt_truncation)
         self.prompts_per_step = prompts_per_step
+        self.num_generations = num_generations
         self.num_iterations = num_iterations
         self.num_minibatches = num_minibatches
         self._dynamic_sampling = dynamic_sampling
@@ -231,7 +237,7 @@ class RolloutDataModule(L.LightningDataModule):
         if self._dynamic_sampling is not None:
             return self._dynamic_sampling
         module = self._module or (self.trainer.lightning_module if self.trainer is not None else None)
-        return bool(getattr(module, "prefers_dynamic_sampling", False))
+        return bool(module.prefers_dynamic_sampling) if module is not None else False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -240,12 +246,12 @@ class RolloutDataModule(L.LightningDataModule):
         rollouts = max(1, len(self.train_rows) // (self.prompts_per_step * self.world_size))
         return rollouts * self.num_iterations * self.num_minibatches
 
-    def check_module(self, module: Any) -> None:
+    def check_module(self, module: RolloutModule) -> None:
         """Configuration errors that need both halves (raised before any sampling)."""
-        if self.dynamic_sampling and int(module.num_generations) < 2:
+        if self.dynamic_sampling and self.num_generations < 2:
             raise ValueError(
                 f"dynamic_sampling needs num_generations >= 2 (a group of one has no reward variance), "
-                f"got num_generations={module.num_generations}"
+                f"got num_generations={self.num_generations}"
             )
         module.check_datamodule(self)
 
@@ -329,7 +335,7 @@ class RolloutDataModule(L.LightningDataModule):
             for _ in range(self.num_iterations):
                 self._queue.extend(rollout.minibatches(self.num_minibatches, generator if self.num_minibatches > 1 else None))
             for i, mb in enumerate(self._queue):
-                mb.extras = {**mb.extras, "first_of_rollout": i == 0}
+                mb.first_of_rollout = i == 0
         return self._queue.pop(0)
 
     def next_prompt_rows(self, n: int) -> list[dict[str, Any]]:
@@ -361,7 +367,7 @@ class RolloutDataModule(L.LightningDataModule):
     def build_rollout(self) -> Rollout:
         """Sample, reward and score one rollout of ``prompts_per_step`` groups."""
         module = self.module
-        G = int(module.num_generations)
+        G = self.num_generations
         self.check_module(module)
         kept: list[Rollout] = []
         n_groups = n_sampled_groups = n_zero_std = rounds = 0
@@ -372,9 +378,9 @@ class RolloutDataModule(L.LightningDataModule):
             rounds += 1
             # Each round samples a full batch of prompts (as verl does); surplus valid groups are
             # dropped rather than carried into the next step, which keeps every rollout on-policy.
-            part = self._sample_round(module, self.prompts_per_step, G, rounds, timing)
-            for kind in ("reward_errors", "reward_timeouts"):
-                for name, count in part.extras.get(kind, {}).items():
+            part, faults = self._sample_round(module, self.prompts_per_step, G, rounds, timing)
+            for kind, counts in faults.items():
+                for name, count in counts.items():
                     errors.setdefault(kind, {})[name] = errors.get(kind, {}).get(name, 0) + count
             stds = part.rewards.view(-1, G).std(dim=1, unbiased=False) if G > 1 else torch.zeros(len(part) // G)
             zero_std = stds <= self.dynamic_sampling_tol
@@ -410,23 +416,24 @@ class RolloutDataModule(L.LightningDataModule):
             n_groups += len(filler)
         rollout = Rollout.concat(kept, pad_token_id=module.tokenizer.pad_token_id).trimmed()
         rollout.num_updates = self.num_iterations * self.num_minibatches
-        rollout.extras.update(errors)
-        metrics = self._rollout_metrics(rollout, n_zero_std / max(1, n_sampled_groups), timing)
+        metrics = self._rollout_metrics(rollout, n_zero_std / max(1, n_sampled_groups), timing, errors)
         if self.dynamic_sampling:
             metrics["dynamic_sampling/gen_batches"] = float(rounds)
             metrics["dynamic_sampling/kept_fraction"] = n_kept_by_filter / max(1, n_sampled_groups)
+        rollout.metrics = metrics  # the algorithm's score_rollout adds its own
         score_start = time.perf_counter()
         rollout = module.score_rollout(rollout)
+        metrics = rollout.metrics
         metrics["timing/score"] = time.perf_counter() - score_start
-        metrics.update(rollout.extras.pop("score_metrics", {}))
         metrics["timing/rollout"] = time.perf_counter() - start
         # Cumulative, so it stays right however many minibatches log the same rollout's metrics.
         metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
-        rollout.extras["metrics"] = metrics
         self.rollouts_built += 1
         return rollout
 
-    def _sample_round(self, module: Any, n_prompts: int, G: int, round_index: int, timing: dict) -> Rollout:
+    def _sample_round(self, module: RolloutModule, n_prompts: int, G: int, round_index: int,
+                      timing: dict) -> tuple[Rollout, dict[str, dict[str, int]]]:
+        """One generation round: sample, decode, score and shape; also the rewards' error and timeout counts."""
         rows = self.next_prompt_rows(n_prompts)
         tokenizer = module.tokenizer
         prompts, prompt_ids, prompt_mask = self.encoder.encode([r["prompt"] for r in rows], tokenizer)
@@ -457,17 +464,17 @@ class RolloutDataModule(L.LightningDataModule):
             completions=texts,
             rows=rep_rows,
             temperature=self.sampling.temperature,
+            group_size=G,
+            max_new_tokens=self.sampling.max_new_tokens,
             policy_version=int(module.global_step),
         )
-        rollout.extras["max_new_tokens"] = self.sampling.max_new_tokens
         # Algorithm-specific shaping (e.g. DAPO's overlong penalty) happens before dynamic sampling
         # looks at the group variance, so the filter sees the rewards the advantages will use.
         rollout.rewards = module.shape_rewards(rollout)
-        rollout.extras["reward_errors"] = scored.errors
-        rollout.extras["reward_timeouts"] = getattr(scored, "timeouts", {})
-        return rollout
+        return rollout, {"reward_errors": scored.errors, "reward_timeouts": getattr(scored, "timeouts", {})}
 
-    def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float]) -> dict[str, float]:
+    def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float],
+                         errors: dict[str, dict[str, int]]) -> dict[str, float]:
         lengths = rollout.completion_lengths.float()
         metrics = {
             "reward/mean": rollout.rewards.mean().item(),
@@ -487,7 +494,7 @@ class RolloutDataModule(L.LightningDataModule):
             finite = column[~torch.isnan(column)]
             metrics[f"reward/{name}/mean"] = finite.mean().item() if len(finite) else math.nan
             for kind, suffix in (("reward_errors", "errors"), ("reward_timeouts", "timeouts")):
-                count = rollout.extras.get(kind, {}).get(name, 0)
+                count = errors.get(kind, {}).get(name, 0)
                 if count:
                     metrics[f"reward/{name}/{suffix}"] = float(count)
         return metrics

@@ -1,36 +1,46 @@
 """The Rollout: one batch of experience, the single contract between the DataModule and algorithms.
 
 Shapes: N sequences (prompts x completions per prompt, grouped consecutively), P prompt positions
-(left-padded), T completion positions (right-padded, EOS included), F reward functions.
+(left-padded), T completion positions (right-padded, EOS included), F reward functions, K segments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-# Fields holding (N, ...) tensors that are sliced along the first dim; the (N, T) ones are also
-# trimmed to the longest real completion of a minibatch.
-_PER_TOKEN = ("completion_ids", "completion_mask", "old_logp", "ref_logp", "values", "advantages", "returns")
-_PER_SEQ = ("prompt_ids", "prompt_mask", "group", "rewards", "rewards_per_fn", "truncated", "seq_advantages")
-_PER_SEQ_LISTS = ("prompts", "completions", "rows")
+
+def _field(kind: str, fill: float | None = 0, **kwargs: Any) -> Any:
+    """A Rollout field whose ``kind`` says how it is sliced, trimmed, joined and moved.
+
+    Kinds: "prompt" (N, P) left-padded; "token" (N, T) right-padded, trimmed to the longest real
+    completion; "seq" (N, ...) per sequence, never trimmed (2-D ones are right-padded with ``fill``
+    when joined; ``fill=None`` pads with the joined completion width); "list" N Python values.
+    """
+    return field(metadata={"kind": kind, "fill": fill}, **kwargs)
 
 
 @dataclass
 class Rollout:
     """Tensors and texts of N sampled completions; algorithms fill the optional fields.
 
+    Every field is typed, and sliced (``select``), trimmed, joined (``concat``) and moved (``to``)
+    by its kind, so what an algorithm adds travels with the rows it belongs to.
+
     Attributes:
         prompt_ids: (N, P) long, left-padded prompt tokens (repeated for each completion of a prompt).
         prompt_mask: (N, P) long, 1 on real prompt tokens.
         completion_ids: (N, T) long, right-padded completion tokens; EOS included when sampled.
-        completion_mask: (N, T) long, 1 on real completion tokens up to and including the first EOS.
+        completion_mask: (N, T) long, 1 on the model's completion tokens (up to and including the
+            first EOS): every loss, KL, entropy and advantage uses it.
         group: (N,) long, index of the prompt each completion answers; groups are consecutive blocks.
-        rewards: (N,) float, weighted sum of the reward functions (None scores count as 0).
+        rewards: (N,) float, weighted sum of the reward functions (None scores count as 0), after
+            the algorithm's ``shape_rewards``.
         rewards_per_fn: (N, F) float, each function's score; NaN where the function returned None.
         truncated: (N,) bool, True when no EOS was sampled within max_new_tokens.
         reward_names: the F reward function names, in column order.
@@ -38,6 +48,8 @@ class Rollout:
         completions: N completion texts (special tokens removed).
         rows: N task rows (dicts: answer, tests, ...), the columns the rewards were given.
         temperature: the sampling temperature; log-probs must divide logits by it.
+        group_size: G, completions per prompt (every group has G rows).
+        max_new_tokens: the completion budget the rollout was sampled with (None: unknown).
         policy_version: the optimizer step count of the policy that sampled this rollout.
         num_updates: optimizer steps that will consume this rollout (num_iterations x minibatches);
             when 1, the sampling policy IS the trained one and old log-probs need no extra forward.
@@ -47,34 +59,49 @@ class Rollout:
         advantages: (N, T) float, per-token advantages.
         returns: (N, T) float, value targets.
         seq_advantages: (N,) float, per-sequence advantages before broadcasting (for logging).
-        extras: free-form per-rollout data an algorithm needs (not sliced).
-        seq_extras: per-sequence tensors an algorithm adds (first dim N, e.g. (N, K) segment data);
-            sliced with the rollout, never trimmed.
+        state_values: (N, T + 1) float, value-head outputs after the prompt and each completion
+            token, at rollout time (SegmentRFT, while scoring).
+        segment_starts: (N, K) long, first completion token of each segment (padding: >= T).
+        segment_mask: (N, K) float, 1 on real segments.
+        segment_rewards: (N, K) float, segment rewards.
+        segment_targets: (N, K) float, the segments' value targets.
+        segment_old_values: (N, K) float, V_rollout at each segment's start.
+        metrics: per-rollout statistics (rewards, lengths, timing, the algorithm's own), logged
+            on every optimizer step the rollout feeds; shared by its minibatches.
+        first_of_rollout: whether this is the first minibatch served from its rollout.
     """
 
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    completion_ids: Tensor
-    completion_mask: Tensor
-    group: Tensor
-    rewards: Tensor
-    rewards_per_fn: Tensor
-    truncated: Tensor
+    prompt_ids: Tensor = _field("prompt")
+    prompt_mask: Tensor = _field("prompt")
+    completion_ids: Tensor = _field("token")
+    completion_mask: Tensor = _field("token")
+    group: Tensor = _field("seq")
+    rewards: Tensor = _field("seq")
+    rewards_per_fn: Tensor = _field("seq", fill=math.nan)
+    truncated: Tensor = _field("seq")
     reward_names: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
-    completions: list[str] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[str] = _field("list", default_factory=list)
+    completions: list[str] = _field("list", default_factory=list)
+    rows: list[dict[str, Any]] = _field("list", default_factory=list)
     temperature: float = 1.0
+    group_size: int = 1
+    max_new_tokens: int | None = None
     policy_version: int = 0
     num_updates: int = 1
-    old_logp: Tensor | None = None
-    ref_logp: Tensor | None = None
-    values: Tensor | None = None
-    advantages: Tensor | None = None
-    returns: Tensor | None = None
-    seq_advantages: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    seq_extras: dict[str, Tensor] = field(default_factory=dict)
+    old_logp: Tensor | None = _field("token", default=None)
+    ref_logp: Tensor | None = _field("token", default=None)
+    values: Tensor | None = _field("token", default=None)
+    advantages: Tensor | None = _field("token", default=None)
+    returns: Tensor | None = _field("token", default=None)
+    seq_advantages: Tensor | None = _field("seq", default=None)
+    state_values: Tensor | None = _field("seq", default=None)
+    segment_starts: Tensor | None = _field("seq", fill=None, default=None)
+    segment_mask: Tensor | None = _field("seq", default=None)
+    segment_rewards: Tensor | None = _field("seq", default=None)
+    segment_targets: Tensor | None = _field("seq", default=None)
+    segment_old_values: Tensor | None = _field("seq", default=None)
+    metrics: dict[str, float] = field(default_factory=dict)
+    first_of_rollout: bool = True
 
     def __len__(self) -> int:
         return int(self.completion_ids.shape[0])
@@ -88,14 +115,13 @@ class Rollout:
         """The sub-rollout of sequences ``index`` (in that order); ``trim`` drops all-padding columns."""
         idx = torch.as_tensor(index, dtype=torch.long)
         changes: dict[str, Any] = {}
-        for name in _PER_TOKEN + _PER_SEQ:
-            value = getattr(self, name)
+        for f in _fields_of("prompt", "token", "seq"):
+            value = getattr(self, f)
             if value is not None:
-                changes[name] = value[idx.to(value.device)]
-        for name in _PER_SEQ_LISTS:
-            values = getattr(self, name)
-            changes[name] = [values[i] for i in idx.tolist()] if values else []
-        changes["seq_extras"] = {k: v[idx.to(v.device)] for k, v in self.seq_extras.items()}
+                changes[f] = value[idx.to(value.device)]
+        for f in _fields_of("list"):
+            values = getattr(self, f)
+            changes[f] = [values[i] for i in idx.tolist()] if values else []
         out = dataclasses.replace(self, **changes)
         return out.trimmed() if trim else out
 
@@ -104,10 +130,10 @@ class Rollout:
         changes: dict[str, Any] = {}
         t_real = int(self.completion_mask.sum(0).nonzero().max().item()) + 1 if self.completion_mask.any() else 1
         if t_real < self.completion_ids.shape[1]:
-            for name in _PER_TOKEN:
-                value = getattr(self, name)
+            for f in _fields_of("token"):
+                value = getattr(self, f)
                 if value is not None:
-                    changes[name] = value[:, :t_real]
+                    changes[f] = value[:, :t_real]
         p_cols = self.prompt_mask.sum(0).nonzero()
         p_first = int(p_cols.min().item()) if len(p_cols) else 0
         if p_first > 0:  # prompts are left-padded: leading all-padding columns can go
@@ -137,29 +163,42 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 changes[f.name] = value.to(device)
-        changes["seq_extras"] = {k: v.to(device) for k, v in self.seq_extras.items()}
         return dataclasses.replace(self, **changes)
 
     @staticmethod
     def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
-        """Join rollouts (e.g. generation rounds of dynamic sampling); re-pads to common widths."""
+        """Join rollouts (e.g. generation rounds of dynamic sampling); re-pads to common widths.
+
+        Scalars and ``metrics`` are the first part's; a tensor field set on only some parts is dropped.
+        """
         if not parts:
             raise ValueError("Rollout.concat needs at least one rollout")
         if len(parts) == 1:
             return parts[0]
-        first = parts[0]
         t_max = max(p.completion_ids.shape[1] for p in parts)
         p_max = max(p.prompt_ids.shape[1] for p in parts)
         changes: dict[str, Any] = {}
-        for name in _PER_TOKEN:
-            values = [getattr(p, name) for p in parts]
-            if any(v is None for v in values):
-                changes[name] = None
+        for f in dataclasses.fields(Rollout):
+            kind = f.metadata.get("kind")
+            values = [getattr(p, f.name) for p in parts]
+            if kind == "list":
+                changes[f.name] = [x for v in values for x in v]
+            elif kind is None:
                 continue
-            fill = pad_token_id if name == "completion_ids" else 0
-            changes[name] = torch.cat([_pad_right(v, t_max, fill) for v in values])
-        changes["prompt_ids"] = torch.cat([_pad_left(p.prompt_ids, p_max, pad_token_id) for p in parts])
-        changes["prompt_mask"] = torch.cat([_pad_left(p.prompt_mask, p_max, 0) for p in parts])
+            elif any(v is None for v in values):
+                changes[f.name] = None
+            elif kind == "prompt":
+                fill = pad_token_id if f.name == "prompt_ids" else 0
+                changes[f.name] = torch.cat([_pad_left(v, p_max, fill) for v in values])
+            elif kind == "token":
+                fill = pad_token_id if f.name == "completion_ids" else 0
+                changes[f.name] = torch.cat([_pad_right(v, t_max, fill) for v in values])
+            elif values[0].dim() == 2:
+                width = max(v.shape[1] for v in values)
+                fill = t_max if f.metadata["fill"] is None else f.metadata["fill"]
+                changes[f.name] = torch.cat([_pad_right(v, width, fill) for v in values])
+            else:
+                changes[f.name] = torch.cat(values)
         offset = 0
         groups = []
         for p in parts:  # renumber groups so they stay unique and consecutive
@@ -167,12 +206,11 @@ class Rollout:
             groups.append(inverse + offset)
             offset += int(inverse.max().item()) + 1 if len(inverse) else 0
         changes["group"] = torch.cat(groups)
-        for name in ("rewards", "rewards_per_fn", "truncated", "seq_advantages"):
-            values = [getattr(p, name) for p in parts]
-            changes[name] = None if any(v is None for v in values) else torch.cat(values)
-        for name in _PER_SEQ_LISTS:
-            changes[name] = [x for p in parts for x in getattr(p, name)]
-        return dataclasses.replace(first, **changes)
+        return dataclasses.replace(parts[0], **changes)
+
+
+def _fields_of(*kinds: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(Rollout) if f.metadata.get("kind") in kinds]
 
 
 def _pad_right(x: Tensor, width: int, fill: float) -> Tensor:

@@ -29,7 +29,7 @@ from rftlab.core import (
 
 
 def _ref_segment_rewards(G, S, P, r, alpha=1.5, delta=0.5, window=3, kappa_pos=1.0, kappa_neg=1.0, base=1.0,
-                         lam=1.0, rho=2.0, alpha_1=2.0, alpha_2=1.0, r_max=1.0, eps_std=1e-8, whiten="none"):
+                         progress_divisor=1.0, rho=2.0, alpha_1=2.0, alpha_2=1.0, r_max=1.0, eps_std=1e-8, whiten="none"):
     """The issue's formulas, literally, one segment at a time in Python floats (1-based k in comments)."""
     M = len(S)
     if M == 0:
@@ -157,7 +157,7 @@ def test_reference_loop_random_chains():
         P = torch.rand(M, generator=gen, dtype=torch.float64)
         G, r = float(torch.rand(1, generator=gen)), float(torch.rand(1, generator=gen)) * 2 - 0.5
         params = dict(window=1 + trial % 4, alpha=1.0 + trial % 3, delta=0.25, kappa_pos=0.5 + trial % 2,
-                      kappa_neg=0.5, lam=0.8, rho=1.5, whiten=("none", "chain")[trial % 2])
+                      kappa_neg=0.5, progress_divisor=0.8, rho=1.5, whiten=("none", "chain")[trial % 2])
         got = segment_rewards(torch.tensor(G, dtype=torch.float64), S, P, r, **params)
         expected = _ref_segment_rewards(G, S.tolist(), P.tolist(), r, **params)
         assert_close(got, torch.tensor(expected, dtype=torch.float64))
@@ -223,7 +223,7 @@ def test_equal_scores_and_single_segment_values():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(window=0), "window=0"), (dict(window=1.5), "window=1.5"), (dict(lam=0.0), "lam=0.0"),
+        (dict(window=0), "window=0"), (dict(window=1.5), "window=1.5"), (dict(progress_divisor=0.0), "progress_divisor=0.0"),
         (dict(kappa_pos=-1.0), "kappa_pos"), (dict(kappa_neg=0.0), "kappa_neg"), (dict(eps_std=0.0), "eps_std"),
         (dict(alpha=0.0), "alpha=0.0"), (dict(delta=-0.1), "delta"), (dict(whiten="group"), "none, chain, batch"),
         (dict(rho=float("nan")), "rho"),
@@ -378,7 +378,7 @@ ADV = torch.tensor([[1.0, -2.0]])
 def test_segment_policy_loss_hand_computed(mode, expected_loss, clip_frac, max_abs):
     old = torch.tensor([[-1.0, -2.0, -1.5, -0.5]])
     logp = (old + LOGP_DELTA).requires_grad_(True)
-    loss, metrics = segment_policy_loss(logp, old, ADV, SEG, torch.ones(1, 4), ratio_mode=mode, eps=0.2)
+    loss, metrics = segment_policy_loss(logp, old, ADV, SEG, torch.ones(1, 4), ratio_mode=mode, eps_low=0.2)
     assert_close(loss, torch.tensor(expected_loss))
     assert_close(metrics["segments/ratio_clip_ratio"], torch.tensor(clip_frac))
     assert_close(metrics["segments/max_abs_log_ratio"], torch.tensor(max_abs))
@@ -437,7 +437,7 @@ def test_segment_policy_loss_reference_loop(mode, dual_clip):
     mask = (torch.arange(t_len) < lengths.unsqueeze(1)).long()
     seg = torch.sort(torch.randint(0, k, (n, t_len), generator=gen), dim=1).values
     adv = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    loss, _ = segment_policy_loss(logp, old, adv, seg, mask, ratio_mode=mode, eps=0.1, dual_clip=dual_clip)
+    loss, _ = segment_policy_loss(logp, old, adv, seg, mask, ratio_mode=mode, eps_low=0.1, dual_clip=dual_clip)
     expected = _ref_policy_loss(logp, old, adv, seg, mask, mode, 0.1, dual_clip)
     assert_close(loss, torch.tensor(expected, dtype=torch.float64))
 

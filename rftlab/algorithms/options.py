@@ -1,0 +1,267 @@
+"""Typed option groups of the algorithms: one vocabulary for GRPO, DAPO, PPO, SegmentRFT and yours.
+
+Each group is a frozen dataclass whose fields are checked at construction; an invalid value raises
+an error naming the group and the field (``clip.eps_high=-1 is invalid: must be >= clip.eps_low``).
+In Python a group is given as the dataclass or as a mapping of its fields
+(``GRPO(clip={"eps_high": 0.28})``); in YAML as a mapping (``clip: {eps_high: 0.28}``);
+on the command line field by field (``--model.init_args.clip.eps_high 0.28``). ``rftlab fit --help``
+lists every field with its type and the allowed values of each ``Literal`` choice.
+
+The policy group is ``rftlab.models.PolicySpec`` and the forward group ``rftlab.models.ForwardOptions``
+(they are also what export and generation build the network from).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from rftlab.core.options import OptionGroup, as_group
+from rftlab.core.segments import SEGMENT_RATIO_MODES, SegmentRewardParams
+
+@dataclass(frozen=True)
+class ClipOptions(OptionGroup):
+    """Clipping of the policy ratio (PPO, Schulman et al. 2017, eq. 7; DAPO's clip-higher; dual clip).
+
+    Attributes:
+        eps_low: lower clip range: the ratio is kept >= 1 - eps_low.
+        eps_high: upper clip range: the ratio is kept <= 1 + eps_high; above eps_low is DAPO's
+            clip-higher (arXiv 2503.14476, sec. 3.1).
+        dual_clip: dual-clip constant c > 1 bounding the loss of negative advantages (Ye et al.
+            2020, arXiv 1912.09729); None disables it.
+    """
+
+    group: ClassVar[str] = "clip"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+
+    def validate(self) -> None:
+        self.require(self.eps_low >= 0, "eps_low", ">= 0")
+        self.require(self.eps_high >= self.eps_low, "eps_high", f">= clip.eps_low ({self.eps_low})")
+        self.require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "None or > 1")
+
+
+@dataclass(frozen=True)
+class KLOptions(OptionGroup):
+    """The KL to the reference policy (its coefficient is the top-level ``beta``).
+
+    Attributes:
+        estimator: per-token estimator: "k1", "k2", "k3" (Schulman, "Approximating KL divergence",
+            2020) or a name registered in ``rftlab.core.KL_ESTIMATORS``; SegmentRFT also takes
+            "exact" (summed over the vocabulary).
+        in_reward: put ``beta * k1`` per token into the reward (classic RLHF PPO, Ziegler et al.
+            2019, eq. 2) instead of a loss term; PPO only.
+        target: adapt the coefficient towards this KL per sequence (Ziegler et al. 2019, sec. 2.2;
+            starts from ``beta``); None keeps ``beta`` fixed; PPO only.
+        horizon: horizon of the adaptive controller, in sequences.
+        log_every: with beta 0 (no KL term, no reference forward), still log ``kl`` every n steps
+            (two extra no-grad forwards on those steps); needs a reference: LoRA (the adapter switched
+            off) or beta > 0. None never.
+    """
+
+    group: ClassVar[str] = "kl"
+    estimator: str = "k3"
+    in_reward: bool = False
+    target: float | None = None
+    horizon: int = 10_000
+    log_every: int | None = None
+
+    def validate(self) -> None:
+        self.require(self.target is None or self.target > 0, "target", "None or > 0")
+        self.require(self.horizon >= 1, "horizon", ">= 1")
+        self.require(self.log_every is None or self.log_every >= 1, "log_every", ">= 1 or None")
+
+
+OPTIMIZER_NAMES = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit"]
+
+
+@dataclass(frozen=True)
+class OptimOptions(OptionGroup):
+    """Optimisation (the learning rate is the top-level ``lr``).
+
+    Attributes:
+        optimizer: "adamw" (torch), "adamw8bit" (bitsandbytes 8-bit state, CPU or GPU), or the paged
+            variants (CUDA only); see ``rftlab.models.optim.OPTIMIZERS``.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps (then constant).
+        max_grad_norm: gradient clipping norm (used unless the Trainer sets gradient_clip_val); 0 disables.
+        max_nonfinite_steps: stop with ``NonFiniteTrainingError`` (after saving a checkpoint) when
+            this many optimizer steps in a row had a non-finite loss or gradient; each such step is
+            skipped and counted in ``faults/nonfinite_steps``. None never stops.
+    """
+
+    group: ClassVar[str] = "optim"
+    optimizer: OPTIMIZER_NAMES = "adamw"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_nonfinite_steps: int | None = 5
+
+    def validate(self) -> None:
+        self.require(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self.require(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        self.require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)")
+        self.require(self.max_nonfinite_steps is None or self.max_nonfinite_steps >= 1, "max_nonfinite_steps",
+                     ">= 1 or None")
+
+
+@dataclass(frozen=True)
+class LogOptions(OptionGroup):
+    """What is logged and evaluated, and when.
+
+    Attributes:
+        every_n_steps: overrides the Trainer's ``log_every_n_steps`` (its default 50 suits
+            supervised training, not RL steps that take seconds); None keeps the Trainer's.
+        validate_at_start: evaluate the held-out split before the first step (logged at step 0).
+    """
+
+    group: ClassVar[str] = "log"
+    every_n_steps: int | None = 1
+    validate_at_start: bool = True
+
+    def validate(self) -> None:
+        self.require(self.every_n_steps is None or self.every_n_steps >= 1, "every_n_steps", ">= 1 or None")
+
+
+@dataclass(frozen=True)
+class CriticOptions(OptionGroup):
+    """The learned critic (value head) of PPO and SegmentRFT.
+
+    Attributes:
+        kind: "shared" (value head on the policy's trunk: one model in memory, the value loss also
+            trains the trunk), "adapter" (own LoRA adapter on the policy's base; needs ``lora``) or
+            "model" (a separate model built like the policy: own weights, own LoRA with ``lora``).
+        model: for kind "model": the critic's base model ("default", "tiny", a folder or a hub id);
+            None uses the policy's. Its tokenizer must equal the policy's.
+        lr: learning rate of the value head and critic weights; None uses ``lr``.
+        vf_coef: >= 0, weight of the value loss.
+        value_clip: clip range of ``V - V_old`` in the value loss; 0 disables value clipping.
+        head_init_scale: >= 0, scale of the value head's initial weights (see ``ValueHead``).
+        warmup_steps: first optimizer steps that train only the critic (the policy, and a shared
+            trunk, stay unchanged), so values are useful before the policy moves.
+        whiten_advantages: whiten the advantages over the rollout's real tokens (PPO) or the
+            minibatch's real segments (SegmentRFT).
+    """
+
+    group: ClassVar[str] = "critic"
+    kind: Literal["shared", "adapter", "model"] = "shared"
+    model: str | None = None
+    lr: float | None = None
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    head_init_scale: float = 0.01
+    warmup_steps: int = 0
+    whiten_advantages: bool = True
+
+    def validate(self) -> None:
+        self.require(self.model is None or self.kind == "model", "model", "None unless critic.kind='model'")
+        self.require(self.lr is None or self.lr > 0, "lr", "None or > 0")
+        self.require(self.vf_coef >= 0, "vf_coef", ">= 0")
+        self.require(self.value_clip >= 0, "value_clip", ">= 0 (0 disables value clipping)")
+        self.require(self.head_init_scale >= 0, "head_init_scale", ">= 0")
+        self.require(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+
+
+@dataclass(frozen=True)
+class AdvantageSpec(OptionGroup):
+    """Which advantage estimator, and its options.
+
+    Attributes:
+        name: a name registered in ``rftlab.core.ADVANTAGE_ESTIMATORS`` ("grpo", "dr_grpo", "gae",
+            or yours, registered with ``rftlab.core.register_advantage``).
+        options: the estimator's keyword options (e.g. ``{"scale": "batch"}`` for "grpo",
+            ``{"lam": 0.9}`` for "gae"), checked against its signature when the algorithm is built.
+    """
+
+    group: ClassVar[str] = "advantage"
+    name: str = "grpo"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossSpec(OptionGroup):
+    """Which policy loss, how it is aggregated, and the terms around it.
+
+    Attributes:
+        name: a name registered in ``rftlab.core.POLICY_LOSSES`` ("ppo_clip", or yours, registered
+            with ``rftlab.core.register_policy_loss``).
+        agg: aggregation over tokens of the policy loss and the KL term: "seq-mean-token-mean"
+            (GRPO), "token-mean" (DAPO), "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr. GRPO),
+            or a name registered in ``rftlab.core.AGGREGATIONS``.
+        mask_truncated: truncated completions (no EOS) carry no loss (DAPO's overlong filtering).
+        entropy_coef: >= 0, weight of an entropy bonus (0: entropy is only logged).
+        options: the loss's own keyword options, checked against its signature.
+    """
+
+    group: ClassVar[str] = "loss"
+    name: str = "ppo_clip"
+    agg: str = "seq-mean-token-mean"
+    mask_truncated: bool = False
+    entropy_coef: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.require(self.entropy_coef >= 0, "entropy_coef", ">= 0")
+
+
+@dataclass(frozen=True)
+class OverlongOptions(OptionGroup):
+    """DAPO's overlong reward shaping (arXiv 2503.14476, sec. 3.4, eq. 13).
+
+    Attributes:
+        buffer_len: length of the soft-penalty window (DAPO's L_cache) in tokens; 0 disables it.
+        max_len: the hard length L_max; None uses the DataModule's ``max_new_tokens``.
+        penalty_factor: scale of the penalty added to the reward (1.0 in the paper).
+    """
+
+    group: ClassVar[str] = "overlong"
+    buffer_len: int = 0
+    max_len: int | None = None
+    penalty_factor: float = 1.0
+
+    def validate(self) -> None:
+        self.require(self.buffer_len >= 0, "buffer_len", ">= 0 (0 disables)")
+        self.require(self.max_len is None or self.buffer_len < self.max_len, "buffer_len",
+                     f"< overlong.max_len ({self.max_len})")
+        self.require(self.penalty_factor >= 0, "penalty_factor", ">= 0")
+
+
+@dataclass(frozen=True)
+class SegmentOptions(OptionGroup):
+    """SegmentRFT's segments: discounting, the ratio, pi_rollout's schedule and the segment rewards.
+
+    Attributes:
+        gamma: discount between segments, in [0, 1].
+        td_lambda: lambda-return weight in [0, 1]: 0 is the one-step TD target (the answer's reward
+            reaches a thought segment only through the critic), 1 the Monte-Carlo return.
+        ratio_mode: "sum" (exp of the summed token log-ratios), "mean" (length-normalised,
+            GSPO-style) or "token" (per-token ratios carrying the segment's advantage), or a name
+            registered in ``rftlab.core.SEGMENT_RATIO_MODES``.
+        rollout_sync_every: re-sync pi_rollout (the sampling snapshot) to pi_theta every this many
+            rollouts (>= 1; 1 is on-policy).
+        rewards: the segment-reward hyper-parameters (``rftlab.core.SegmentRewardParams``).
+    """
+
+    group: ClassVar[str] = "segments"
+    gamma: float = 1.0
+    td_lambda: float = 0.0
+    ratio_mode: str = "sum"
+    rollout_sync_every: int = 1
+    rewards: SegmentRewardParams = field(default_factory=SegmentRewardParams)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rewards, Mapping):
+            try:
+                object.__setattr__(self, "rewards", SegmentRewardParams(**self.rewards))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"segments.rewards.{err}") from None
+        super().__post_init__()
+
+    def validate(self) -> None:
+        self.require(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]")
+        self.require(0.0 <= self.td_lambda <= 1.0, "td_lambda", "in [0, 1]")
+        self.require(self.ratio_mode in SEGMENT_RATIO_MODES, "ratio_mode",
+                     f"one of {', '.join(SEGMENT_RATIO_MODES.names())}")
+        self.require(self.rollout_sync_every >= 1, "rollout_sync_every", "an integer >= 1")

@@ -1,0 +1,53 @@
+"""Importing the user's own plug-ins (registered advantage estimators, losses, algorithm classes).
+
+A plug-in registers itself when its module is imported (``@register_advantage("my_baseline")``).
+A YAML config that names it therefore needs the module imported first: ``rftlab fit`` and
+``rftlab compare`` take ``--imports [my_variants]`` (or ``imports: [my_variants]`` in the YAML),
+module names or ``.py`` files, imported before any object is built. The current folder is on the
+import path, as it is for ``python -m``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+
+def import_plugins(modules: Sequence[str]) -> list[ModuleType]:
+    """Import each of ``modules`` (dotted names, or paths of ``.py`` files) once, in order.
+
+    Args:
+        modules: e.g. ``["my_variants", "experiments/losses.py"]``.
+
+    Raises:
+        ImportError: naming the module that could not be imported, and why.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    imported = []
+    for name in modules:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file {str(path)!r}")
+                module_name = path.stem
+                if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == str(path):
+                    imported.append(sys.modules[module_name])
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(name)
+        except Exception as err:
+            raise ImportError(f"imports: {name!r} could not be imported ({type(err).__name__}: {err})") from err
+        imported.append(module)
+    return imported
