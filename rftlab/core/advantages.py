@@ -242,7 +242,8 @@ def dr_grpo_advantages(rewards: Tensor, group_size: int, mask: Tensor) -> Tensor
 
 
 def _check_grpo_options(scale: str = "group", eps: float = 1e-6) -> None:
-    ADVANTAGE_SCALES.get(scale)
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale={scale!r} is invalid: must be one of {', '.join(ADVANTAGE_SCALES.names())}")
     if eps < 0:
         raise ValueError(f"eps={eps!r} is invalid: must be >= 0")
 

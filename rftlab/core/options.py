@@ -17,6 +17,7 @@ from rftlab.core.arguments import describe, matches
 G = TypeVar("G")
 
 
+@dataclasses.dataclass(frozen=True)
 class OptionGroup:
     """Base of the option groups: type checks of every field against its annotation, then ``validate``."""
 

@@ -52,7 +52,7 @@ def _ref_segment_rewards(G, S, P, r, alpha=1.5, delta=0.5, window=3, kappa_pos=1
             E = -math.log(1 + abs(dp)) * (base - P[k]) / kappa_neg
         else:
             E = 0.0
-        C.append(G + s_hat + E * S[k] / lam)
+        C.append(G + s_hat + E * S[k] / progress_divisor)
     if whiten == "chain":
         mu_c = sum(C) / M
         sigma_c = math.sqrt(sum((c - mu_c) ** 2 for c in C) / M + eps_std)
