@@ -55,7 +55,8 @@ def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     """Flat hyper-parameters mapped onto the option groups; grouped ones are returned unchanged.
 
     The algorithm is told apart by its options: SegmentRFT had ``rollout_sync_every``, PPO
-    ``kl_in_reward``; GRPO's ``scale`` becomes ``advantage.options.scale``.
+    ``kl_in_reward``, SFT no clip range (its ``loss_agg`` stays); GRPO's ``scale`` becomes
+    ``advantage.options.scale``.
 
     Args:
         hparams: a checkpoint's ``hyper_parameters``.
@@ -64,12 +65,15 @@ def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         return dict(hparams)
     segment = "rollout_sync_every" in hparams
     ppo = "kl_in_reward" in hparams
+    sft = "eps_low" not in hparams and "eps" not in hparams  # SFT had no clip range
     out: dict[str, Any] = {}
     groups: dict[str, dict[str, Any]] = {}
     for name, value in hparams.items():
         if name in _DROPPED:
             continue
-        if segment and name == "eps":
+        if sft and name == "loss_agg":
+            out[name] = value
+        elif segment and name == "eps":
             groups.setdefault("clip", {}).update(eps_low=value, eps_high=value)
         elif segment and name == "kl":
             groups.setdefault("kl", {})["estimator"] = value
