@@ -3,8 +3,8 @@
 It wires the policy (built from the ``policy`` group, run by ``rftlab.models.PolicyRuntime``) to the
 two protocol methods the RolloutDataModule calls (``generate`` and ``score_rollout``, see
 ``rftlab.rollout.protocol``), to optimisation and to held-out validation. A subclass implements
-``compute_advantages`` and ``compute_loss``; ``GRPO`` shows the pattern, and the hooks a subclass
-may override are listed in ``docs`` of the plug-in API (README "Plug-in variants").
+``compute_advantages`` and ``compute_loss``; ``GRPO`` shows the pattern (README "Plug-in variants"
+lists the hooks a subclass may override).
 """
 
 from __future__ import annotations
@@ -16,27 +16,32 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
 
-from rftlab.algorithms.faults import CHECKPOINT_KEY, NonFiniteGuard, pending_rng, resume_state
+from rftlab.algorithms.faults import (
+    CHECKPOINT_KEY,
+    NonFiniteGuard,
+    check_trainable_weights,
+    restore_resume_state,
+    resume_state,
+)
 from rftlab.algorithms.options import ClipOptions, KLOptions, LogOptions, OptimOptions, as_group
 from rftlab.algorithms.timing import StepTimer
-from rftlab.core import KL_ESTIMATORS, entropy_from_logits, kl_penalty, masked_mean, selective_log_softmax
+from rftlab.algorithms.monitoring import Monitoring
+from rftlab.core import KL_ESTIMATORS, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
 from rftlab.models.build import PolicySpec, build_policy, frozen_reference
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.migration import load_migrated
-from rftlab.models.optim import build_optimizer
+from rftlab.models.optim import check_optimizer, optimizer_with_warmup
 from rftlab.models.policy import trainable_state_keys
 from rftlab.models.runtime import ForwardOptions, PolicyRuntime
 from rftlab.rollout.distributed import reduce_metrics
-from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.resume import restore_rng_state
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.sampler import SamplingParams, hf_model, sample_completions
 
 
-class RFTModule(L.LightningModule):
+class RFTModule(Monitoring, L.LightningModule):
     """Policy, protocol and optimisation shared by all algorithms.
 
     Args:
@@ -83,13 +88,9 @@ class RFTModule(L.LightningModule):
         self.log_options = as_group(log, LogOptions)
         _require(lr > 0, "lr", lr, "a finite number > 0")
         _require(beta >= 0, "beta", beta, ">= 0")
-        kl = self.kl_options
-        _require(kl.estimator in self.kl_estimators(), "kl.estimator", kl.estimator, f"one of {', '.join(self.kl_estimators())}")
-        for name in ("in_reward", "target"):
-            _require(self.kl_in_reward_supported or getattr(kl, name) == getattr(KLOptions, name), f"kl.{name}",
-                     getattr(kl, name), f"{getattr(KLOptions, name)!r} for {type(self).__name__} (PPO's option)")
-        _require(kl.log_every is None or self.policy_spec.lora or beta > 0, "kl.log_every", kl.log_every,
-                 "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
+        check_optimizer(self.optim_options.optimizer, "optim.optimizer")
+        self.kl_options.check_for(type(self).__name__, self.kl_estimators(), self.kl_in_reward_supported,
+                                  has_reference=self.policy_spec.lora or beta > 0)
         _require(self.forward_options.sampling_dtype is None or self.policy_spec.quantization == "none",
                  "forward.sampling_dtype", self.forward_options.sampling_dtype,
                  f"None with policy.quantization={self.policy_spec.quantization!r} (a quantized base has no weights to copy)")
@@ -102,9 +103,7 @@ class RFTModule(L.LightningModule):
         # (or reference-copy) checkpoints hold only trainable weights; refined in configure_model.
         self.strict_loading = not (self.policy_spec.lora or beta > 0)
         self._tokenizer = None
-        self.val_accuracy = MeanMetric()
-        self.val_reward = MeanMetric()
-        self.initial_val_accuracy: float | None = None
+        self.init_validation_metrics()
         self._pending_rng: dict[str, Any] | None = None  # restored when training starts
 
     @classmethod
@@ -123,10 +122,6 @@ class RFTModule(L.LightningModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.policy_spec.model)
         return self._tokenizer
-
-    @property
-    def uses_adapter(self) -> bool:
-        return self.policy_spec.lora
 
     @property
     def beta(self) -> float:
@@ -226,17 +221,6 @@ class RFTModule(L.LightningModule):
                 rollout.metrics["timing/kl_monitor"] = time.perf_counter() - start
             return self.compute_advantages(rollout)
 
-    def monitors_kl(self) -> bool:
-        """Whether this step's rollout gets the KL monitor (``kl.log_every``, beta 0 only)."""
-        every = self.kl_options.log_every
-        return every is not None and self.beta == 0 and self.global_step % every == 0
-
-    def monitored_kl(self, rollout: Rollout) -> float:
-        """Masked token mean of KL(policy || reference) on a rollout, for logging only (no grad)."""
-        ref = self.batched_logprobs(rollout, reference=True)
-        current = rollout.old_logp if rollout.old_logp is not None else self.batched_logprobs(rollout)
-        return float(masked_mean(kl_penalty(current, ref, kind=self.kl_options.estimator), rollout.completion_mask))
-
     def record_sampling_state(self, rollout: Rollout) -> Rollout:
         """Hook (no grad): what the sampling policy computes, recorded once at rollout time.
 
@@ -262,11 +246,6 @@ class RFTModule(L.LightningModule):
     def compute_loss(self, batch: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one minibatch and the metrics to log (namespaced names)."""
         raise NotImplementedError
-
-    def token_entropy(self, logits: Tensor, mask: Tensor) -> Tensor:
-        """Masked mean entropy of the policy at the completion tokens (a monitoring metric)."""
-        with torch.no_grad():
-            return masked_mean(entropy_from_logits(logits.detach()), mask)
 
     def training_step(self, batch: Rollout, batch_idx: int) -> Tensor | None:
         # Lightning runs this under its autocast; the backward keeps the cached casts it saved.
@@ -298,10 +277,8 @@ class RFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = self.optim_options
-        optimizer = build_optimizer(opt.optimizer, self.optimizer_param_groups(), lr=self.hparams.lr, weight_decay=opt.weight_decay)
-        warmup = opt.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_warmup(opt.optimizer, self.optimizer_param_groups(), self.hparams.lr, opt.weight_decay,
+                                     opt.warmup_steps)
 
     def on_fit_start(self) -> None:
         if self.log_options.every_n_steps is not None:
@@ -316,52 +293,17 @@ class RFTModule(L.LightningModule):
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
 
-    # ---- validation ------------------------------------------------------------------------
-    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
-        self.val_accuracy.update(batch.correct)
-        self.val_reward.update(batch.rewards)
-        n = len(batch.correct)
-        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
-        self.log("val/reward", self.val_reward, on_step=False, on_epoch=True, batch_size=n)
-        self.log("val/mean_length", batch.lengths.mean(), on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-
-    def validate_before_training(self) -> None:
-        """Held-out accuracy of the untrained policy, logged as ``val/accuracy`` at step 0."""
-        if not self.log_options.validate_at_start or self.global_step > 0:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        stream = datamodule.val_dataloader() if datamodule is not None else []
-        if not stream or self.trainer.limit_val_batches == 0:
-            return
-        metric = MeanMetric().to(self.device)
-        with torch.inference_mode():
-            for batch in stream:
-                metric.update(batch.correct.to(self.device))
-        self.initial_val_accuracy = float(metric.compute())
-        for logger in self.loggers:
-            logger.log_metrics({"val/accuracy": self.initial_val_accuracy}, step=self.global_step)
-
     # ---- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = resume_state(self.faults)  # random generators, fault counters
-        if not self.strict_loading:
+        if not self.strict_loading:  # only what trains (adapter, heads): frozen weights come from `policy`
             keep = trainable_state_keys(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state:
-            self.faults.total = int(state.get("nonfinite_steps", 0))
-            self.faults.in_a_row = int(state.get("consecutive_nonfinite", 0))
-            trainer = self._trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            self._pending_rng = pending_rng(state, rank, world)
-        if self.policy is None:
-            return
-        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
-        missing = sorted(k for k in trainable if k not in checkpoint["state_dict"])
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        self._pending_rng = restore_resume_state(self, checkpoint.get(CHECKPOINT_KEY))
+        if self.policy is not None:
+            check_trainable_weights(self, checkpoint["state_dict"])
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:

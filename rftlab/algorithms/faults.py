@@ -171,3 +171,32 @@ class NonFiniteGuard:
                       stacklevel=3)
         if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
             raise abort_nonfinite(module, what, self.in_a_row)
+
+
+def restore_resume_state(module: Any, state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Restore the fault counters from a checkpoint's entry; return this process's generator state to
+    restore when training starts (None when absent or the process count changed).
+
+    Args:
+        module: the RFTModule (its ``faults`` guard is updated).
+        state: the checkpoint's ``"rftlab"`` entry (None for checkpoints saved before it existed).
+    """
+    if not state:
+        return None
+    module.faults.total = int(state.get("nonfinite_steps", 0))
+    module.faults.in_a_row = int(state.get("consecutive_nonfinite", 0))
+    trainer = module._trainer
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    return pending_rng(state, rank, world)
+
+
+def check_trainable_weights(module: Any, state_dict: dict[str, Any]) -> None:
+    """Raise a KeyError naming trainable weights of ``module`` that ``state_dict`` lacks.
+
+    Args:
+        module: the module the checkpoint is loaded into.
+        state_dict: the checkpoint's ``state_dict``.
+    """
+    missing = sorted(n for n, p in module.named_parameters() if p.requires_grad and n not in state_dict)
+    if missing:
+        raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}{'...' if len(missing) > 5 else ''}")

@@ -73,6 +73,22 @@ class KLOptions(OptionGroup):
         self.require(self.horizon >= 1, "horizon", ">= 1")
         self.require(self.log_every is None or self.log_every >= 1, "log_every", ">= 1 or None")
 
+    def check_for(self, algorithm: str, estimators: list[str], in_reward_supported: bool, has_reference: bool) -> None:
+        """Checks that need the algorithm: its estimators, whether it puts the KL in the reward, a reference.
+
+        Args:
+            algorithm: the algorithm's class name, for messages.
+            estimators: the estimator names it accepts.
+            in_reward_supported: whether ``in_reward`` and ``target`` mean something to it (PPO).
+            has_reference: whether a reference policy is kept (LoRA, or beta > 0).
+        """
+        self.require(self.estimator in estimators, "estimator", f"one of {', '.join(estimators)}")
+        for name, default in (("in_reward", False), ("target", None)):
+            self.require(in_reward_supported or getattr(self, name) == default, name,
+                         f"{default!r} for {algorithm} (PPO's option)")
+        self.require(self.log_every is None or has_reference, "log_every",
+                     "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
+
 
 OPTIMIZER_NAMES = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit"]
 

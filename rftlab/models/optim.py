@@ -42,18 +42,19 @@ for _name, _class in (("adamw8bit", "AdamW8bit"), ("paged_adamw", "PagedAdamW"),
     OPTIMIZERS.register(_name, _bnb(_class, _name))
 
 
-def check_optimizer(name: str) -> None:
+def check_optimizer(name: str, parameter: str = "optimizer") -> None:
     """Validate an optimizer name at construction: registered, bitsandbytes importable, a GPU for paged ones.
 
     Args:
         name: a name registered in ``OPTIMIZERS``.
+        parameter: the option that holds it, for error messages.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer={name!r} is invalid: must be one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"{parameter}={name!r} is invalid: must be one of {', '.join(OPTIMIZERS)}")
     if name in ("adamw8bit", *PAGED):
-        require_bitsandbytes(f"optimizer={name!r}")
+        require_bitsandbytes(f"{parameter}={name!r}")
     if name in PAGED and not torch.cuda.is_available():
-        raise ValueError(f"optimizer={name!r} pages optimizer state between GPU and CPU memory and needs a CUDA "
+        raise ValueError(f"{parameter}={name!r} pages optimizer state between GPU and CPU memory and needs a CUDA "
                          "GPU, and none is visible; use optimizer='adamw8bit' (8-bit state, runs on CPU) or 'adamw'")
 
 
@@ -68,3 +69,20 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, weight_de
     """
     check_optimizer(name)
     return OPTIMIZERS.get(name)(param_groups, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_with_warmup(name: str, param_groups: Iterable[Any], lr: float, weight_decay: float,
+                          warmup_steps: int) -> dict[str, Any]:
+    """``configure_optimizers``'s answer: the optimizer and a per-step linear warm-up (then constant).
+
+    Args:
+        name: a name registered in ``OPTIMIZERS``.
+        param_groups: parameters or parameter-group dicts.
+        lr: default learning rate.
+        weight_decay: decoupled weight decay.
+        warmup_steps: steps of linear warm-up from lr / (warmup_steps + 1); 0 disables it.
+    """
+    optimizer = build_optimizer(name, param_groups, lr=lr, weight_decay=weight_decay)
+    ramp = (lambda step: min(1.0, (step + 1) / (warmup_steps + 1))) if warmup_steps else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ramp)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,68 @@
+"""What every algorithm measures but does not train on: held-out accuracy, the KL monitor, entropy."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from torch import Tensor
+
+from rftlab.core import entropy_from_logits, kl_penalty, masked_mean
+from rftlab.rollout.evaluation import EvalBatch
+from rftlab.rollout.rollout import Rollout
+
+
+class Monitoring:
+    """Monitoring part of an ``RFTModule`` (a mixin).
+
+    Validation steps log ``val/accuracy``, ``val/reward`` and ``val/mean_length`` on the held-out
+    split of the DataModule's ``val_dataloader`` (greedy answers, scored by the task's verifier);
+    with ``log.validate_at_start`` the untrained policy is evaluated once before the first step and
+    logged at step 0. With beta 0, ``kl.log_every`` still logs the KL to the reference.
+    """
+
+    def init_validation_metrics(self) -> None:
+        """Create the running means (called from ``__init__``)."""
+        self.val_accuracy = MeanMetric()
+        self.val_reward = MeanMetric()
+        self.initial_val_accuracy: float | None = None
+
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        self.val_accuracy.update(batch.correct)
+        self.val_reward.update(batch.rewards)
+        n = len(batch.correct)
+        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log("val/reward", self.val_reward, on_step=False, on_epoch=True, batch_size=n)
+        self.log("val/mean_length", batch.lengths.mean(), on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def validate_before_training(self) -> None:
+        """Held-out accuracy of the untrained policy, logged as ``val/accuracy`` at step 0."""
+        if not self.log_options.validate_at_start or self.global_step > 0:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        stream = datamodule.val_dataloader() if datamodule is not None else []
+        if not stream or self.trainer.limit_val_batches == 0:
+            return
+        metric = MeanMetric().to(self.device)
+        with torch.inference_mode():
+            for batch in stream:
+                metric.update(batch.correct.to(self.device))
+        self.initial_val_accuracy = float(metric.compute())
+        for logger in self.loggers:
+            logger.log_metrics({"val/accuracy": self.initial_val_accuracy}, step=self.global_step)
+
+    def monitors_kl(self) -> bool:
+        """Whether this step's rollout gets the KL monitor (``kl.log_every``, beta 0 only)."""
+        every = self.kl_options.log_every
+        return every is not None and self.beta == 0 and self.global_step % every == 0
+
+    def monitored_kl(self, rollout: Rollout) -> float:
+        """Masked token mean of KL(policy || reference) on a rollout, for logging only (no grad)."""
+        ref = self.batched_logprobs(rollout, reference=True)
+        current = rollout.old_logp if rollout.old_logp is not None else self.batched_logprobs(rollout)
+        return float(masked_mean(kl_penalty(current, ref, kind=self.kl_options.estimator), rollout.completion_mask))
+
+    def token_entropy(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Masked mean entropy of the policy at the completion tokens (a monitoring metric)."""
+        with torch.no_grad():
+            return masked_mean(entropy_from_logits(logits.detach()), mask)
