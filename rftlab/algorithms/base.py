@@ -25,6 +25,7 @@ from rftlab.core import entropy_from_logits, kl_penalty, masked_mean, selective_
 from rftlab.core.arguments import check_init_arguments
 from rftlab.models.build import PolicySpec, build_policy, check_reference_placement, frozen_reference, module_device
 from rftlab.models.cast_cache import FrozenCastCache
+from rftlab.models.hf import hf_model
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.onednn import OneDNNLinears
 from rftlab.models.optim import build_optimizer, check_optimizer
@@ -35,7 +36,7 @@ from rftlab.rollout.distributed import any_rank, is_distributed, reduce_metrics
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.resume import restore_rng_state
-from rftlab.rollout.sampler import SamplingParams, hf_model, sample_completions
+from rftlab.rollout.sampler import SamplingParams, sample_completions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -35,11 +35,11 @@ from rftlab.core import (
     whiten,
 )
 from rftlab.core.arguments import check_choice
+from rftlab.models.hf import set_checkpointing
 from rftlab.models.loading import load_causal_lm, load_tokenizer
 from rftlab.models.policy import adapter_active, add_adapter, apply_lora, completion_forward
 from rftlab.models.value_head import ValueHead, completion_state_values, token_values
 from rftlab.rollout.rollout import Rollout
-from rftlab.rollout.sampler import set_checkpointing
 
 #: Critic layouts: a value head on the policy's own trunk; a value head on the policy's base with its
 #: own LoRA adapter; a separate model (own weights; own LoRA when ``lora=True``).

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from rftlab.models.hf import set_checkpointing
 from rftlab.models.loading import load_causal_lm, quantize_in_memory
 from rftlab.models.policy import apply_lora
 from rftlab.models.precision import check_dtype_runs, dtype_from_name
 from rftlab.models.quantization import check_quantization
-from rftlab.rollout.sampler import set_checkpointing
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def test_generate_cli_answers_held_out_rows_as_the_trained_policy_does(tmp_path,
 
 
 def main_generate(args):
-    from rftlab.models.generation import generate_main
+    from rftlab.experiments.generation import generate_main
 
     return generate_main(args)
 
