@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
 from lightning.pytorch.callbacks import ModelCheckpoint
 
