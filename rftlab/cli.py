@@ -6,7 +6,7 @@
     rftlab compare --config configs/compare_arithmetic.yaml      (see rftlab/experiments/cli.py)
     rftlab evaluate --policy default --num_samples 8 --k [1,8]
     rftlab export --ckpt last.ckpt --out exported/ [--adapter-only]   (see rftlab/models/export.py)
-    rftlab generate --ckpt last.ckpt --prompts "[Calculate 12 + 30.]"  (see rftlab/models/generation.py)
+    rftlab generate --ckpt last.ckpt --prompts "[Calculate 12 + 30.]"  (see rftlab/experiments/generation.py)
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ SUBCOMMANDS: dict[str, str] = {
     "compare": "rftlab.experiments.cli:compare_main",
     "evaluate": "rftlab.experiments.cli:evaluate_main",
     "export": "rftlab.models.export:export_main",
-    "generate": "rftlab.models.generation:generate_main",
+    "generate": "rftlab.experiments.generation:generate_main",
 }
 
 

@@ -25,11 +25,12 @@ from rftlab.algorithms.faults import (
     resume_state,
 )
 from rftlab.algorithms.options import ClipOptions, KLOptions, LogOptions, OptimOptions, as_group
-from rftlab.algorithms.timing import StepTimer
 from rftlab.algorithms.monitoring import Monitoring
+from rftlab.algorithms.timing import StepTimer
 from rftlab.core import KL_ESTIMATORS, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
 from rftlab.models.build import PolicySpec, build_policy, frozen_reference
+from rftlab.models.hf import stop_token_ids
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.migration import load_migrated
 from rftlab.models.optim import check_optimizer, optimizer_with_warmup
@@ -38,7 +39,7 @@ from rftlab.models.runtime import ForwardOptions, PolicyRuntime
 from rftlab.rollout.distributed import reduce_metrics
 from rftlab.rollout.resume import restore_rng_state
 from rftlab.rollout.rollout import Rollout
-from rftlab.rollout.sampler import SamplingParams, hf_model, sample_completions
+from rftlab.rollout.sampler import SamplingParams, sample_completions
 
 
 class RFTModule(Monitoring, L.LightningModule):
@@ -60,6 +61,8 @@ class RFTModule(Monitoring, L.LightningModule):
 
     #: The DataModule drops zero-variance groups when its own ``dynamic_sampling`` is None and this is True.
     prefers_dynamic_sampling: bool = False
+    #: Whether the module trains on reference completions (``SFTDataModule``) rather than its own samples.
+    trains_on_references: bool = False
     #: Whether ``kl.in_reward`` and ``kl.target`` mean something to this algorithm (PPO).
     kl_in_reward_supported: bool = False
 
@@ -170,9 +173,7 @@ class RFTModule(Monitoring, L.LightningModule):
                  params: SamplingParams) -> tuple[Tensor, Tensor, Tensor]:
         """Sample completions with the current policy (protocol method used by the DataModule)."""
         self.configure_model()
-        eos = [self.tokenizer.eos_token_id]
-        gen_eos = getattr(getattr(hf_model(self.policy), "generation_config", None), "eos_token_id", None)
-        eos += [e for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if e is not None and e not in eos]
+        eos = stop_token_ids(self.policy, self.tokenizer)
         # The sampling copy is taken before the cast cache swaps weights: it merges float32 ones.
         model = self.runtime.sampling_model(self.policy, self.global_step if self._trainer is not None else None)
         with self.precision_context(), self.runtime.kernels(model, sampling=True):

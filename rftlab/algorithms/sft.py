@@ -4,7 +4,7 @@ The usual recipe trains the policy on demonstrations first and starts RL from th
 (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, sec. 3.5; DeepSeek-R1's "cold start",
 arXiv 2501.12948, sec. 2.3.1): RL then refines a policy that already answers in the expected form.
 
-``SFTDataModule`` turns each task row into (prompt, reference completion + EOS) and hands ``SFT``
+``SFTDataModule`` (``rftlab.rollout.references``) turns each task row into (prompt, reference completion + EOS) and hands ``SFT``
 the same ``Rollout`` batch every algorithm trains on, so the module only adds its loss: the
 negative log-likelihood of the completion tokens (the prompt carries no loss). Validation (held-out
 accuracy through ``generate``), checkpoints, LoRA/QLoRA and optimizers are the base module's.
@@ -14,7 +14,6 @@ written by ``rftlab export``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,130 +21,10 @@ from torch import Tensor
 
 from rftlab.algorithms.base import RFTModule, _require
 from rftlab.core import AGGREGATIONS, aggregate, masked_mean, selective_log_softmax
-from rftlab.rollout.datamodule import RolloutDataModule
+from rftlab.rollout.references import SFTDataModule, reference_text, right_pad
 from rftlab.rollout.rollout import Rollout
-from rftlab.tasks.base import Task
 
-#: Row columns read as the reference completion when no template is given, in this order.
-REFERENCE_COLUMNS = ("solution", "answer")
-
-
-def reference_text(row: Mapping[str, Any], template: str | None = None) -> str:
-    """The reference completion of a task row.
-
-    Args:
-        row: a task row (``prompt`` plus reference columns).
-        template: a ``str.format`` template over the row's columns (e.g. ``"{a} {op} {b} = {answer}"``);
-            None reads the first of ``REFERENCE_COLUMNS`` the row has.
-    """
-    if template is not None:
-        try:
-            return template.format(**row)
-        except (KeyError, IndexError) as err:
-            raise ValueError(f"target_template={template!r} names {err} which the task's rows lack; "
-                             f"columns: {sorted(row)}") from err
-    for column in REFERENCE_COLUMNS:
-        if row.get(column) is not None:
-            return str(row[column])
-    raise ValueError(f"the task's rows have no reference column ({' or '.join(REFERENCE_COLUMNS)}); "
-                     f"columns: {sorted(row)}; set target_template, e.g. '{{answer}}'")
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Stack token lists into (B, L) ids and mask, padded on the right (as completions are)."""
-    width = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), max(width, 1)), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[i, : len(seq)] = 1
-    return ids, mask
-
-
-class SFTDataModule(RolloutDataModule):
-    """Batches of (prompt, reference completion) from a task, for ``SFT``.
-
-    Prompt order, held-out validation, seeding and checkpointed stream position are the
-    ``RolloutDataModule``'s; only the training batches differ: the reference, not a sample.
-
-    Args:
-        task: the task; its rows give the prompts and the references, its verifier the validation.
-        batch_size: examples per optimizer step (per process).
-        target_template: ``str.format`` template of the reference over a row's columns; None reads
-            the row's ``solution``, else its ``answer``.
-        max_target_length: longest reference in tokens, EOS included; longer ones are cut (and lose
-            the EOS, so the model is not taught to stop there).
-        max_prompt_length: longest prompt in tokens.
-        prompt_truncation: "left" (keep a long prompt's end, with a warning) or "error".
-        val_batch_size: held-out prompts per validation batch.
-        val_max_new_tokens: answer budget of the greedy validation answers.
-        num_val_prompts: validate on the first n held-out prompts only (default: all).
-        steps_per_epoch: optimizer steps per "epoch" (default: one pass over the training rows).
-        seed: seeds the example order.
-    """
-
-    def __init__(
-        self,
-        task: Task,
-        batch_size: int = 8,
-        target_template: str | None = None,
-        max_target_length: int = 256,
-        max_prompt_length: int = 512,
-        prompt_truncation: str = "left",
-        val_batch_size: int = 64,
-        val_max_new_tokens: int = 64,
-        num_val_prompts: int | None = None,
-        steps_per_epoch: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        if not isinstance(max_target_length, int) or max_target_length < 1:
-            raise ValueError(f"max_target_length={max_target_length!r} is invalid: must be an integer >= 1")
-        super().__init__(
-            task=task, prompts_per_step=batch_size, num_generations=1, max_new_tokens=val_max_new_tokens, max_prompt_length=max_prompt_length,
-            prompt_truncation=prompt_truncation, dynamic_sampling=False, val_batch_size=val_batch_size,
-            num_val_prompts=num_val_prompts, steps_per_epoch=steps_per_epoch, seed=seed,
-        )
-        reference_text(self.train_rows[0], target_template)  # a missing column fails here, not at step 1
-        self.target_template = target_template
-        self.max_target_length = max_target_length
-
-    def check_module(self, module: Any) -> None:
-        if not isinstance(module, SFT):
-            raise ValueError(f"SFTDataModule feeds reference solutions, which only rftlab.SFT trains on; "
-                             f"{type(module).__name__} samples its own completions: give it a RolloutDataModule")
-        module.check_datamodule(self)
-
-    def next_minibatch(self) -> Rollout:
-        """The next ``batch_size`` examples as a Rollout whose completions are the references."""
-        module = self.module
-        self.check_module(module)
-        rollout = self.reference_batch(self.next_prompt_rows(self.prompts_per_step), module.tokenizer)
-        rollout.policy_version = int(module.global_step)
-        return rollout
-
-    def reference_batch(self, rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> Rollout:
-        """Encode rows as prompts (left-padded) and reference completions + EOS (right-padded).
-
-        Args:
-            rows: task rows.
-            tokenizer: the policy's tokenizer.
-        """
-        prompts, prompt_ids, prompt_mask = self.encoder.encode([r["prompt"] for r in rows], tokenizer)
-        targets = [reference_text(r, self.target_template) for r in rows]
-        tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in targets]
-        truncated = torch.tensor([len(t) > self.max_target_length for t in tokens])
-        completion_ids, completion_mask = right_pad([t[: self.max_target_length] for t in tokens], tokenizer.pad_token_id)
-        n = len(rows)
-        rollout = Rollout(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-            completion_mask=completion_mask, group=torch.arange(n), rewards=torch.zeros(n),
-            rewards_per_fn=torch.zeros(n, 0), truncated=truncated, prompts=prompts, completions=targets,
-            rows=[dict(r) for r in rows],
-        )
-        lengths = completion_mask.sum(-1).float()
-        rollout.metrics = {"completions/mean_length": lengths.mean().item(),
-                           "completions/clipped_ratio": truncated.float().mean().item()}
-        return rollout
+__all__ = ["SFT", "SFTDataModule", "reference_text", "right_pad"]
 
 
 class SFT(RFTModule):
@@ -158,6 +37,8 @@ class SFT(RFTModule):
         **kwargs: ``RFTModule`` options (policy, lora, lr, forward, optim, log); ``beta`` must stay 0
             (no reference term).
     """
+
+    trains_on_references = True  # what SFTDataModule checks (see rftlab.rollout.protocol)
 
     def __init__(self, loss_agg: str = "token-mean", **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from rftlab.core.options import OptionGroup, as_group
+from rftlab.models.hf import set_checkpointing
 from rftlab.models.loading import load_causal_lm, quantize_in_memory
 from rftlab.models.policy import apply_lora
 from rftlab.models.precision import check_dtype_runs, dtype_from_name
 from rftlab.models.quantization import check_quantization
-from rftlab.rollout.sampler import set_checkpointing
 
 
 #: Where the frozen reference copy of a fully fine-tuned policy lives (adapter runs need no copy):

@@ -135,7 +135,7 @@ class OneDNNLinears:
             sampling: the no-grad decoding loop (sampling switches gradient checkpointing off).
             prepack: keep prepacked copies of frozen weights (faster; memory of one more copy).
         """
-        from rftlab.rollout.sampler import is_checkpointing
+        from rftlab.models.hf import is_checkpointing
 
         if torch.is_autocast_enabled("cpu") or not onednn_linear_available():
             yield

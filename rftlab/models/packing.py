@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rftlab.rollout.sampler import hf_model
+from rftlab.models.hf import hf_model
 
 # Attention implementations that accept a custom 4D mask (boolean for SDPA, additive for eager).
 PACKABLE_ATTENTION = ("sdpa", "eager")

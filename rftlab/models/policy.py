@@ -9,9 +9,9 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from rftlab.models.hf import hf_model, is_checkpointing, position_ids_from_mask
 from rftlab.models.packing import (PACKING, attention_pair_cost, is_prefix_mask, pack_groups, packable, packed_states,
                                    packing_pays)
-from rftlab.rollout.sampler import hf_model, is_checkpointing, position_ids_from_mask
 
 
 def apply_lora(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rftlab.rollout.sampler import SamplingParams, position_ids_from_mask
+from rftlab.models.hf import position_ids_from_mask
+from rftlab.rollout.sampler import SamplingParams
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -31,6 +31,8 @@ class RolloutModule(Protocol):
 
     #: With the DataModule's ``dynamic_sampling=None``: drop zero-variance groups (DAPO) or not.
     prefers_dynamic_sampling: bool
+    #: Whether the module trains on reference completions; ``SFTDataModule`` accepts only such modules.
+    trains_on_references: bool
 
     @property
     def tokenizer(self) -> Any:

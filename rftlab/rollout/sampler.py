@@ -13,6 +13,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from rftlab.models.hf import hf_model, is_checkpointing, set_checkpointing
+
 
 BACKENDS = ("rftlab", "hf", "vllm")
 
@@ -92,42 +94,6 @@ def completion_mask_from_eos(completion_ids: Tensor, eos_token_ids: list[int]) -
     mask = (positions <= first_eos.unsqueeze(1)).long()
     truncated = first_eos >= T
     return mask, truncated
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids that follow the attention mask (left padding does not shift positions).
-
-    Matches what HF ``generate`` uses for left-padded batches, so training-time log-probs see the
-    same positions as sampling did.
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp_min(0)
-
-
-def set_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Switch activation (gradient) checkpointing of a HF model on or off, across transformers versions."""
-    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        if enabled:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_disable()
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The HF causal LM inside a PEFT wrapper (its layers carry the adapter), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_checkpointing(model: nn.Module) -> bool:
-    """Whether activation checkpointing is on (``is_gradient_checkpointing`` is deprecated in v5)."""
-    model = getattr(model, "get_base_model", lambda: model)()  # a PEFT wrapper forwards it with a warning
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, flag, False))
 
 
 @contextmanager

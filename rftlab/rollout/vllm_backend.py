@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rftlab.rollout.sampler import SamplingParams, hf_model
+from rftlab.models.hf import hf_model
+from rftlab.rollout.sampler import SamplingParams
 
 # Passed to ``vllm.LLM``. Training shares the GPU, so vLLM gets a fraction of it (weights + KV cache),
 # not its default 0.9; prefix caching lets the G samples of a prompt share its prefill.

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
 
 from rftlab import DAPO, GRPO, RolloutDataModule
@@ -92,9 +93,7 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_fills_the_batch():
     module = tiny_dapo()
     dm = RolloutDataModule(task=half_constant_task(), prompts_per_step=3, max_new_tokens=4, max_gen_batches=10)
     spy = SeenKinds()
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[spy], limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 3, callbacks=[spy])
     assert set(spy.kinds) == {"vary"}, "a zero-variance group reached training_step"
     assert spy.groups == [3, 3, 3], "every step gets its full batch of groups"
     for m in spy.metrics:
@@ -128,14 +127,12 @@ def test_max_gen_batches_is_respected(monkeypatch):
 
 def test_dapo_trains_and_logs_its_metrics_to_wandb(tmp_path):
     module = tiny_dapo(overlong_buffer_len=2, mask_truncated_completions=False)
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    before = trainable_snapshot(module)
     dm = RolloutDataModule(task=half_constant_task(), prompts_per_step=2, max_new_tokens=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
-    trainer = L.Trainer(max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 2, logger=logger)
     finish_offline_run()
-    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    assert_params_changed(before, module, require="any")
     history = read_history(find_run_files(tmp_path)[0])
     keys = {k for row in history for k in row}
     for key in ("dynamic_sampling/gen_batches", "dynamic_sampling/kept_fraction", "frac_reward_zero_std",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
 
 from rftlab import GRPO, RolloutDataModule
@@ -46,24 +46,18 @@ def test_hyperparameters_cover_base_and_algorithm_arguments():
     assert model.hparams.lora is True and model.hparams.scale == "none" and model.hparams.lr == 1e-5
 
 
-def _trainable(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 def test_grpo_fit_changes_weights_and_logs_every_metric_to_wandb(tmp_path, tiny_grpo, vary_reward):
     module = tiny_grpo(lora=True, beta=0.05, lr=5e-3)
-    before = _trainable(module)
-    frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    before = trainable_snapshot(module)
+    frozen_before = trainable_snapshot(module, frozen=True)
     dm = RolloutDataModule(task=Arithmetic(num_test=4), rewards=vary_reward, prompts_per_step=2,
                            max_new_tokens=6, val_batch_size=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
-    trainer = L.Trainer(max_steps=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=3, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 3, tmp_path, logger=logger, val_check_interval=3, limit_val_batches=None,
+             num_sanity_val_steps=2)
     finish_offline_run()
-    after = _trainable(module)
-    assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter changed"
-    assert all(torch.equal(frozen_before[n], p) for n, p in module.named_parameters() if not p.requires_grad)
+    assert_params_changed(before, module, require="any", message="no trainable parameter changed")
+    assert_params_unchanged(frozen_before, module)
     assert any("lora" in n for n in before) and not any("lora" not in n for n in before)
 
     files = find_run_files(tmp_path)
@@ -119,12 +113,10 @@ def test_dr_grpo_options(tiny_grpo, vary_reward):
 
 def test_nonfinite_loss_skips_the_update(tiny_grpo, vary_reward, monkeypatch):
     module = tiny_grpo(lora=True)
-    before = _trainable(module)
+    before = trainable_snapshot(module)
     monkeypatch.setattr(module, "compute_loss", lambda batch: (torch.tensor(float("nan"), requires_grad=True), {}))
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
-    trainer = L.Trainer(max_steps=2, max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.warns(UserWarning, match="non-finite loss"):
-        trainer.fit(module, datamodule=dm)
+        fit_tiny(module, dm, 2, max_epochs=1, limit_train_batches=2)
     assert module.nonfinite_steps == 2
-    assert all(torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    assert_params_unchanged(before, module)

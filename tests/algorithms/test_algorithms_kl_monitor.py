@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import fit_tiny
 
 from rftlab import GRPO, PPO, RolloutDataModule
 from rftlab.core import masked_mean, selective_log_softmax
@@ -54,8 +55,7 @@ def test_kl_is_logged_every_n_steps(tmp_path, vary_reward):
     module = PPO(policy="tiny", lora=True, critic="adapter", num_generations=2, lr=1e-2, validate_at_start=False,
                  log_kl_every=2)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
-    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Keys()]).fit(module, datamodule=dm)
+    fit_tiny(module, dm, 3, tmp_path, callbacks=[Keys()])
     assert [step for step in sorted(seen) if "kl" in seen[step]] == [0, 2]
     assert all("timing/kl_monitor" in seen[step] for step in (0, 2))
 

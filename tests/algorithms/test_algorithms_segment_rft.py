@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
 from torch.testing import assert_close
 
@@ -198,9 +199,8 @@ def _fit(tmp_path, module, max_steps, **dm_kwargs):
     dm = RolloutDataModule(task=WordProblems(num_test=2), prompts_per_step=2, max_new_tokens=8, val_batch_size=2,
                            **dm_kwargs)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
-    trainer = L.Trainer(max_steps=max_steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=max_steps, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, max_steps, tmp_path, logger=logger, val_check_interval=max_steps, limit_val_batches=None,
+             num_sanity_val_steps=2)
     import wandb
 
     wandb.finish()
@@ -212,12 +212,12 @@ def _fit(tmp_path, module, max_steps, **dm_kwargs):
 
 def test_fit_changes_weights_and_logs_segment_metrics_to_wandb(tmp_path, vary_reward):
     module = make(lr=5e-3)
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    before = trainable_snapshot(module)
     assert any(n.startswith("value_head") for n in before) and any("lora" in n for n in before)
     logged = _fit(tmp_path, module, 3, num_minibatches=2, rewards=vary_reward)  # minibatches slice segment data
-    after = dict(module.named_parameters())
     for prefix in ("value_head", "policy"):
-        assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix)), f"{prefix} unchanged"
+        assert_params_changed(before, module, names=lambda n: n.startswith(prefix), require="any",
+                              message=f"{prefix} unchanged")
     for key in SEGMENT_METRICS + SHARED_METRICS + ["reward/parity/mean"]:
         assert key in logged, f"{key} never reached W&B; logged: {sorted(logged)}"
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in logged[key]), (key, logged[key])
@@ -236,9 +236,7 @@ def test_rollout_policy_resyncs_every_n_rollouts(vary_reward):
     module = make(lr=5e-2, rollout_sync_every=2, beta=0.0, validate_at_start=False)
     dm = RolloutDataModule(task=WordProblems(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=8)
     record = _StepMetrics()
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[record])
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 4, callbacks=[record])
     # rollouts 1 and 3 are sampled right after a sync (lag 0, ratio 1); 2 and 4 by the snapshot taken
     # one update earlier (lag 1): their log-probs come from pi_rollout, so the ratios move off 1.
     assert [r["rollout/policy_lag"] for r in record.rows] == [0.0, 1.0, 0.0, 1.0]

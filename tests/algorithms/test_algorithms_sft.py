@@ -8,10 +8,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import CSVLogger
 
 from rftlab import DAPO, GRPO, PPO, SFT, RolloutDataModule, SFTDataModule
-from rftlab.algorithms.sft import reference_text
+from rftlab.rollout.references import reference_text
 from rftlab.cli import make_cli
 from rftlab.models.export import export_checkpoint
 from rftlab.models.policy import adapter_disabled
@@ -88,11 +89,10 @@ def test_sft_learns_the_references_of_a_fixed_batch():
 
 def test_sft_fit_with_lora_changes_the_adapter_and_logs(tmp_path):
     module = _sft(lora=True, lr=2e-2, validate_at_start=True)
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    trainer = L.Trainer(max_steps=3, logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=3, limit_val_batches=1, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=_data())
-    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    before = trainable_snapshot(module)
+    fit_tiny(module, _data(), 3, tmp_path, logger=CSVLogger(tmp_path), val_check_interval=3, limit_val_batches=1,
+             num_sanity_val_steps=2)
+    assert_params_changed(before, module, require="any")
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss/nll", "sft/token_accuracy", "sft/perplexity", "val/accuracy", "grad_norm"} <= set(header)
 
@@ -120,9 +120,7 @@ def test_word_problems_train_on_their_worked_solutions(tokenizer):
 def sft_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sft")
     module = _sft(lora=True, lr=5e-2)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=folder)
-    trainer.fit(module, datamodule=_data())
+    trainer = fit_tiny(module, _data(), 2, folder)
     trainer.save_checkpoint(folder / "sft.ckpt")
     return module, folder / "sft.ckpt"
 

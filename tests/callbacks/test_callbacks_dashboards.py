@@ -7,8 +7,8 @@ import json
 import math
 import time
 
-import lightning as L
 import pytest
+from helpers import fit_tiny
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from rftlab import GRPO, RolloutDataModule
@@ -32,11 +32,8 @@ def fit(tmp_path, logger):
                            max_new_tokens=5, val_batch_size=2)
     callbacks = [TrainClock(), WandbMetrics(), CompletionTable(every_n_steps=1, max_rows=3),
                  RolloutHistograms(every_n_steps=1), PhaseTimer()]
-    trainer = L.Trainer(max_steps=STEPS, logger=logger, callbacks=callbacks, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
-                        check_val_every_n_epoch=None, num_sanity_val_steps=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
-    return trainer
+    return fit_tiny(module, dm, STEPS, tmp_path, logger=logger, callbacks=callbacks, val_check_interval=2,
+                    check_val_every_n_epoch=None, limit_val_batches=None)
 
 
 @pytest.fixture(scope="module")

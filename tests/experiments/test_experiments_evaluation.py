@@ -6,9 +6,8 @@ import itertools
 import json
 import math
 
-import lightning as L
 import pytest
-import torch
+from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rftlab import GRPO, RolloutDataModule
@@ -99,17 +98,14 @@ def test_checkpoint_of_a_lora_run_reloads_the_trained_policy(tmp_path, vary_rewa
     module = GRPO(policy="tiny", num_generations=2, lora=True, lr=5e-2)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[checkpoint], enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 1, callbacks=[checkpoint])
     loaded = load_policy(checkpoint.last_model_path)
-    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    reloaded = dict(loaded.named_parameters())
-    assert trained and all(torch.equal(p, reloaded[n]) for n, p in trained.items())
+    trained = trainable_snapshot(module)
+    assert_params_unchanged(trained, loaded)  # the reloaded policy holds every trained parameter, equal
     fresh = GRPO(policy="tiny", num_generations=2, lora=True)
     fresh.configure_model()
-    assert any(not torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.items()), \
-        "training changed the adapter, so the equality above is not trivial"
+    assert_params_changed(trained, fresh, require="any",
+                          message="training changed the adapter, so the equality above is not trivial")
     with pytest.raises(FileNotFoundError, match="checkpoint="):
         load_policy(tmp_path / "missing.ckpt")
 

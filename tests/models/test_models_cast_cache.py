@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import lightning as L
 import pytest
 import torch
+from helpers import fit_tiny
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -128,13 +129,11 @@ def fit(tmp_path, cache_weight_casts: bool, **kwargs) -> GRPO:
                   cache_weight_casts=cache_weight_casts, **kwargs)
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": length_parity}, prompts_per_step=2,
                            max_new_tokens=5, val_batch_size=2, seed=0)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=3,
-                        default_root_dir=tmp_path / str(cache_weight_casts), enable_checkpointing=True)
     module.configure_model()
     counter = CastCounter(frozen_linear_weights(module.policy))
     with counter:
-        trainer.fit(module, datamodule=dm)
+        fit_tiny(module, dm, 3, tmp_path / str(cache_weight_casts), precision="bf16-mixed", val_check_interval=3,
+                 limit_val_batches=None, enable_checkpointing=True)
     module.frozen_weight_casts = counter.casts
     return module
 

@@ -6,9 +6,9 @@ import json
 import shutil
 import warnings
 
-import lightning as L
 import pytest
 import torch
+from helpers import fit_tiny
 
 from rftlab import GRPO, RolloutDataModule
 from rftlab.cli import main
@@ -28,9 +28,7 @@ def _parity(completions, **_):
 def _fit(module, tmp_path, steps: int = 2):
     """Train ``module`` a few steps and save a Lightning checkpoint; returns its path."""
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": _parity}, prompts_per_step=2, max_new_tokens=4)
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    trainer = fit_tiny(module, dm, steps, tmp_path)
     path = tmp_path / f"{'lora' if module.hparams.lora else 'full'}.ckpt"
     trainer.save_checkpoint(path)
     return path
@@ -175,7 +173,7 @@ def test_generate_cli_answers_held_out_rows_as_the_trained_policy_does(tmp_path,
 
 
 def main_generate(args):
-    from rftlab.models.generation import generate_main
+    from rftlab.experiments.generation import generate_main
 
     return generate_main(args)
 

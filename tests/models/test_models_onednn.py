@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from torch import nn
 
 import rftlab.models.onednn as onednn
@@ -169,8 +169,6 @@ def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls
     forwards = []
     module = GRPO(policy="tiny", lora=lora, num_generations=2, lr=5e-2, validate_at_start=False, packing="always")
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     original = module.compute_loss
 
     def spy(batch):
@@ -181,14 +179,14 @@ def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls
 
     monkeypatch.setattr(module, "compute_loss", spy)
     module.configure_model()
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    trainer.fit(module, datamodule=dm)
+    before = trainable_snapshot(module)
+    fit_tiny(module, dm, 2, tmp_path)  # Arithmetic(num_test=0): no validation either way
     assert calls, "sampling did not use oneDNN"
     # the training forward runs every linear layer with oneDNN, once: each group is one packed row
     # (packing)
     linears = [m for m in module.policy.modules() if type(m) is nn.Linear]
     assert forwards == [len(linears)] * 2
-    assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if n in before)
+    assert_params_changed(before, module, require="any")
     assert not any("forward" in m.__dict__ for m in module.policy.modules())
     assert (len(module._onednn) > 0) == lora  # prepacked: frozen weights only (none under full fine-tuning)
 
@@ -211,8 +209,7 @@ def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(vary_rew
 def test_onednn_kernels_off_routes_nothing(tmp_path, vary_reward, calls):
     module = GRPO(policy="tiny", lora=True, num_generations=2, validate_at_start=False, onednn_kernels=False)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    fit_tiny(module, dm, 1, tmp_path)
     assert calls == [] and len(module._onednn) == 0
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import CSVLogger
 
 from rftlab import GRPO, RolloutDataModule
@@ -16,17 +16,14 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def test_adamw8bit_trains_the_tiny_model_with_8bit_state(tmp_path, tiny_grpo, vary_reward):
     module = tiny_grpo(optimizer="adamw8bit", lr=1e-2)  # full fine-tuning: large tensors get 8-bit state
-    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    before = trainable_snapshot(module)  # full fine-tuning: every parameter
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
-    trainer = L.Trainer(max_steps=2, logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    trainer = fit_tiny(module, dm, 2, tmp_path, logger=CSVLogger(tmp_path))
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     embed = module.policy.get_input_embeddings().weight
     assert optimizer.state[embed]["state1"].dtype == torch.uint8, "the embedding's moments should be 8-bit"
-    changed = [n for n, p in module.named_parameters() if not torch.equal(before[n], p)]
-    assert len(changed) == len(before), f"unchanged: {sorted(set(before) - set(changed))[:3]}"
+    assert_params_changed(before, module)
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss/policy", "grad_norm", "lr"} <= set(header)
 

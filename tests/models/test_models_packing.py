@@ -7,11 +7,11 @@ import torch
 
 import rftlab.models.policy as policy_module
 from rftlab.models import apply_lora
+from rftlab.models.hf import set_checkpointing
 from rftlab.models.loading import tiny_llama
 from rftlab.models.packing import (ATTENTION_SLOWDOWN, attention_pair_cost, is_prefix_mask, pack_groups, packable,
                                    packed_attention_mask, packed_row_lengths, packing_pays)
 from rftlab.models.policy import completion_forward
-from rftlab.rollout.sampler import set_checkpointing
 from tests.models.test_models_shared_prompt import gradient_model, grouped_batch, layout_grads
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 import warnings
 
-import lightning as L
 import pytest
 import torch
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import CSVLogger
 
 from rftlab import GRPO, RolloutDataModule
@@ -139,14 +139,12 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
 def test_qlora_fit_with_bf16_autocast_changes_the_adapter_and_logs(tmp_path, tiny_grpo, vary_reward):
     module = tiny_grpo(lora=True, quantization="nf4", lr=5e-2, beta=0.1)
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    before = trainable_snapshot(module)
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
     logger = CSVLogger(tmp_path)
-    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=logger, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
-    changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
-    assert any("lora_B" in n for n in changed), "the adapter did not train"
+    fit_tiny(module, dm, 2, tmp_path, logger=logger, precision="bf16-mixed")
+    assert_params_changed(before, module, names=lambda n: "lora_B" in n, require="any",
+                          message="the adapter did not train")
     assert module.ref_policy is None, "an adapter run needs no reference copy"
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss/policy", "kl", "grad_norm"} <= set(logged)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import pytest
 import torch
+from helpers import fit_tiny
 
 from rftlab import GRPO, RolloutDataModule
 from rftlab.models.loading import tiny_llama
@@ -89,10 +89,7 @@ def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_r
                   sampling_dtype="bfloat16")
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4,
                            val_batch_size=2)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=3,
-                        default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 3, tmp_path, val_check_interval=3, limit_val_batches=None, enable_checkpointing=True)
     # decoding calls: validation at start, 3 rollouts, validation after step 3
     assert len(seen) == 5 and all(dtype == torch.bfloat16 for _, dtype in seen)
     assert all(model is not module.policy for model, _ in seen)

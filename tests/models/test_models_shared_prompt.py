@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rftlab.models import apply_lora
+from rftlab.models.hf import set_checkpointing
 from rftlab.models.loading import tiny_llama
 from rftlab.models.policy import completion_forward, prompt_groups
-from rftlab.rollout.sampler import set_checkpointing
 
 
 def grouped_batch(generator: torch.Generator, shuffle: bool = False):

@@ -24,7 +24,7 @@ import torch
 
 from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.tasks import Arithmetic
-from reliability_helpers import trainable
+from reliability_helpers import trainable_snapshot
 
 G = 2
 
@@ -93,7 +93,7 @@ def run(algorithm: str, out: Path) -> None:
     torch.manual_seed(1000 + trainer.global_rank)  # a known, different generator state per process
     trainer.save_checkpoint(out / f"{algorithm}.ckpt")  # every process contributes its own state
     torch.save({"steps": record.steps, "global_step": trainer.global_step, "world_size": trainer.world_size,
-                "nonfinite_steps": module.nonfinite_steps, "weights": trainable(module)},
+                "nonfinite_steps": module.nonfinite_steps, "weights": trainable_snapshot(module)},
                out / f"{algorithm}_rank{trainer.global_rank}.pt")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,8 +11,11 @@ import torch
 
 from rftlab.callbacks.checkpointing import ResumableCheckpoint
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # tests/ (for helpers), also in the script subprocesses
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import fit_tiny, trainable_snapshot  # noqa: E402
+
 _WARMED: list[bool] = []
-TRAINER_QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
 
 def parity(completions: list[str], **_: Any) -> list[float]:
@@ -36,11 +40,6 @@ class StepRecorder(L.Callback):
         self.logged[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the trainable parameters (adapters, heads, or all weights)."""
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 def fit(make_module: Callable[[], L.LightningModule], make_dm: Callable[[], L.LightningDataModule], max_steps: int,
         ckpt_dir: Path, ckpt_path: str | None = None, every: int = 1, keep: int = 0,
         **trainer_kwargs: Any) -> tuple[L.LightningModule, StepRecorder]:
@@ -58,16 +57,14 @@ def fit(make_module: Callable[[], L.LightningModule], make_dm: Callable[[], L.Li
     L.seed_everything(999 if ckpt_path is not None else 1234, verbose=False)
     module.configure_model()
     checkpoint = ResumableCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=every, save_top_k=keep)
-    options = {**TRAINER_QUIET, "limit_val_batches": 0, **trainer_kwargs}
-    trainer = L.Trainer(max_steps=max_steps, callbacks=[recorder, checkpoint], **options)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer = fit_tiny(module, dm, max_steps, callbacks=[recorder, checkpoint], ckpt_path=ckpt_path, **trainer_kwargs)
     assert trainer.global_step == max_steps
     return module, recorder
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """Every trainable parameter of ``a`` equals ``b``'s within float tolerance."""
-    wa, wb = trainable(a), trainable(b)
+    wa, wb = trainable_snapshot(a), trainable_snapshot(b)
     assert wa.keys() == wb.keys() and wa
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

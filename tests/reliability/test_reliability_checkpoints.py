@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from rftlab.callbacks.checkpointing import (
     ResumableCheckpoint,
     write_atomically,
 )
+from helpers import fit_tiny
 from reliability_helpers import assert_same_weights, fit
 from reliability_train_script import make_dm, make_module
 
@@ -125,9 +125,7 @@ def test_a_truncated_checkpoint_is_named_in_the_error(tmp_path):
 def test_resumable_checkpoint_saves_the_final_step_and_installs_atomic_io(tmp_path):
     callback = ResumableCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2)
     module, dm = make_module(), make_dm()
-    trainer = L.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
+    trainer = fit_tiny(module, dm, 3, callbacks=[callback])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     # every 2 steps -> step 2; the end of training (step 3) is saved too, so nothing is lost
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -11,7 +11,6 @@ import inspect
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.tasks import Arithmetic, DatasetTask, RowsTask
+from helpers import fit_tiny
 from reliability_helpers import parity
 
 TASK = Arithmetic(num_test=2)
@@ -175,10 +175,8 @@ def test_incompatible_combinations_fail_before_sampling(make_module, dm_kwargs, 
     module = make_module()
     monkeypatch.setattr(type(module), "generate", _never_sample)
     dm = RolloutDataModule(**{"task": TASK, "rewards": REWARDS, **dm_kwargs})
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs)
     with pytest.raises(ValueError, match=text):
-        trainer.fit(module, datamodule=dm)
+        fit_tiny(module, dm, 4, **{"limit_val_batches": None, **trainer_kwargs})  # None: Lightning's default
 
 
 # ---- fuzzing -------------------------------------------------------------------------------------

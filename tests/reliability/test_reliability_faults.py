@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
 import pytest
 import torch
 
@@ -15,7 +14,8 @@ from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.algorithms.faults import NonFiniteTrainingError
 from rftlab.rewards.base import RewardError
 from rftlab.tasks import Arithmetic
-from reliability_helpers import TRAINER_QUIET, StepRecorder, fit, parity, trainable
+from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
+from reliability_helpers import StepRecorder, fit, parity
 
 DM = dict(task=Arithmetic(num_test=0), prompts_per_step=2, max_new_tokens=4)
 
@@ -47,13 +47,6 @@ def poisoned(bad_steps, where="loss", **kwargs) -> Poisoned:
                                          "validate_at_start": False, **kwargs})
 
 
-def _fit(model, dm, max_steps, tmp_path, **kwargs):
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=str(tmp_path), limit_val_batches=0, enable_checkpointing=False,
-                        **{**TRAINER_QUIET, **kwargs})
-    trainer.fit(model, datamodule=dm)
-    return trainer
-
-
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_k_nonfinite_steps_in_a_row_abort_after_saving_a_checkpoint(where, tmp_path):
     model = poisoned([1, 2, 3], where, max_nonfinite_steps=3)
@@ -62,7 +55,7 @@ def test_k_nonfinite_steps_in_a_row_abort_after_saving_a_checkpoint(where, tmp_p
     recorder = StepRecorder()
     with pytest.warns(UserWarning, match=f"non-finite {where} at step 1: update skipped \\(1 in a row\\)"):
         with pytest.raises(NonFiniteTrainingError, match=f"3 optimizer steps in a row had a non-finite {where}") as info:
-            _fit(model, dm, 10, tmp_path, callbacks=[recorder])
+            fit_tiny(model, dm, 10, tmp_path, callbacks=[recorder])
     assert model.nonfinite_steps == 3
     path = tmp_path / "checkpoints" / "nonfinite-abort-step=3.ckpt"
     assert str(path) in str(info.value)
@@ -70,8 +63,7 @@ def test_k_nonfinite_steps_in_a_row_abort_after_saving_a_checkpoint(where, tmp_p
     weights = {k: v for k, v in saved["state_dict"].items() if "lora" in k}
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     # the skipped steps left the weights exactly where step 1 put them
-    current = trainable(model)
-    assert all(torch.equal(current[k], v) for k, v in weights.items())
+    assert_params_unchanged(weights, model)
     assert saved["rftlab"]["nonfinite_steps"] == 3
 
     # The abort checkpoint resumes (with the cause fixed) and trains on.
@@ -83,13 +75,13 @@ def test_k_nonfinite_steps_in_a_row_abort_after_saving_a_checkpoint(where, tmp_p
 def test_nonfinite_steps_that_are_not_in_a_row_are_skipped_and_counted(tmp_path):
     model = poisoned([0, 2, 4], "loss", max_nonfinite_steps=2)
     model.configure_model()
-    before = trainable(model)
+    before = trainable_snapshot(model)
     recorder = StepRecorder()
     with pytest.warns(UserWarning, match="non-finite loss"):
-        _fit(model, RolloutDataModule(rewards={"parity": parity}, **DM), 6, tmp_path, callbacks=[recorder])
+        fit_tiny(model, RolloutDataModule(rewards={"parity": parity}, **DM), 6, tmp_path, callbacks=[recorder])
     assert model.nonfinite_steps == 3 and model.consecutive_nonfinite == 0
     assert recorder.logged[6]["faults/nonfinite_steps"] == 3.0
-    assert any(not torch.equal(before[n], p) for n, p in trainable(model).items()), "the finite steps trained"
+    assert_params_changed(before, model, require="any", message="the finite steps trained")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -120,7 +112,7 @@ def test_rewards_that_raise_hang_or_return_junk_are_scored_and_counted_per_polic
                            reward_timeout=0.2, **DM)
     recorder = StepRecorder()
     start = time.perf_counter()
-    _fit(module(), dm, 2, tmp_path, callbacks=[recorder])
+    fit_tiny(module(), dm, 2, tmp_path, callbacks=[recorder])
     assert time.perf_counter() - start < 60, "a hung reward must not hang the run"
     logged = recorder.logged[2]
     assert logged["reward/junk/errors"] == 4.0  # per rollout: 2 prompts x 2 completions
@@ -153,7 +145,7 @@ def test_all_truncated_or_all_empty_batches_train_without_faults(kind, algorithm
     model = algorithm(policy="tiny", num_generations=2, lr=1e-2, lora=True, validate_at_start=False, **extra)
     recorder = StepRecorder()
     # every completion scores the same: dynamic sampling finds no variance and keeps the last round
-    _fit(model, RolloutDataModule(rewards={"parity": parity}, **DM), 2, tmp_path, callbacks=[recorder])
+    fit_tiny(model, RolloutDataModule(rewards={"parity": parity}, **DM), 2, tmp_path, callbacks=[recorder])
     logged = recorder.logged[2]
     assert model.nonfinite_steps == 0 and "faults/nonfinite_steps" not in logged
     assert torch.isfinite(torch.tensor(logged["loss/policy"]))

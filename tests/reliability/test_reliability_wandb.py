@@ -9,14 +9,14 @@ import socket
 import time
 import warnings
 
-import lightning as L
 import pytest
 
 import rftlab.callbacks.wandb as rwandb
 from rftlab import GRPO, RolloutDataModule
 from rftlab.callbacks.wandb import RFTWandbLogger, make_wandb_logger
 from rftlab.tasks import Arithmetic
-from reliability_helpers import TRAINER_QUIET, parity
+from helpers import fit_tiny
+from reliability_helpers import parity
 from wandb_records import find_run_files, finish_offline_run, read_history
 
 
@@ -52,9 +52,7 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning_and_the_run_c
 
     module = GRPO(policy="tiny", num_generations=2, lr=1e-2, lora=True, validate_at_start=False)
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2, max_new_tokens=3)
-    options = {**TRAINER_QUIET, "logger": logger}
-    trainer = L.Trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False, **options)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 2, logger=logger)
     finish_offline_run()
     assert time.perf_counter() - start < 120, "no waiting for an unreachable server"
     history = read_history(find_run_files(tmp_path)[0])

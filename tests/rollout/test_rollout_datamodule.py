@@ -7,6 +7,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from helpers import fit_tiny
 
 from rftlab import RolloutDataModule
 from rftlab.rollout.prompts import PromptEncoder
@@ -134,9 +135,7 @@ def test_every_rollout_is_sampled_by_the_policy_it_trains(tiny_grpo, vary_reward
             seen.append((trainer.global_step, batch.policy_version))
 
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Spy()], limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 4, callbacks=[Spy()])
     assert seen == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
 
@@ -150,9 +149,7 @@ def test_minibatches_of_one_rollout_share_its_policy_version(tiny_grpo, vary_rew
 
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4,
                            num_minibatches=2, num_iterations=2)
-    trainer = L.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Spy()], limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, 8, callbacks=[Spy()])
     # 2 iterations x 2 minibatches = 4 steps per rollout; each minibatch is one group of G=4.
     assert [v for _, v, _ in seen] == [0, 0, 0, 0, 4, 4, 4, 4]
     assert all(n == 4 for _, _, n in seen)

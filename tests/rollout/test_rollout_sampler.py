@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from rftlab.core import selective_log_softmax
+from rftlab.models.hf import is_checkpointing, position_ids_from_mask
 from rftlab.models.policy import completion_logits
 from rftlab.rollout.sampler import (
     SamplingParams,
     completion_mask_from_eos,
     generation_config,
-    is_checkpointing,
     left_pad,
-    position_ids_from_mask,
     sample_completions,
 )
 

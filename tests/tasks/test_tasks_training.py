@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 import time
 
-import lightning as L
-import torch
 from conftest import length_parity
+from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
 from wandb_records import find_run_files, read_history
 
@@ -17,18 +16,13 @@ from rftlab.tasks import CodeFunctions
 
 
 def _fit_and_read(tmp_path, module, task, rewards, weights, steps=2):
-    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     dm = RolloutDataModule(task=task, rewards=rewards, reward_weights=weights, prompts_per_step=2,
                            max_new_tokens=8, val_batch_size=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
-    trainer = L.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
+    fit_tiny(module, dm, steps, tmp_path, logger=logger)
     import wandb
 
     wandb.finish()
-    changed = any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
     # wandb.finish() can return before wandb-core has written the last records of the offline file
     # (seen here under load): wait, up to 10 s, until every step's row is in the file.
     deadline = time.monotonic() + 10
@@ -38,7 +32,7 @@ def _fit_and_read(tmp_path, module, task, rewards, weights, steps=2):
             for key, value in row.items():
                 logged.setdefault(key, []).append(value)
         if len(logged.get("reward/mean", [])) >= steps or time.monotonic() > deadline:
-            return changed, logged
+            return logged
         time.sleep(0.2)
 
 
@@ -47,8 +41,10 @@ def test_grpo_trains_on_the_code_task_with_the_sandbox(tmp_path, tiny_grpo):
     # The random tiny model never writes passing code, so a reward with variance is added for
     # the update to move the weights; the sandboxed reward still scores every completion.
     rewards = {**task.reward_functions(), "parity": length_parity}
-    changed, logged = _fit_and_read(tmp_path, tiny_grpo(), task, rewards, [1.0, 0.1, 1.0])
-    assert changed, "no trainable parameter changed"
+    module = tiny_grpo()
+    before = trainable_snapshot(module)
+    logged = _fit_and_read(tmp_path, module, task, rewards, [1.0, 0.1, 1.0])
+    assert_params_changed(before, module, require="any", message="no trainable parameter changed")
     for key in ("reward/tests/mean", "reward/format/mean", "reward/parity/mean", "timing/reward"):
         assert key in logged and len(logged[key]) == 2, f"{key} did not reach W&B each step: {sorted(logged)}"
         assert all(math.isfinite(v) for v in logged[key])

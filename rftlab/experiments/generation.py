@@ -20,23 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rftlab.models.hf import stop_token_ids
 from rftlab.rollout.prompts import Prompt, PromptEncoder
 from rftlab.rollout.sampler import SamplingParams, sample_completions
-
-
-def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: the tokenizer's EOS plus the model's generation-config EOS ids.
-
-    Args:
-        model: HF causal LM (PEFT-wrapped or not).
-        tokenizer: its tokenizer.
-    """
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token in extra if isinstance(extra, list) else [extra]:
-        if token is not None and token not in ids:
-            ids.append(token)
-    return ids
 
 
 def generate_answers(
