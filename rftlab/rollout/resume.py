@@ -71,11 +71,28 @@ def rollout_from_state(state: dict[str, Any]) -> Rollout:
     Args:
         state: field name -> value; unknown names (from a newer rftlab) raise a clear error.
     """
+    state = _from_untyped_layout(dict(state))
     known = {f.name for f in dataclasses.fields(Rollout)}
     unknown = sorted(set(state) - known)
     if unknown:
         raise ValueError(f"checkpoint holds a pending rollout with unknown fields {unknown}; was it saved by another rftlab version?")
     return Rollout(**state)
+
+
+def _from_untyped_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """A pending rollout saved when annotations travelled in ``extras``/``seq_extras`` dicts, in typed fields."""
+    extras = state.pop("extras", None) or {}
+    seq_extras = state.pop("seq_extras", None) or {}
+    if "metrics" in extras:
+        state["metrics"] = dict(extras["metrics"])
+    if "first_of_rollout" in extras:
+        state["first_of_rollout"] = bool(extras["first_of_rollout"])
+    if "max_new_tokens" in extras:
+        state["max_new_tokens"] = int(extras["max_new_tokens"])
+    for key in ("starts", "mask", "rewards", "targets", "old_values"):
+        if key in seq_extras:
+            state[f"segment_{key}"] = seq_extras[key]
+    return state
 
 
 def _cpu(value: Any) -> Any:
