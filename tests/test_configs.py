@@ -32,7 +32,7 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
 def test_bad_value_in_yaml_is_reported(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(CONFIGS[0].read_text().replace("num_generations: 8", "num_generations: 1"))
+    bad.write_text(CONFIGS[0].read_text().replace("num_generations: 8", "num_generations: 0"))
     with pytest.raises((ValueError, SystemExit)):
         make_cli(["--config", str(bad), "--trainer.logger", "false"], run=False)
 
@@ -42,7 +42,7 @@ def test_cli_fit_runs_on_the_tiny_model(tmp_path, monkeypatch):
     cli = make_cli(
         [
             "fit", "--config", str(CONFIGS[0]), "--trainer.logger", "false",
-            "--model.init_args.policy", "tiny", "--model.init_args.num_generations", "2",
+            "--model.init_args.policy.model", "tiny", "--data.init_args.num_generations", "2",
             "--data.init_args.prompts_per_step", "2", "--data.init_args.max_new_tokens", "4",
             "--data.init_args.task.init_args.num_test", "4", "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.enable_checkpointing", "false",
