@@ -24,34 +24,38 @@ import torch
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.callbacks import TrainClock
 from rftlab.experiments.tracking import RunRecorder
-from rftlab.experiments.variants import Budget
+from rftlab.experiments.variants import Budget, merge_options
 from rftlab.tasks import Arithmetic, WordProblems
 
 
 def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModule]:
     common = dict(
-        policy=args.policy, lora=not args.full, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-        num_generations=args.gens, lr=args.lr, beta=args.beta, seed=args.seed,
-        init_checkpoint=args.init_checkpoint, sampling_dtype=args.sampling_dtype,
+        policy=dict(model=args.policy, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, seed=args.seed,
+                    init_checkpoint=args.init_checkpoint),
+        lora=not args.full, lr=args.lr, beta=args.beta, forward=dict(sampling_dtype=args.sampling_dtype),
     )
     if args.algo == "grpo":
-        model = GRPO(loss_agg=args.loss_agg, scale=args.scale, **common)
+        model = GRPO(advantage=dict(name="grpo", options=dict(scale=args.scale)), loss=dict(agg=args.loss_agg), **common)
     elif args.algo == "dapo":
         # DAPO's own defaults: token-mean loss, eps 0.2/0.28, dynamic sampling in the DataModule.
-        model = DAPO(overlong_buffer_len=args.overlong_buffer, **common)
+        model = DAPO(overlong=dict(buffer_len=args.overlong_buffer), **common)
     elif args.algo == "ppo":
         # A value head on the LoRA policy's trunk; gamma = lam = 1 because the only reward is the
         # outcome at the last token: the critic learns E[reward | prefix] and every token's
         # advantage is reward - V(prefix), whitened over the batch (no bootstrapping from a critic
         # that starts untrained). Open-Reasoner-Zero (arXiv 2503.24290) uses gamma = lam = 1 too.
-        model = PPO(critic=args.critic, gamma=1.0, lam=args.lam, vf_coef=args.vf_coef,
-                    value_warmup_steps=args.value_warmup_steps, **common)
+        model = PPO(advantage=dict(name="gae", options=dict(gamma=1.0, lam=args.lam)),
+                    critic=dict(kind=args.critic, vf_coef=args.vf_coef, warmup_steps=args.value_warmup_steps), **common)
     elif args.algo == "segment_rft":
-        # Segment-level CoT RFT (issue 5): the rule-based step critic reads the reasoning lines, the
-        # value head sits on the LoRA policy's trunk; meant for --task word_problems.
-        model = SegmentRFT(ratio_mode=args.ratio_mode, vf_coef=args.vf_coef, rho=args.rho,
-                           reward_whiten=args.reward_whiten, whiten_advantages=args.whiten_advantages,
-                           **json.loads(args.segment_options), **common)
+        # Segment-level CoT RFT (the "RFT fine tuning" slides): the rule-based step critic reads the
+        # reasoning lines, the value head sits on the LoRA policy's trunk; meant for --task word_problems.
+        # --segment-options (SegmentRFT keyword arguments as JSON) merge into these group by group.
+        options = dict(
+            critic=dict(vf_coef=args.vf_coef, whiten_advantages=args.whiten_advantages),
+            segments=dict(ratio_mode=args.ratio_mode, rewards=dict(rho=args.rho, whiten=args.reward_whiten)),
+            **common,
+        )
+        model = SegmentRFT(**merge_options(options, json.loads(args.segment_options)))
     else:
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
     if args.task == "word_problems":  # 2-3 step problems with intermediate values (SegmentRFT's critic)
@@ -59,7 +63,7 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
     else:
         task = Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
     dm = RolloutDataModule(
-        task=task, prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens,
+        task=task, prompts_per_step=args.prompts, num_generations=args.gens, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, val_batch_size=100, seed=args.seed,
         num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
     )
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--loss-agg", default="seq-mean-token-mean")
     parser.add_argument("--scale", default="group")
-    parser.add_argument("--overlong-buffer", type=int, default=0, help="DAPO overlong_buffer_len (0: off)")
+    parser.add_argument("--overlong-buffer", type=int, default=0, help="DAPO overlong.buffer_len (0: off)")
     parser.add_argument("--num-iterations", type=int, default=1, help="optimisation passes per rollout (PPO epochs)")
     parser.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per pass")
     parser.add_argument("--critic", default="shared", help="PPO critic: shared, adapter or model")
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rho", type=float, default=2.0, help="SegmentRFT weight of the answer segment's reward")
     parser.add_argument("--reward-whiten", default="none", help="SegmentRFT whitening of segment scores: none, chain, batch")
     parser.add_argument("--whiten-advantages", action="store_true", help="SegmentRFT: whiten segment advantages over the batch")
-    parser.add_argument("--segment-options", default="{}", help='other SegmentRFT options as JSON, e.g. \'{"lam": 1e6}\'')
+    parser.add_argument("--segment-options", default="{}", help='other SegmentRFT options as JSON, merged group by group, e.g. '
+                        '\'{"segments": {"rewards": {"progress_divisor": 1e6}}}\'')
     parser.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's policy (e.g. an SFT run)")
     parser.add_argument("--sampling-dtype", default=None, help="sample from a copy of the weights in this dtype (bfloat16)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")

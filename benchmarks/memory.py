@@ -75,15 +75,16 @@ def run_child(name: str, options: dict[str, Any], args: argparse.Namespace) -> d
     L.seed_everything(0, verbose=False)
     sampler = RssPeak()
     sampler.start()
-    module = GRPO(policy=args.policy, num_generations=args.gens, lr=1e-5, beta=options["beta"], lora=options["lora"],
-                  quantization=options.get("quantization", "none"), optimizer=options.get("optimizer", "adamw"),
-                  dtype=options.get("dtype", "float32"),
-                  gradient_checkpointing=options["gradient_checkpointing"], validate_at_start=False)
+    policy = dict(model=args.policy, lora=options["lora"], quantization=options.get("quantization", "none"),
+                  dtype=options.get("dtype", "float32"), gradient_checkpointing=options["gradient_checkpointing"])
+    module = GRPO(policy=policy, lr=1e-5, beta=options["beta"], optim=dict(optimizer=options.get("optimizer", "adamw")),
+                  log=dict(validate_at_start=False))
     start = time.perf_counter()
     module.configure_model()
     load_s = time.perf_counter() - start
     loaded_rss = current_rss_bytes()
-    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens, seed=0)
+    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=args.prompts, num_generations=args.gens,
+                           max_new_tokens=args.max_new_tokens, seed=0)
     timer = StepTimer(sampler)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, precision=options["precision"],

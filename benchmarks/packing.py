@@ -64,7 +64,7 @@ def time_layouts(module: Any, batch: tuple, repeats: int) -> dict[str, list[floa
     times: dict[str, list[float]] = {"never": [], "always": []}
     for i in range(2 * (repeats + 1)):
         packing = ("never", "always")[i % 2]
-        with module._precision_context():
+        with module.precision_context():
             start = time.perf_counter()
             logits = completion_forward(module.policy, *batch, packing=packing).logits
             logp = selective_log_softmax(logits, batch[2])
@@ -82,8 +82,8 @@ def main() -> None:
     from rftlab.models.packing import attention_pair_cost, packing_pays
 
     torch.set_num_threads(args.threads)
-    module = GRPO(policy=args.policy, lora=args.lora, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                  validate_at_start=False)
+    module = GRPO(policy=dict(model=args.policy, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                  lora=args.lora, log=dict(validate_at_start=False))
     module.configure_model()
     module.policy.train()
     pair_cost = attention_pair_cost(module.policy)

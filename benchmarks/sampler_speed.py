@@ -34,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    module = GRPO(policy="default", lora=True, num_generations=args.gens)
+    module = GRPO(policy="default", lora=True)
     module.configure_model()
-    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=args.prompts).attach(module)
+    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=args.prompts, num_generations=args.gens).attach(module)
     tok = module.tokenizer
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     results: dict[str, list[dict[str, float]]] = {"hf": [], "rftlab": []}

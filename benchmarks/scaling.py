@@ -150,12 +150,11 @@ def run_child(name: str, options: dict[str, int], args: argparse.Namespace) -> d
     L.seed_everything(0, verbose=False)
     rss = RssPeak()
     rss.start()
-    module = FixedLengthGRPO(policy=args.policy, num_generations=options["num_generations"], lora=args.lora, beta=0.0,
-                             lr=1e-5, validate_at_start=False)
+    module = FixedLengthGRPO(policy=args.policy, lora=args.lora, beta=0.0, lr=1e-5, log=dict(validate_at_start=False))
     module.configure_model()
     loaded_rss = current_rss_bytes()
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), prompts_per_step=1, max_new_tokens=options["max_new_tokens"],
-                           seed=0)
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), prompts_per_step=1, num_generations=options["num_generations"],
+                           max_new_tokens=options["max_new_tokens"], seed=0)
     timer = StepTimer(rss)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, precision=args.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -14,12 +14,12 @@ temperature 1 (no top-k/top-p), fp32 (or --precision bf16 for both), gradient ch
 (TRL 1.16 turns it on by default: we turn it off), AdamW, LoRA r16/alpha 32 on q/k/v/o or full
 fine-tuning, beta 0 or 0.04. Reported: median seconds per optimizer step over steps 2..N, generated
 tokens per second, peak RSS, and the ratios rftlab / TRL and rftlab / floor. rftlab runs with its
-defaults: ``share_prompt`` (each prompt encoded once per group in the training forward),
-``packing`` (each group as one row of real tokens where that is estimated cheaper),
+``forward`` group's defaults: ``share_prompt`` (each prompt encoded once per group in the training
+forward), ``packing`` (each group as one row of real tokens where that is estimated cheaper),
 ``onednn_kernels`` (fp32 linear layers on oneDNN instead of torch's BLAS), ``cache_weight_casts``
 (bf16: frozen weights cast once, not at every call) and inverse-CDF sampling;
 ``--sampling-copy`` adds a third side, rftlab sampling from a bf16 copy of the weights
-(``sampling_dtype="bfloat16"``), alternated with the other two.
+(``forward.sampling_dtype="bfloat16"``), alternated with the other two.
 """
 
 from __future__ import annotations
@@ -71,10 +71,12 @@ def run_rftlab(cfg: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(cfg["seed"], verbose=False)
     rows = prompt_rows(cfg["steps"] + 2)
     task = RowsTask(rows, rewards={"correct": correct_reward})
-    module = GRPO(policy=cfg["model"], lora=cfg["lora"], lora_r=16, lora_alpha=32, lora_target_modules=LORA_TARGETS,
-                  num_generations=8, beta=cfg["beta"], lr=cfg["lr"], validate_at_start=False, max_grad_norm=1.0,
-                  share_prompt=cfg.get("share_prompt", True), sampling_dtype=cfg.get("sampling_dtype"))
-    dm = RolloutDataModule(task=task, prompts_per_step=1, max_new_tokens=32, temperature=1.0, seed=cfg["seed"])
+    module = GRPO(policy=dict(model=cfg["model"], lora_r=16, lora_alpha=32, lora_target_modules=LORA_TARGETS),
+                  lora=cfg["lora"], beta=cfg["beta"], lr=cfg["lr"], log=dict(validate_at_start=False),
+                  optim=dict(max_grad_norm=1.0),
+                  forward=dict(share_prompt=cfg.get("share_prompt", True), sampling_dtype=cfg.get("sampling_dtype")))
+    dm = RolloutDataModule(task=task, prompts_per_step=1, num_generations=8, max_new_tokens=32, temperature=1.0,
+                           seed=cfg["seed"])
     ends: list[float] = []
     tokens: list[int] = []
     generate: list[float] = []
@@ -210,7 +212,7 @@ def main() -> None:
     parser.add_argument("--configs", default="lora-beta0,lora-beta0.04,full-beta0,full-beta0.04")
     parser.add_argument("--out", default="benchmarks/results/vs_trl.json")
     parser.add_argument("--sampling-copy", action="store_true",
-                        help="also run rftlab with sampling_dtype='bfloat16' (a third side, alternated with the others)")
+                        help="also run rftlab with forward.sampling_dtype='bfloat16' (a third side, alternated with the others)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cfg", help=argparse.SUPPRESS)
     args = parser.parse_args()
