@@ -25,6 +25,7 @@ from rftlab.algorithms.faults import (
     resume_state,
 )
 from rftlab.algorithms.options import ClipOptions, KLOptions, LogOptions, OptimOptions, as_group
+from rftlab.core.options import signature_default
 from rftlab.algorithms.monitoring import Monitoring
 from rftlab.algorithms.timing import StepTimer
 from rftlab.core import KL_ESTIMATORS, selective_log_softmax
@@ -84,11 +85,11 @@ class RFTModule(Monitoring, L.LightningModule):
         super().__init__()
         self.policy_spec = PolicySpec.resolve(policy, lora)
         self.policy_spec.check()
-        self.forward_options = as_group(forward, ForwardOptions)
-        self.optim_options = as_group(optim, OptimOptions)
-        self.kl_options = as_group(kl, KLOptions)
-        self.clip_options = as_group(clip, ClipOptions)
-        self.log_options = as_group(log, LogOptions)
+        self.forward_options = self.option_group("forward", forward, ForwardOptions)
+        self.optim_options = self.option_group("optim", optim, OptimOptions)
+        self.kl_options = self.option_group("kl", kl, KLOptions)
+        self.clip_options = self.option_group("clip", clip, ClipOptions)
+        self.log_options = self.option_group("log", log, LogOptions)
         _require(lr > 0, "lr", lr, "a finite number > 0")
         _require(beta >= 0, "beta", beta, ">= 0")
         check_optimizer(self.optim_options.optimizer, "optim.optimizer")
@@ -113,6 +114,11 @@ class RFTModule(Monitoring, L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "RFTModule":
         """Lightning's ``load_from_checkpoint``, reading checkpoints of earlier option layouts too."""
         return super().load_from_checkpoint(load_migrated(checkpoint_path), *args, **kwargs)
+
+    def option_group(self, name: str, value: Any, cls: type) -> Any:
+        """The group ``cls`` from an argument; a mapping changes only the fields it names of this
+        algorithm's default group (its signature's default, e.g. PPO's ``KLOptions(in_reward=True)``)."""
+        return as_group(value, cls, name, signature_default(type(self), name))
 
     def kl_estimators(self) -> list[str]:
         """The names ``kl.estimator`` may take (the registered KL estimators)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from rftlab.algorithms.base import _require
 from rftlab.algorithms.grpo import GRPO
-from rftlab.algorithms.options import AdvantageSpec, ClipOptions, LossSpec, OverlongOptions, as_group
+from rftlab.algorithms.options import AdvantageSpec, ClipOptions, LossSpec, OverlongOptions
 from rftlab.core import overlong_penalty
 from rftlab.rollout.rollout import Rollout
 
@@ -49,7 +49,7 @@ class DAPO(GRPO):
         **kwargs: Any,
     ) -> None:
         super().__init__(advantage=advantage, loss=loss, clip=clip, beta=beta, **kwargs)
-        self.overlong = as_group(overlong, OverlongOptions)
+        self.overlong = self.option_group("overlong", overlong, OverlongOptions)
         self.save_hyperparameters()
 
     def check_datamodule(self, datamodule: Any) -> None:

@@ -11,7 +11,6 @@ for PPO, a critic).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import Tensor
@@ -32,12 +31,13 @@ from rftlab.core import (
     masked_mean,
     selective_log_softmax,
 )
+from rftlab.core.options import signature_default
 from rftlab.rollout.rollout import Rollout
 
 
 def resolve_spec(value: Any, default: Any, cls: type) -> Any:
     """An ``AdvantageSpec``/``LossSpec`` from a registered name (the algorithm's default with that name),
-    a spec, or a mapping of its fields.
+    a spec, or a mapping of the fields that differ from the algorithm's default.
 
     Args:
         value: the argument given.
@@ -46,7 +46,7 @@ def resolve_spec(value: Any, default: Any, cls: type) -> Any:
     """
     if isinstance(value, str):
         return default.replace(name=value)
-    return as_group(value, cls)
+    return as_group(value, cls, cls.group, default)
 
 
 class GRPO(RFTModule):
@@ -72,9 +72,8 @@ class GRPO(RFTModule):
     def __init__(self, advantage: str | AdvantageSpec = AdvantageSpec(), loss: str | LossSpec = LossSpec(),
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        defaults = inspect.signature(type(self).__init__).parameters
-        self.advantage_spec = resolve_spec(advantage, defaults["advantage"].default, AdvantageSpec)
-        self.loss_spec = resolve_spec(loss, defaults["loss"].default, LossSpec)
+        self.advantage_spec = resolve_spec(advantage, signature_default(type(self), "advantage"), AdvantageSpec)
+        self.loss_spec = resolve_spec(loss, signature_default(type(self), "loss"), LossSpec)
         adv, pl = self.advantage_spec, self.loss_spec
         for spec, registry, contract, supplied in ((adv, ADVANTAGE_ESTIMATORS, ADVANTAGE_CONTRACT, self.advantage_inputs),
                                                    (pl, POLICY_LOSSES, POLICY_LOSS_CONTRACT, self.loss_inputs)):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from rftlab.algorithms.grpo import GRPO
 from rftlab.algorithms.base import _require
-from rftlab.algorithms.options import AdvantageSpec, CriticOptions, KLOptions, LossSpec, as_group
+from rftlab.algorithms.options import AdvantageSpec, CriticOptions, KLOptions, LossSpec
 from rftlab.core import (
     explained_variance,
     kl_penalty,
@@ -101,7 +101,7 @@ class PPO(GRPO):
         **kwargs: Any,
     ) -> None:
         super().__init__(advantage=advantage, loss=loss, kl=kl, **kwargs)
-        self.critic_options = crit = as_group(critic, CriticOptions)
+        self.critic_options = crit = self.option_group("critic", critic, CriticOptions)
         _require(crit.kind != "adapter" or self.policy_spec.lora, "critic.kind", crit.kind, "'shared' or 'model' unless lora=True")
         target = self.kl_options.target
         self.kl_controller = AdaptiveKLController(self.beta, target, self.kl_options.horizon) if target is not None else None

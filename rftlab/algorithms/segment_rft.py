@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from rftlab.algorithms.base import RFTModule, _require
-from rftlab.algorithms.options import CriticOptions, KLOptions, SegmentOptions, as_group
+from rftlab.algorithms.options import CriticOptions, KLOptions, SegmentOptions
 from rftlab.core import (
     KL_ESTIMATORS,
     batch_segment_rewards,
@@ -104,10 +104,10 @@ class SegmentRFT(RFTModule):
         super().__init__(beta=beta, kl=kl, **kwargs)
         _require(step_critic is None or isinstance(step_critic, Critic), "step_critic", type(step_critic).__name__,
                  "a Critic or None")
-        self.critic_options = as_group(critic, CriticOptions)
+        self.critic_options = self.option_group("critic", critic, CriticOptions)
         _require(self.critic_options.kind == "shared", "critic.kind", self.critic_options.kind,
                  "'shared' for SegmentRFT (its value head reads the policy's own trunk)")
-        self.segment_options = as_group(segments, SegmentOptions)
+        self.segment_options = self.option_group("segments", segments, SegmentOptions)
         self.reward_params = self.segment_options.rewards
         self.save_hyperparameters(ignore=["step_critic"])
         self.step_critic = step_critic if step_critic is not None else ArithmeticStepCritic()

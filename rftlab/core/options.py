@@ -47,13 +47,17 @@ class OptionGroup:
         return dataclasses.replace(self, **changes)
 
 
-def as_group(value: Any, cls: type[G], name: str | None = None) -> G:
+def as_group(value: Any, cls: type[G], name: str | None = None, default: G | None = None) -> G:
     """``value`` as an instance of the option group ``cls``: itself, or built from a mapping of fields.
+
+    A mapping changes only the fields it names: the others keep ``default``'s values (an
+    algorithm's own default group, e.g. PPO's ``KLOptions(in_reward=True)``), or the dataclass's.
 
     Args:
         value: an instance of ``cls`` or a mapping of (some of) its fields.
         cls: the option group.
         name: the parameter it was given as (for errors), default ``cls.group``.
+        default: the group the mapping's fields are applied to (None: ``cls()``'s defaults).
     """
     name = name or getattr(cls, "group", cls.__name__)
     if isinstance(value, cls):
@@ -64,7 +68,23 @@ def as_group(value: Any, cls: type[G], name: str | None = None) -> G:
         if unknown:
             raise ValueError(f"{name}.{unknown[0]} is invalid: {name} has no field {unknown[0]!r}; "
                              f"fields: {', '.join(sorted(known))}")
-        return cls(**value)
+        return dataclasses.replace(default, **value) if isinstance(default, cls) else cls(**value)
     raise TypeError(f"{name}={value!r} is invalid: must be a {cls.__name__} or a mapping of its fields")
 
 
+
+
+def signature_default(cls: type, parameter: str) -> Any:
+    """The default of ``parameter`` in the most derived ``__init__`` of ``cls`` that declares it.
+
+    Args:
+        cls: a class (e.g. an algorithm).
+        parameter: the constructor parameter.
+    """
+    import inspect
+
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and parameter in inspect.signature(init).parameters:
+            return inspect.signature(init).parameters[parameter].default
+    return None

@@ -52,6 +52,8 @@ from rftlab.rollout.rollout import Rollout
 FULL_GRADIENT_LIMIT = 20_000
 #: Rollout annotations recorded after ``score_rollout`` (None when the algorithm leaves one unset).
 ANNOTATIONS = ("rewards", "advantages", "seq_advantages", "old_logp", "ref_logp", "values", "returns")
+#: SegmentRFT's per-segment fields (``Rollout.segment_<key>``), recorded under the key.
+SEGMENT_FIELDS = ("starts", "mask", "rewards", "targets", "old_values")
 
 
 def canonical_name(name: str) -> str:
@@ -102,53 +104,53 @@ class Case:
 
 # The tiny random Llama (real SmolLM2 tokenizer). oneDNN linears off: scoring would use them and
 # the bare compute_loss call would not; torch's default kernels everywhere keep the numbers portable.
-TINY = dict(policy="tiny", seed=0, lr=1e-2, onednn_kernels=False)
+TINY = dict(lr=1e-2, forward={"onednn_kernels": False})
+POLICY = {"model": "tiny", "seed": 0}
+LORA = dict(policy={**POLICY, "lora_r": 4, "lora_alpha": 8}, lora=True)
 # Groups 2 and 0 of a 3 x 4 rollout, in that order (a minibatch of whole groups, reordered).
 MINIBATCH = (8, 9, 10, 11, 0, 1, 2, 3)
 
 CASES: dict[str, Case] = {
-    "grpo_lora_beta0": Case(GRPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.0,
-                                       scale="group", loss_agg="seq-mean-token-mean"), group_size=4),
-    "grpo_lora_beta_dualclip": Case(GRPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.04,
-                                               eps_high=0.28, dual_clip=3.0), group_size=4, num_updates=2,
-                                    rows=MINIBATCH, temperature=0.3, noise=0.2),
-    "grpo_full_beta": Case(GRPO, dict(**TINY, lora=False, num_generations=4, beta=0.04), group_size=4,
+    "grpo_lora_beta0": Case(GRPO, dict(**TINY, **LORA, beta=0.0, advantage={"name": "grpo", "options": {"scale": "group"}},
+                                       loss={"agg": "seq-mean-token-mean"}), group_size=4),
+    "grpo_lora_beta_dualclip": Case(GRPO, dict(**TINY, **LORA, beta=0.04, clip={"eps_high": 0.28, "dual_clip": 3.0}),
+                                    group_size=4, num_updates=2, rows=MINIBATCH, temperature=0.3, noise=0.2),
+    "grpo_full_beta": Case(GRPO, dict(**TINY, policy=POLICY, lora=False, beta=0.04), group_size=4,
                            num_updates=2, rows=MINIBATCH, noise=0.01),
-    "grpo_dr_grpo": Case(GRPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.0,
-                                    scale="none", loss_agg="seq-mean-token-sum-norm"), group_size=4),
-    "grpo_scale_batch": Case(GRPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.0,
-                                        scale="batch", loss_agg="seq-mean-token-sum"), group_size=4,
-                             num_updates=2, noise=0.1),
-    "dapo_overlong": Case(DAPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4,
-                                     overlong_buffer_len=4, overlong_penalty_factor=0.5,
-                                     mask_truncated_completions=True), group_size=4, num_updates=2,
+    "grpo_dr_grpo": Case(GRPO, dict(**TINY, **LORA, beta=0.0, advantage="dr_grpo",
+                                    loss={"agg": "seq-mean-token-sum-norm"}), group_size=4),
+    "grpo_scale_batch": Case(GRPO, dict(**TINY, **LORA, beta=0.0, advantage={"name": "grpo", "options": {"scale": "batch"}},
+                                        loss={"agg": "seq-mean-token-sum"}), group_size=4, num_updates=2, noise=0.1),
+    "dapo_overlong": Case(DAPO, dict(**TINY, **LORA, overlong={"buffer_len": 4, "penalty_factor": 0.5},
+                                     loss={"agg": "token-mean", "mask_truncated": True}), group_size=4, num_updates=2,
                           rows=MINIBATCH, noise=0.1),
-    "ppo_shared": Case(PPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.05,
-                                 critic="shared", kl_in_reward=True, gamma=0.99, lam=0.9), group_size=4,
+    "ppo_shared": Case(PPO, dict(**TINY, **LORA, beta=0.05, critic={"kind": "shared"}, kl={"in_reward": True},
+                                 advantage={"name": "gae", "options": {"gamma": 0.99, "lam": 0.9}}), group_size=4,
                        num_updates=2, rows=MINIBATCH, noise=0.1),
-    "ppo_adapter": Case(PPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.05,
-                                  critic="adapter", vf_coef=0.5), group_size=4, temperature=0.7, noise=0.1),
-    "ppo_model_adaptive_kl": Case(PPO, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.1,
-                                            critic="model", kl_in_reward=False, kl_estimator="k3", kl_target=0.5,
-                                            kl_horizon=100, ent_coef=0.01, whiten_advantages=False,
-                                            loss_agg="seq-mean-token-mean", cliprange_value=0.5),
+    "ppo_adapter": Case(PPO, dict(**TINY, **LORA, beta=0.05, critic={"kind": "adapter", "vf_coef": 0.5}), group_size=4,
+                        temperature=0.7, noise=0.1),
+    "ppo_model_adaptive_kl": Case(PPO, dict(**TINY, **LORA, beta=0.1,
+                                            critic={"kind": "model", "whiten_advantages": False, "value_clip": 0.5},
+                                            kl={"in_reward": False, "estimator": "k3", "target": 0.5, "horizon": 100},
+                                            loss={"agg": "seq-mean-token-mean", "entropy_coef": 0.01}),
                                   group_size=4, num_updates=2, rows=MINIBATCH, noise=0.1),
-    "segment_sum_k3": Case(SegmentRFT, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.05,
-                                            ratio_mode="sum", kl="k3", gamma=0.95, dual_clip=3.0),
+    "segment_sum_k3": Case(SegmentRFT, dict(**TINY, **LORA, beta=0.05, kl={"estimator": "k3"},
+                                            clip={"dual_clip": 3.0}, segments={"ratio_mode": "sum", "gamma": 0.95}),
                            group_size=4, rollout="segments", num_updates=2, rows=(4, 5, 6, 7, 0, 1, 2, 3),
                            temperature=0.5, noise=0.2),
-    "segment_token_exact_whiten": Case(SegmentRFT, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4,
-                                                        beta=0.05, ratio_mode="token", kl="exact",
-                                                        whiten_advantages=True, td_lambda=0.5,
-                                                        reward_whiten="chain"),
+    "segment_token_exact_whiten": Case(SegmentRFT, dict(**TINY, **LORA, beta=0.05, kl={"estimator": "exact"},
+                                                        critic={"whiten_advantages": True},
+                                                        segments={"ratio_mode": "token", "td_lambda": 0.5,
+                                                                  "rewards": {"whiten": "chain"}}),
                                        group_size=4, rollout="segments", num_updates=2, temperature=0.7,
                                        noise=0.1),
-    "segment_mean_beta0": Case(SegmentRFT, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, num_generations=4, beta=0.0,
-                                                ratio_mode="mean", td_lambda=1.0, reward_whiten="batch", value_clip=0.0,
-                                                vf_coef=0.5), group_size=4, rollout="segments", noise=0.1),
-    "sft_lora": Case(SFT, dict(**TINY, lora=True, lora_r=4, lora_alpha=8, loss_agg="token-mean"), group_size=1,
+    "segment_mean_beta0": Case(SegmentRFT, dict(**TINY, **LORA, beta=0.0, critic={"value_clip": 0.0, "vf_coef": 0.5},
+                                                segments={"ratio_mode": "mean", "td_lambda": 1.0,
+                                                          "rewards": {"whiten": "batch"}}),
+                               group_size=4, rollout="segments", noise=0.1),
+    "sft_lora": Case(SFT, dict(**TINY, **LORA, loss_agg="token-mean"), group_size=1,
                      rollout="references", score=False, noise=0.1),
-    "sft_full_seq_mean": Case(SFT, dict(**TINY, lora=False, loss_agg="seq-mean-token-mean"), group_size=1,
+    "sft_full_seq_mean": Case(SFT, dict(**TINY, policy=POLICY, lora=False, loss_agg="seq-mean-token-mean"), group_size=1,
                               rollout="references", score=False, noise=0.01),
 }
 
@@ -218,9 +220,9 @@ def token_rollout(tokenizer: Any, group_size: int, num_updates: int, temperature
         prompts=[tokenizer.decode(p) for p in prompts for _ in range(group_size)],
         completions=tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True),
         rows=[{"answer": str(i // group_size)} for i in range(n)],
-        temperature=temperature, num_updates=num_updates,
+        temperature=temperature, num_updates=num_updates, group_size=group_size,
+        max_new_tokens=TOKEN_T,  # as the RolloutDataModule records it (DAPO reads it)
     )
-    rollout.extras["max_new_tokens"] = TOKEN_T  # as the RolloutDataModule records it (DAPO reads it)
     return rollout
 
 
@@ -274,9 +276,8 @@ def segment_rollout(tokenizer: Any, group_size: int, num_updates: int, temperatu
         prompts=[PROBLEMS[i // group_size]["prompt"] for i in range(n)],
         completions=tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True),
         rows=[dict(PROBLEMS[i // group_size]) for i in range(n)],
-        temperature=temperature, num_updates=num_updates,
+        temperature=temperature, num_updates=num_updates, group_size=group_size, max_new_tokens=SEGMENT_T,
     )
-    rollout.extras["max_new_tokens"] = SEGMENT_T
     return rollout
 
 
@@ -303,6 +304,7 @@ def reference_rollout(tokenizer: Any, group_size: int, num_updates: int, tempera
         completion_mask=completion_mask, group=torch.arange(n), rewards=torch.zeros(n),
         rewards_per_fn=torch.zeros(n, 0), truncated=truncated, prompts=[r["prompt"] for r in rows],
         completions=[r["solution"] for r in rows], rows=rows, temperature=temperature, num_updates=num_updates,
+        group_size=group_size,
     )
 
 
@@ -395,11 +397,15 @@ def _run_case(name: str) -> dict[str, Any]:
             fingerprints[key] = fingerprint(key, p.grad)
         else:
             grads[key] = _value(p.grad)
+    # Per-rollout statistics (PPO's value and return means, SegmentRFT's segment counts) travel in
+    # ``batch.metrics`` and are logged with the step; wall-clock timings are not golden.
+    metrics = {**{k: v for k, v in batch.metrics.items() if not k.startswith("timing/")}, **metrics}
     return {
         "loss": float(loss.detach()),
         "metrics": {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in metrics.items()},
         "annotations": {f: _value(getattr(rollout, f)) for f in ANNOTATIONS},
-        "seq_extras": {k: _value(v) for k, v in rollout.seq_extras.items()},
+        "seq_extras": {k: _value(getattr(rollout, f"segment_{k}")) for k in SEGMENT_FIELDS
+                       if getattr(rollout, f"segment_{k}") is not None},
         "grads": grads,
         "fingerprints": fingerprints,
         "grad_numel": numel,

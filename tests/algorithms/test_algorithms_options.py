@@ -122,6 +122,15 @@ def test_groups_as_dataclasses_or_mappings_give_the_same_module():
     assert a.policy_spec.lora and a.policy_spec.lora_r == 8
 
 
+def test_a_mapping_changes_only_its_fields_of_the_algorithms_default_group():
+    assert SegmentRFT(policy="tiny", critic={"vf_coef": 0.5}).critic_options.whiten_advantages is False
+    assert PPO(policy="tiny", critic={"vf_coef": 0.5}).critic_options.whiten_advantages is True
+    assert PPO(policy="tiny", beta=0.1, kl={"target": 1.0}).kl_options.in_reward is True
+    assert DAPO(policy="tiny", clip={"dual_clip": 3.0}).clip_options.eps_high == 0.28
+    assert DAPO(policy="tiny", loss={"mask_truncated": True}).loss_spec.agg == "token-mean"
+    assert PPO(policy="tiny", advantage={"options": {"lam": 0.9}}).advantage_spec.name == "gae"
+
+
 def test_a_loss_name_keeps_the_algorithms_aggregation():
     assert DAPO(policy="tiny", loss="ppo_clip").loss_spec.agg == "token-mean"
     assert GRPO(policy="tiny", loss="ppo_clip").loss_spec.agg == "seq-mean-token-mean"
