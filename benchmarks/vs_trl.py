@@ -8,6 +8,10 @@ Every measurement runs in its own subprocess (so peak RSS is per run), alternati
     benchmarks/.venv-trl/bin/pip install torch==2.13.0 && benchmarks/.venv-trl/bin/pip install "trl[peft]==1.16.0"
     .venv/bin/python benchmarks/vs_trl.py --repeats 3 --steps 6
 
+Against an earlier commit of rftlab instead (or as well): check it out beside this one and name it,
+e.g. ``git worktree add /tmp/rftlab-old <commit>`` then ``--baseline /tmp/rftlab-old`` (with
+``--no-trl`` for the two rftlab sides only); both sides alternate in the same run.
+
 Settings shared by both sides: SmolLM2-135M-Instruct (the bundled GGUF saved once as an HF
 folder), the same Arithmetic prompts, 1 prompt x 8 completions per optimizer step, 32 new tokens,
 temperature 1 (no top-k/top-p), fp32 (or --precision bf16 for both), gradient checkpointing off
@@ -189,14 +193,24 @@ WORKERS = {"rftlab": run_rftlab, "rftlab+copy": run_rftlab, "trl": run_trl, "flo
 
 
 # ---- orchestration ---------------------------------------------------------------------------
-def spawn(side: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def spawn(side: str, cfg: dict[str, Any], baseline: Path | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh process; side "baseline" runs rftlab from another checkout.
+
+    Args:
+        side: "rftlab", "rftlab+copy", "trl", "floor" or "baseline".
+        cfg: the run's settings.
+        baseline: the other checkout's root (its own benchmarks/vs_trl.py and rftlab are used).
+    """
     python = str(TRL_PYTHON) if side == "trl" else sys.executable
     if side == "rftlab+copy":  # rftlab sampling from a bf16 copy of the weights
         cfg = {**cfg, "sampling_dtype": "bfloat16"}
+    root, script, worker = HERE.parent, __file__, side
+    if side == "baseline":  # the same measurement with another commit's code (its own worker)
+        root, script, worker = baseline, str(baseline / "benchmarks" / "vs_trl.py"), "rftlab"
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([python, __file__, "--worker", side, "--cfg", json.dumps(cfg)],
-                          capture_output=True, text=True, env=env)
+           "WANDB_MODE": "disabled", "PYTHONPATH": str(root)}
+    proc = subprocess.run([python, script, "--worker", worker, "--cfg", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env, cwd=root)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -213,46 +227,73 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/vs_trl.json")
     parser.add_argument("--sampling-copy", action="store_true",
                         help="also run rftlab with forward.sampling_dtype='bfloat16' (a third side, alternated with the others)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="root of another rftlab checkout (e.g. a git worktree of an earlier commit): its rftlab "
+                             "runs as one more side, alternated with the others, and rftlab/baseline ratios are reported")
+    parser.add_argument("--no-trl", action="store_true",
+                        help="skip TRL and the floor (with --baseline: a side-by-side of two rftlab commits only)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cfg", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(args.cfg))), flush=True)
         return
-    if not TRL_PYTHON.exists():
+    if not args.no_trl and not TRL_PYTHON.exists():
         raise SystemExit(f"TRL venv missing at {TRL_PYTHON}: see this file's docstring to create it")
     from rftlab.models.loading import default_model_dir
 
     model_dir = str(default_model_dir())
-    results: dict[str, Any] = {"settings": vars(args), "configs": {}}
+    results: dict[str, Any] = {"settings": {**vars(args), "baseline": str(args.baseline)}, "configs": {}}
+    if args.baseline is not None:
+        results["settings"]["baseline_commit"] = _commit(args.baseline)
+    results["settings"]["commit"] = _commit(HERE.parent)
     for name in args.configs.split(","):
         kind, beta = name.split("-beta")
         cfg = {"model": model_dir, "lora": kind == "lora", "beta": float(beta), "steps": args.steps,
                "threads": args.threads, "precision": args.precision, "seed": 0,
                "lr": 2e-4 if kind == "lora" else 1e-5, "workdir": f"/tmp/vs_trl_{name}"}
-        sides = ("rftlab", "trl", "rftlab+copy") if args.sampling_copy else ("rftlab", "trl")
+        sides = ("rftlab",) + (() if args.no_trl else ("trl",)) + (("rftlab+copy",) if args.sampling_copy else ()) \
+            + (("baseline",) if args.baseline is not None else ())
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
             for side in sides if repeat % 2 == 0 else sides[::-1]:
-                runs[side].append(spawn(side, cfg))
+                runs[side].append(spawn(side, cfg, args.baseline))
                 print(name, side, repeat, f"{runs[side][-1]['median_step_s']:.2f} s/step", flush=True)
-        floor = spawn("floor", cfg)
         row = {side: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                       "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs), "runs": rs,
                       **({"median_generate_s": statistics.median(r["median_generate_s"] for r in rs)}
                          if "median_generate_s" in rs[0] else {})}
                for side, rs in runs.items()}
+        if "baseline" in row:
+            row["ratio_rftlab_vs_baseline"] = row["rftlab"]["median_step_s"] / row["baseline"]["median_step_s"]
+            # per repeat (the two sides ran next to each other): how much of the difference is noise
+            row["ratios_by_repeat"] = [a["median_step_s"] / b["median_step_s"] for a, b in zip(runs["rftlab"], runs["baseline"])]
+        if args.no_trl:
+            results["configs"][name] = row
+            print(name, json.dumps({k: v for k, v in row.items() if k.startswith("ratio")}), flush=True)
+            continue
+        floor = spawn("floor", cfg)
         row["floor"] = floor
         row["ratio_rftlab_vs_trl"] = row["rftlab"]["median_step_s"] / row["trl"]["median_step_s"]
         row["ratio_rftlab_vs_floor"] = row["rftlab"]["median_step_s"] / floor["median_step_s"]
+        if "baseline" in row:
+            row["ratio_baseline_vs_trl"] = row["baseline"]["median_step_s"] / row["trl"]["median_step_s"]
         if "rftlab+copy" in row:
             row["ratio_rftlab_copy_vs_trl"] = row["rftlab+copy"]["median_step_s"] / row["trl"]["median_step_s"]
             row["ratio_rftlab_copy_vs_floor"] = row["rftlab+copy"]["median_step_s"] / floor["median_step_s"]
         results["configs"][name] = row
-        print(json.dumps({k: v for k, v in row.items() if k not in ("rftlab", "trl", "floor")}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("rftlab", "trl", "floor", "baseline")}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    if args.no_trl:
+        print(f"{'config':18s} {'rftlab s/step':>14s} {'baseline s/step':>16s} {'ratio':>6s} {'GiB':>6s} {'base GiB':>8s}")
+        for name, row in results["configs"].items():
+            if "baseline" in row:
+                print(f"{name:18s} {row['rftlab']['median_step_s']:14.2f} {row['baseline']['median_step_s']:16.2f} "
+                      f"{row['ratio_rftlab_vs_baseline']:6.3f} {row['rftlab']['peak_rss_gib']:6.2f} "
+                      f"{row['baseline']['peak_rss_gib']:8.2f}")
+        return
     print(f"{'config':18s} {'rftlab s/step':>14s} {'TRL s/step':>11s} {'ratio':>6s} {'floor':>6s} {'x floor':>7s} "
           f"{'rftlab GiB':>10s} {'TRL GiB':>8s}")
     for name, row in results["configs"].items():
@@ -264,6 +305,11 @@ def main() -> None:
             print(f"{name + ' +copy':18s} {copy['median_step_s']:14.2f} {row['trl']['median_step_s']:11.2f} "
                   f"{row['ratio_rftlab_copy_vs_trl']:6.2f} {row['floor']['median_step_s']:6.2f} "
                   f"{row['ratio_rftlab_copy_vs_floor']:7.2f} {copy['peak_rss_gib']:10.2f} {row['trl']['peak_rss_gib']:8.2f}")
+
+
+def _commit(root: Path) -> str:
+    proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
