@@ -62,8 +62,9 @@ def test_chat_prompts_are_rendered_with_the_template(tokenizer):
 
 
 def test_rollout_contents(tiny_grpo, vary_reward):
-    module = tiny_grpo(num_generations=3)
-    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=6).attach(module)
+    module = tiny_grpo()
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=3,
+                           max_new_tokens=6).attach(module)
     r = dm.build_rollout()
     assert len(r) == 6 and r.group.tolist() == [0, 0, 0, 1, 1, 1]
     assert r.prompts[0] == r.prompts[2] != r.prompts[3]
@@ -72,7 +73,7 @@ def test_rollout_contents(tiny_grpo, vary_reward):
     assert r.advantages.shape == r.completion_mask.shape
     assert r.old_logp is None, "num_iterations == 1: no extra forward for old log-probs"
     assert r.ref_logp is None, "beta == 0: no reference forward"
-    m = r.extras["metrics"]
+    m = r.metrics
     for key in ("reward/mean", "reward/std", "reward/parity/mean", "completions/mean_length",
                 "completions/clipped_ratio", "frac_reward_zero_std", "timing/generate", "timing/reward"):
         assert key in m
@@ -81,8 +82,8 @@ def test_rollout_contents(tiny_grpo, vary_reward):
 
 def test_old_and_ref_logprobs_when_needed(tiny_grpo, vary_reward):
     module = tiny_grpo(beta=0.1, lora=True)
-    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=5,
-                           num_iterations=2).attach(module)
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=5, num_iterations=2).attach(module)
     r = dm.build_rollout()
     assert r.old_logp is not None and r.ref_logp is not None
     # A fresh LoRA adapter is zero-initialised: policy == reference.
@@ -95,7 +96,8 @@ def test_seeded_sampling_is_reproducible(tiny_grpo, vary_reward):
     out = []
     for _ in range(2):
         module = tiny_grpo()
-        dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=6, seed=7).attach(module)
+        dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                               max_new_tokens=6, seed=7).attach(module)
         out.append(dm.build_rollout().completion_ids)
     assert torch.equal(out[0], out[1])
 
@@ -134,7 +136,8 @@ def test_every_rollout_is_sampled_by_the_policy_it_trains(tiny_grpo, vary_reward
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((trainer.global_step, batch.policy_version))
 
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4)
     fit_tiny(module, dm, 4, callbacks=[Spy()])
     assert seen == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
@@ -147,8 +150,8 @@ def test_minibatches_of_one_rollout_share_its_policy_version(tiny_grpo, vary_rew
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((trainer.global_step, batch.policy_version, len(batch)))
 
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4,
-                           num_minibatches=2, num_iterations=2)
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4, num_minibatches=2, num_iterations=2)
     fit_tiny(module, dm, 8, callbacks=[Spy()])
     # 2 iterations x 2 minibatches = 4 steps per rollout; each minibatch is one group of G=4.
     assert [v for _, v, _ in seen] == [0, 0, 0, 0, 4, 4, 4, 4]
@@ -165,14 +168,14 @@ def test_reward_errors_and_timeouts_are_counted_in_the_rollout_metrics(tiny_grpo
         _time.sleep(0.5)
         return [1.0] * len(completions)
 
-    module = tiny_grpo(num_generations=2)
+    module = tiny_grpo()
     dm = RolloutDataModule(task=Arithmetic(), rewards={"fragile": fragile}, reward_on_error="zero",
-                           prompts_per_step=2, max_new_tokens=3).attach(module)
-    metrics = dm.build_rollout().extras["metrics"]
+                           prompts_per_step=2, num_generations=2, max_new_tokens=3).attach(module)
+    metrics = dm.build_rollout().metrics
     # called one sample at a time after the batch call fails: each single call sees i = 0 and raises
     assert metrics["reward/fragile/errors"] == 4.0
     dm = RolloutDataModule(task=Arithmetic(), rewards={"slow": slow}, reward_timeout=0.05,
-                           prompts_per_step=1, max_new_tokens=3).attach(module)
-    metrics = dm.build_rollout().extras["metrics"]
+                           prompts_per_step=1, num_generations=2, max_new_tokens=3).attach(module)
+    metrics = dm.build_rollout().metrics
     assert metrics["reward/slow/timeouts"] == 2.0
     assert metrics["reward/mean"] == 0.0

@@ -89,7 +89,7 @@ def test_training_logprobs_equal_the_sampling_distribution(tiny_grpo, tokenizer,
 
 
 def test_sample_completions_shapes_and_modes_restored(tiny_grpo, tokenizer):
-    module = tiny_grpo(gradient_checkpointing=True)
+    module = tiny_grpo(policy={"model": "tiny", "gradient_checkpointing": True})
     model = module.policy
     model.train()
     prompt_ids, prompt_mask = left_pad([[11, 12, 13], [21]], tokenizer.pad_token_id)
@@ -104,7 +104,7 @@ def test_sample_completions_shapes_and_modes_restored(tiny_grpo, tokenizer):
 
 
 def test_sampling_uses_kv_cache_even_with_checkpointing(tiny_grpo, tokenizer, monkeypatch):
-    module = tiny_grpo(gradient_checkpointing=True)
+    module = tiny_grpo(policy={"model": "tiny", "gradient_checkpointing": True})
     seen = []
     original = module.policy.forward
 
