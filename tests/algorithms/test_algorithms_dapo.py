@@ -10,7 +10,7 @@ import torch
 from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
 
-from rftlab import DAPO, GRPO, RolloutDataModule
+from rftlab import DAPO, GRPO, PPO, RolloutDataModule
 from rftlab.tasks import Arithmetic, RowsTask
 from wandb_records import find_run_files, finish_offline_run, read_history
 
@@ -27,14 +27,15 @@ def half_constant_task(n: int = 40) -> RowsTask:
 
 
 def tiny_dapo(**kwargs) -> DAPO:
-    module = DAPO(**{"policy": "tiny", "num_generations": 4, "lr": 1e-2, **kwargs})
+    module = DAPO(**{"policy": "tiny", "lr": 1e-2, **kwargs})
     module.configure_model()
     return module
 
 
 def test_dapo_defaults_are_the_paper_settings():
     m = DAPO(policy="tiny")
-    assert m.hparams.loss_agg == "token-mean" and m.hparams.eps_low == 0.2 and m.hparams.eps_high == 0.28
+    hp = m.hparams
+    assert hp.loss.agg == "token-mean" and hp.clip.eps_low == 0.2 and hp.clip.eps_high == 0.28
     assert m.hparams.beta == 0.0 and not m.needs_reference, "DAPO runs no reference model"
     assert m.prefers_dynamic_sampling and not GRPO(policy="tiny").prefers_dynamic_sampling
 
@@ -42,10 +43,9 @@ def test_dapo_defaults_are_the_paper_settings():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(eps_low=0.3, eps_high=0.2), "eps_high"),
-        (dict(overlong_buffer_len=16, overlong_max_len=16), "overlong_buffer_len"),
-        (dict(overlong_buffer_len=-1), "overlong_buffer_len"),
-        (dict(num_generations=1), "num_generations"),
+        (dict(clip={"eps_low": 0.3, "eps_high": 0.2}), "clip.eps_high"),
+        (dict(overlong={"buffer_len": 16, "max_len": 16}), "overlong.buffer_len"),
+        (dict(overlong={"buffer_len": -1}), "overlong.buffer_len"),
     ],
 )
 def test_bad_dapo_configuration(kwargs, name):
@@ -53,25 +53,31 @@ def test_bad_dapo_configuration(kwargs, name):
         DAPO(policy="tiny", **kwargs)
 
 
+def test_groups_of_one_fail_before_sampling():
+    # num_generations is the DataModule's now: DAPO checks it when the two meet, before any sampling.
+    dm = RolloutDataModule(task=Arithmetic(), num_generations=1, dynamic_sampling=False).attach(DAPO(policy="tiny"))
+    with pytest.raises(ValueError, match="num_generations=1 is invalid: must be >= 2 for DAPO"):
+        dm.build_rollout()
+
+
 def test_buffer_longer_than_the_completion_budget_fails_before_sampling():
-    module = tiny_dapo(overlong_buffer_len=8)
-    dm = RolloutDataModule(task=Arithmetic(), max_new_tokens=8).attach(module)
-    with pytest.raises(ValueError, match="overlong_buffer_len=8 must be < the maximum length 8"):
+    module = tiny_dapo(overlong={"buffer_len": 8})
+    dm = RolloutDataModule(task=Arithmetic(), num_generations=4, max_new_tokens=8).attach(module)
+    with pytest.raises(ValueError, match="overlong.buffer_len=8 is invalid: must be < the maximum length 8"):
         dm.build_rollout()
 
 
 def test_dynamic_sampling_needs_groups_of_two():
-    module = GRPO(policy="tiny", num_generations=2)
-    module.num_generations = 1  # as a PPO-style module with one completion per prompt would have
-    dm = RolloutDataModule(task=Arithmetic(), dynamic_sampling=True).attach(module)
+    # PPO accepts one completion per prompt, so only the DataModule's own check can refuse it.
+    dm = RolloutDataModule(task=Arithmetic(), num_generations=1, dynamic_sampling=True).attach(PPO(policy="tiny"))
     with pytest.raises(ValueError, match="dynamic_sampling needs num_generations >= 2"):
         dm.build_rollout()
 
 
 def test_overlong_shaping_is_added_to_the_reward():
-    module = tiny_dapo(overlong_buffer_len=4)
+    module = tiny_dapo(overlong={"buffer_len": 4})
     dm = RolloutDataModule(task=Arithmetic(), rewards={"one": lambda completions, **_: [1.0] * len(completions)},
-                           prompts_per_step=2, max_new_tokens=8, dynamic_sampling=False).attach(module)
+                           prompts_per_step=2, num_generations=4, max_new_tokens=8, dynamic_sampling=False).attach(module)
     rollout = dm.build_rollout()
     lengths = rollout.completion_lengths.float()
     # L <= 4: 0; 4 < L <= 8: (4 - L) / 4 -> the tiny random model rarely stops, so most are -1 at L = 8.
@@ -86,12 +92,13 @@ class SeenKinds(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.kinds.extend(row["kind"] for row in batch.rows)
         self.groups.append(len(torch.unique(batch.group)))
-        self.metrics.append(dict(batch.extras["metrics"]))
+        self.metrics.append(dict(batch.metrics))
 
 
 def test_dynamic_sampling_drops_zero_variance_groups_and_fills_the_batch():
     module = tiny_dapo()
-    dm = RolloutDataModule(task=half_constant_task(), prompts_per_step=3, max_new_tokens=4, max_gen_batches=10)
+    dm = RolloutDataModule(task=half_constant_task(), prompts_per_step=3, num_generations=4, max_new_tokens=4,
+                           max_gen_batches=10)
     spy = SeenKinds()
     fit_tiny(module, dm, 3, callbacks=[spy])
     assert set(spy.kinds) == {"vary"}, "a zero-variance group reached training_step"
@@ -113,22 +120,23 @@ def test_max_gen_batches_is_respected(monkeypatch):
     original = module.generate
     monkeypatch.setattr(module, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
     constant = RowsTask([{"prompt": f"q{i}"} for i in range(20)], rewards={"c": lambda completions, **_: [1.0] * len(completions)})
-    dm = RolloutDataModule(task=constant, prompts_per_step=2, max_new_tokens=4, max_gen_batches=3).attach(module)
+    dm = RolloutDataModule(task=constant, prompts_per_step=2, num_generations=4, max_new_tokens=4,
+                           max_gen_batches=3).attach(module)
     rollout = dm.build_rollout()
     assert len(calls) == 3
-    assert rollout.extras["metrics"]["dynamic_sampling/gen_batches"] == 3
-    assert rollout.extras["metrics"]["dynamic_sampling/kept_fraction"] == 0
+    assert rollout.metrics["dynamic_sampling/gen_batches"] == 3
+    assert rollout.metrics["dynamic_sampling/kept_fraction"] == 0
     assert torch.all(rollout.seq_advantages == 0), "nothing to learn from an all-constant batch"
-    strict = RolloutDataModule(task=constant, prompts_per_step=2, max_new_tokens=4, max_gen_batches=2,
-                               on_short_batch="raise").attach(module)
+    strict = RolloutDataModule(task=constant, prompts_per_step=2, num_generations=4, max_new_tokens=4,
+                               max_gen_batches=2, on_short_batch="raise").attach(module)
     with pytest.raises(RuntimeError, match="max_gen_batches=2"):
         strict.build_rollout()
 
 
 def test_dapo_trains_and_logs_its_metrics_to_wandb(tmp_path):
-    module = tiny_dapo(overlong_buffer_len=2, mask_truncated_completions=False)
+    module = tiny_dapo(overlong={"buffer_len": 2}, loss={"mask_truncated": False})
     before = trainable_snapshot(module)
-    dm = RolloutDataModule(task=half_constant_task(), prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=half_constant_task(), prompts_per_step=2, num_generations=4, max_new_tokens=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
     fit_tiny(module, dm, 2, logger=logger)
     finish_offline_run()
@@ -143,9 +151,9 @@ def test_dapo_trains_and_logs_its_metrics_to_wandb(tmp_path):
 
 
 def test_mask_truncated_completions_removes_their_loss():
-    module = tiny_dapo(mask_truncated_completions=True)
+    module = tiny_dapo(loss={"mask_truncated": True})
     dm = RolloutDataModule(task=Arithmetic(), rewards={"r": lambda completions, **_: [float(i % 2) for i in range(len(completions))]},
-                           prompts_per_step=2, max_new_tokens=3, dynamic_sampling=False).attach(module)
+                           prompts_per_step=2, num_generations=4, max_new_tokens=3, dynamic_sampling=False).attach(module)
     rollout = dm.build_rollout()
     assert rollout.truncated.all(), "3 tokens from a random model: every completion is truncated"
     loss, _ = module.compute_loss(rollout)

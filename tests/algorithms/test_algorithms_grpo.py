@@ -9,7 +9,7 @@ import torch
 from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
 
-from rftlab import GRPO, RolloutDataModule
+from rftlab import GRPO, AdvantageSpec, RolloutDataModule
 from rftlab.tasks import Arithmetic
 from wandb_records import find_run_files, finish_offline_run, read_history
 
@@ -24,33 +24,40 @@ SHARED_METRICS = [
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_generations=1), "num_generations"),
-        (dict(eps_low=0.2, eps_high=0.1), "eps_high"),
+        (dict(clip={"eps_low": 0.2, "eps_high": 0.1}), "clip.eps_high"),
         (dict(beta=-0.1), "beta"),
-        (dict(loss_agg="mean"), "unknown aggregation 'mean'; valid: seq-mean-token-mean"),
-        (dict(scale="std"), "valid: batch, group, none"),
-        (dict(kl_estimator="k4"), "k1, k2, k3"),
+        (dict(loss={"agg": "mean"}), "loss.agg='mean' is invalid: must be one of seq-mean-token-mean"),
+        (dict(advantage={"name": "grpo", "options": {"scale": "std"}}),
+         "advantage.options.scale='std' is invalid: must be one of batch, group, none"),
+        (dict(kl={"estimator": "k4"}), "kl.estimator='k4' is invalid: must be one of k1, k2, k3"),
         (dict(lr=0.0), "lr"),
-        (dict(lora_r=0), "lora_r"),
-        (dict(dtype="float8"), "dtype"),
-        (dict(dual_clip=0.5), "dual_clip"),
+        (dict(policy={"model": "tiny", "lora_r": 0}), "policy.lora_r"),
+        (dict(policy={"model": "tiny", "dtype": "float8"}), "policy.dtype"),
+        (dict(clip={"dual_clip": 0.5}), "clip.dual_clip"),
     ],
 )
 def test_bad_configuration_raises_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GRPO(policy="tiny", **kwargs)
+        GRPO(**{"policy": "tiny", **kwargs})
+
+
+def test_groups_of_one_fail_before_sampling():
+    # num_generations is the DataModule's now: the algorithm checks it when the two meet, before any sampling.
+    dm = RolloutDataModule(task=Arithmetic(), num_generations=1).attach(GRPO(policy="tiny"))
+    with pytest.raises(ValueError, match="num_generations=1 is invalid: must be >= 2 for GRPO"):
+        dm.build_rollout()
 
 
 def test_hyperparameters_cover_base_and_algorithm_arguments():
-    model = GRPO(policy="tiny", lora=True, num_generations=4, scale="none")
-    assert model.hparams.lora is True and model.hparams.scale == "none" and model.hparams.lr == 1e-5
+    model = GRPO(policy="tiny", lora=True, advantage=AdvantageSpec(options={"scale": "none"}))
+    assert model.hparams.lora is True and model.hparams.advantage.options["scale"] == "none" and model.hparams.lr == 1e-5
 
 
 def test_grpo_fit_changes_weights_and_logs_every_metric_to_wandb(tmp_path, tiny_grpo, vary_reward):
     module = tiny_grpo(lora=True, beta=0.05, lr=5e-3)
     before = trainable_snapshot(module)
     frozen_before = trainable_snapshot(module, frozen=True)
-    dm = RolloutDataModule(task=Arithmetic(num_test=4), rewards=vary_reward, prompts_per_step=2,
+    dm = RolloutDataModule(task=Arithmetic(num_test=4), rewards=vary_reward, prompts_per_step=2, num_generations=4,
                            max_new_tokens=6, val_batch_size=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
     fit_tiny(module, dm, 3, tmp_path, logger=logger, val_check_interval=3, limit_val_batches=None,
@@ -84,7 +91,8 @@ def test_no_reference_forward_when_beta_is_zero(tiny_grpo, vary_reward, monkeypa
         return original(batch, reference=reference)
 
     monkeypatch.setattr(module, "policy_logits", spy)
-    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4).attach(module)
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4).attach(module)
     rollout = dm.build_rollout()
     module.compute_loss(rollout)
     assert calls == [False], "beta=0, one update per rollout: exactly one (training) forward"
@@ -94,7 +102,8 @@ def test_full_finetuning_with_kl_keeps_a_frozen_reference(tiny_grpo, vary_reward
     module = tiny_grpo(lora=False, beta=0.1)
     assert module.ref_policy is not None
     assert not any(p.requires_grad for p in module.ref_policy.parameters())
-    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4).attach(module)
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4).attach(module)
     rollout = dm.build_rollout()
     loss, metrics = module.compute_loss(rollout)
     assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-6)  # policy == reference before training
@@ -103,10 +112,11 @@ def test_full_finetuning_with_kl_keeps_a_frozen_reference(tiny_grpo, vary_reward
 
 
 def test_dr_grpo_options(tiny_grpo, vary_reward):
-    module = tiny_grpo(scale="none", loss_agg="seq-mean-token-sum-norm")
-    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4).attach(module)
+    module = tiny_grpo(advantage="dr_grpo", loss={"agg": "seq-mean-token-sum-norm"})
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4).attach(module)
     rollout = dm.build_rollout()
-    G = module.num_generations
+    G = dm.num_generations
     expected = rollout.rewards.view(-1, G) - rollout.rewards.view(-1, G).mean(1, keepdim=True)
     torch.testing.assert_close(rollout.seq_advantages, expected.reshape(-1))
 
@@ -115,8 +125,9 @@ def test_nonfinite_loss_skips_the_update(tiny_grpo, vary_reward, monkeypatch):
     module = tiny_grpo(lora=True)
     before = trainable_snapshot(module)
     monkeypatch.setattr(module, "compute_loss", lambda batch: (torch.tensor(float("nan"), requires_grad=True), {}))
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4)
     with pytest.warns(UserWarning, match="non-finite loss"):
         fit_tiny(module, dm, 2, max_epochs=1, limit_train_batches=2)
-    assert module.nonfinite_steps == 2
+    assert module.faults.total == 2
     assert_params_unchanged(before, module)
