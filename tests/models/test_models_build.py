@@ -14,26 +14,38 @@ from rftlab.tasks import Arithmetic
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(reference_placement="disk"), ValueError, "reference_placement='disk' is invalid: must be one of device, cpu, offload"),
-        (dict(init_checkpoint="/no/such/run.ckpt"), FileNotFoundError, "init_checkpoint='/no/such/run.ckpt' is not a file"),
-        (dict(compute_dtype="bf16"), ValueError, "compute_dtype='bf16' is invalid: must be one of float32, bfloat16, float16"),
-        (dict(lora=True, lora_target_modules=[]), ValueError, r"lora_target_modules=\[\] is empty"),
+        (dict(policy={"model": "tiny", "reference_placement": "disk"}), ValueError,
+         "policy.reference_placement='disk' is invalid: must be one of 'device', 'cpu', 'offload'"),
+        (dict(policy={"model": "tiny", "init_checkpoint": "/no/such/run.ckpt"}), FileNotFoundError,
+         "policy.init_checkpoint='/no/such/run.ckpt' is not a file"),
+        (dict(policy={"model": "tiny", "compute_dtype": "bf16"}), ValueError,
+         "policy.compute_dtype='bf16' is invalid: must be one of 'float32', 'bfloat16', 'float16'"),
+        (dict(policy={"model": "tiny", "lora_target_modules": []}, lora=True), ValueError,
+         r"policy.lora_target_modules=\[\] is invalid"),
     ],
 )
 def test_bad_policy_options_raise_at_construction(kwargs, error, message):
     with pytest.raises(error, match=message):
-        GRPO(policy="tiny", num_generations=2, **kwargs)
+        GRPO(**kwargs)
+
+
+def test_the_lora_argument_counts_when_the_policy_group_is_checked():
+    # Before the groups: GRPO(policy="tiny", lora=True, quantization="nf4"). The top-level lora
+    # overrides the group's, so the group's check (quantization needs an adapter) must see it.
+    pytest.importorskip("bitsandbytes")
+    module = GRPO(policy={"model": "tiny", "quantization": "nf4"}, lora=True)
+    assert module.policy_spec.lora and module.policy_spec.quantization == "nf4"
 
 
 @pytest.mark.parametrize("targets", [["query_key_value"], r".*\.attention\.dense"])
 def test_lora_target_modules_that_match_nothing(targets):
-    module = GRPO(policy="tiny", num_generations=2, lora=True, lora_target_modules=targets)
+    module = GRPO(policy={"model": "tiny", "lora_target_modules": targets}, lora=True)
     with pytest.raises(ValueError, match=r"lora_target_modules.*(match no module|matches no module).*q_proj"):
         module.configure_model()
 
 
 def test_lora_target_modules_regex_selects_layers():
-    model = build_policy(PolicySpec(policy="tiny", lora=True, lora_target_modules=r".*\.self_attn\.(q|v)_proj"), 49152)
+    model = build_policy(PolicySpec(model="tiny", lora=True, lora_target_modules=r".*\.self_attn\.(q|v)_proj"), 49152)
     adapted = {n.split(".")[-4] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}
 
@@ -53,7 +65,7 @@ def test_a_dtype_the_device_cannot_run_is_a_clear_error(monkeypatch, fresh_dtype
         precision.check_dtype_runs("bfloat16", "cuda")
     with pytest.raises(ValueError, match=r"dtype='float16' cannot run on device cpu: RuntimeError: .*'Half'.*; use one of float32, bfloat16"):
         precision.check_dtype_runs("float16", "cpu")
-    module = GRPO(policy="tiny", num_generations=2, dtype="float16")
+    module = GRPO(policy={"model": "tiny", "dtype": "float16"})
     with pytest.raises(ValueError, match="dtype='float16' cannot run on device cpu"):
         module.configure_model()  # checked before any weights load
     assert module.policy is None
@@ -92,7 +104,7 @@ def test_same_seed_same_lora_init_in_one_process(fresh_dtype_cache):
     inits = []
     for _ in range(2):
         L.seed_everything(0, verbose=False)
-        module = GRPO(policy="tiny", lora=True, validate_at_start=False)
+        module = GRPO(policy="tiny", lora=True, log={"validate_at_start": False})
         module.configure_model()
         inits.append({n: p.detach().clone() for n, p in module.named_parameters() if "lora_A" in n})
     assert inits[0] and all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0])
@@ -102,18 +114,19 @@ def test_a_loaded_policy_trains_in_train_mode(tmp_path, tokenizer):
     from rftlab.models.loading import tiny_llama
 
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path)  # from_pretrained returns eval mode
-    model = build_policy(PolicySpec(policy=str(tmp_path), lora=True), len(tokenizer))
+    model = build_policy(PolicySpec(model=str(tmp_path), lora=True), len(tokenizer))
     assert all(m.training for m in model.modules())
 
 
 def _rollout(module, vary_reward):
-    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4)
     return dm.attach(module).next_minibatch()
 
 
 def test_reference_kept_in_cpu_memory_is_outside_lightning_and_gives_the_same_logprobs(tiny_grpo, vary_reward):
     on_device = tiny_grpo(beta=0.1)
-    on_cpu = tiny_grpo(beta=0.1, reference_placement="cpu")
+    on_cpu = tiny_grpo(beta=0.1, policy=PolicySpec(model="tiny", reference_placement="cpu"))
     assert any(n.startswith("ref_policy.") for n, _ in on_device.named_parameters())
     assert not any(n.startswith("ref_policy.") for n in on_cpu.state_dict()), "Lightning would move and save it"
     assert sum(p.numel() for p in on_cpu.parameters()) == sum(p.numel() for p in on_cpu.policy.parameters())
@@ -122,7 +135,7 @@ def test_reference_kept_in_cpu_memory_is_outside_lightning_and_gives_the_same_lo
 
 
 def test_offloaded_reference_visits_the_device_for_each_forward(tiny_grpo, vary_reward, monkeypatch):
-    module = tiny_grpo(beta=0.1, reference_placement="offload")
+    module = tiny_grpo(beta=0.1, policy={"model": "tiny", "reference_placement": "offload"})
     moves = []
     original = type(module.ref_policy).to
 
@@ -138,5 +151,5 @@ def test_offloaded_reference_visits_the_device_for_each_forward(tiny_grpo, vary_
 
 
 def test_an_adapter_run_keeps_no_reference_copy(tiny_grpo):
-    module = tiny_grpo(lora=True, beta=0.1, reference_placement="cpu")
+    module = tiny_grpo(lora=True, beta=0.1, policy={"model": "tiny", "reference_placement": "cpu"})
     assert module.ref_policy is None

@@ -125,10 +125,10 @@ def fit(tmp_path, cache_weight_casts: bool, **kwargs) -> GRPO:
     from tests.conftest import length_parity
 
     L.seed_everything(0)
-    module = GRPO(policy="tiny", lora=True, num_generations=3, lr=5e-2, validate_at_start=True,
-                  cache_weight_casts=cache_weight_casts, **kwargs)
+    module = GRPO(**{"policy": "tiny", "lora": True, "lr": 5e-2, "log": {"validate_at_start": True},
+                     "forward": {"cache_weight_casts": cache_weight_casts}, **kwargs})
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": length_parity}, prompts_per_step=2,
-                           max_new_tokens=5, val_batch_size=2, seed=0)
+                           num_generations=3, max_new_tokens=5, val_batch_size=2, seed=0)
     module.configure_model()
     counter = CastCounter(frozen_linear_weights(module.policy))
     with counter:
@@ -138,13 +138,14 @@ def fit(tmp_path, cache_weight_casts: bool, **kwargs) -> GRPO:
     return module
 
 
-@pytest.mark.parametrize("kwargs", [dict(beta=0.1), dict(gradient_checkpointing=True)], ids=["beta", "checkpointing"])
+@pytest.mark.parametrize("kwargs", [dict(beta=0.1), dict(policy={"model": "tiny", "gradient_checkpointing": True})],
+                         ids=["beta", "checkpointing"])
 def test_grpo_under_bf16_mixed_trains_to_the_same_weights_with_the_cache(tmp_path, kwargs):
     cached = fit(tmp_path, True, **kwargs)
     plain = fit(tmp_path, False, **kwargs)
-    assert len(cached._cast_cache) > 0 and len(plain._cast_cache) == 0
+    assert len(cached.runtime._cast_cache) > 0 and len(plain.runtime._cast_cache) == 0
     once = len(frozen_linear_weights(cached.policy))
-    if "gradient_checkpointing" in kwargs:
+    if cached.policy_spec.gradient_checkpointing:
         # the backward's recompute runs outside the step, where autocast casts as usual
         assert once < cached.frozen_weight_casts < plain.frozen_weight_casts / 5
     else:
@@ -162,5 +163,5 @@ def test_grpo_under_bf16_mixed_trains_to_the_same_weights_with_the_cache(tmp_pat
 
 
 def test_cache_weight_casts_must_be_a_bool():
-    with pytest.raises((TypeError, ValueError), match="cache_weight_casts"):
-        GRPO(policy="tiny", cache_weight_casts="yes")
+    with pytest.raises((TypeError, ValueError), match="forward.cache_weight_casts='yes'"):
+        GRPO(policy="tiny", forward={"cache_weight_casts": "yes"})

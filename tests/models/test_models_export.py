@@ -25,11 +25,12 @@ def _parity(completions, **_):
     return [float(len(c) % 2 == 0) for c in completions]
 
 
-def _fit(module, tmp_path, steps: int = 2):
+def _fit(module, tmp_path, steps: int = 2, num_generations: int = 4):
     """Train ``module`` a few steps and save a Lightning checkpoint; returns its path."""
-    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": _parity}, prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": _parity}, prompts_per_step=2,
+                           num_generations=num_generations, max_new_tokens=4)
     trainer = fit_tiny(module, dm, steps, tmp_path)
-    path = tmp_path / f"{'lora' if module.hparams.lora else 'full'}.ckpt"
+    path = tmp_path / f"{'lora' if module.policy_spec.lora else 'full'}.ckpt"
     trainer.save_checkpoint(path)
     return path
 
@@ -46,7 +47,7 @@ def ids(tokenizer):
 
 
 def _grpo(**kwargs):
-    module = GRPO(**{"policy": "tiny", "num_generations": 4, **kwargs})
+    module = GRPO(**{"policy": "tiny", **kwargs})
     module.configure_model()
     return module
 
@@ -108,7 +109,7 @@ def test_export_adapter_only_cli(tmp_path, trained_lora, ids):
     out = tmp_path / "adapter"
     main(["export", "--ckpt", str(path), "--out", str(out), "--adapter-only"])
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-    base = tiny_llama(module.policy.config.vocab_size, seed=module.hparams.seed)  # "tiny" has no folder
+    base = tiny_llama(module.policy.config.vocab_size, seed=module.policy_spec.seed)  # "tiny" has no folder
     model = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(_logits(model, ids), _logits(module.policy, ids), rtol=1e-6, atol=1e-6)
 
@@ -117,7 +118,7 @@ def test_qlora_export_merges_into_the_dequantized_base(tmp_path, ids):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    module = _grpo(lora=True, quantization="nf4", lr=5e-2)
+    module = _grpo(policy={"model": "tiny", "lora": True, "quantization": "nf4"}, lr=5e-2)
     out = export_checkpoint(_fit(module, tmp_path, steps=1), tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(out)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -130,11 +131,11 @@ def test_export_whose_base_model_cannot_be_found(tmp_path, tokenizer, ids):
     base = tmp_path / "base"
     tiny_llama(len(tokenizer)).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    module = GRPO(policy=str(base), lora=True, num_generations=2, lr=5e-2)
-    path = _fit(module, tmp_path, steps=1)
+    module = GRPO(policy=str(base), lora=True, lr=5e-2)
+    path = _fit(module, tmp_path, steps=1, num_generations=2)
     moved = tmp_path / "moved"
     shutil.move(base, moved)
-    with pytest.raises(ModelNotFoundError, match=r"trained from policy='.*base', which cannot be found.*--base"):
+    with pytest.raises(ModelNotFoundError, match=r"trained from policy\.model='.*base', which cannot be found.*--base"):
         export_checkpoint(path, tmp_path / "out")
     out = export_checkpoint(path, tmp_path / "out", base=str(moved))
     from transformers import AutoModelForCausalLM

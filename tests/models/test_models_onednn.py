@@ -167,8 +167,9 @@ def test_greedy_decoding_gives_the_same_tokens(tiny_grpo, tokenizer, calls):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls, monkeypatch, lora):
     forwards = []
-    module = GRPO(policy="tiny", lora=lora, num_generations=2, lr=5e-2, validate_at_start=False, packing="always")
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    module = GRPO(policy="tiny", lora=lora, lr=5e-2, log={"validate_at_start": False}, forward={"packing": "always"})
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=4)
     original = module.compute_loss
 
     def spy(batch):
@@ -188,31 +189,32 @@ def test_grpo_samples_scores_and_trains_with_onednn(tmp_path, vary_reward, calls
     assert forwards == [len(linears)] * 2
     assert_params_changed(before, module, require="any")
     assert not any("forward" in m.__dict__ for m in module.policy.modules())
-    assert (len(module._onednn) > 0) == lora  # prepacked: frozen weights only (none under full fine-tuning)
+    assert (len(module.runtime._onednn) > 0) == lora  # prepacked: frozen weights only (none under full fine-tuning)
 
 
 def test_the_frozen_reference_copy_runs_onednn_without_prepacked_copies(vary_reward, calls):
-    module = GRPO(policy="tiny", lora=False, beta=0.1, num_generations=2, validate_at_start=False, packing="always")
+    module = GRPO(policy="tiny", lora=False, beta=0.1, log={"validate_at_start": False}, forward={"packing": "always"})
     module.configure_model()
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2,
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=2,
                            max_new_tokens=4).attach(module)
     rollout = dm.build_rollout()
     before = len(calls)
-    logits = module.reference_logits(rollout)
+    logits = module.policy_logits(rollout, reference=True)
     reference_linears = [m for m in module.ref_policy.modules() if type(m) is nn.Linear]
     assert len(calls) - before == len(reference_linears)  # one packed row per group (packing)
-    assert len(module._onednn) == 0  # every reference weight is frozen, none was prepacked
-    module.hparams.onednn_kernels = False
-    torch.testing.assert_close(module.reference_logits(rollout), logits, atol=1e-5, rtol=1e-5)
+    assert len(module.runtime._onednn) == 0  # every reference weight is frozen, none was prepacked
+    module.runtime.options = module.forward_options.replace(onednn_kernels=False)  # the runtime reads the switch
+    torch.testing.assert_close(module.policy_logits(rollout, reference=True), logits, atol=1e-5, rtol=1e-5)
 
 
 def test_onednn_kernels_off_routes_nothing(tmp_path, vary_reward, calls):
-    module = GRPO(policy="tiny", lora=True, num_generations=2, validate_at_start=False, onednn_kernels=False)
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    module = GRPO(policy="tiny", lora=True, log={"validate_at_start": False}, forward={"onednn_kernels": False})
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=4)
     fit_tiny(module, dm, 1, tmp_path)
-    assert calls == [] and len(module._onednn) == 0
+    assert calls == [] and len(module.runtime._onednn) == 0
 
 
 def test_onednn_kernels_must_be_a_bool():
-    with pytest.raises((TypeError, ValueError), match="onednn_kernels"):
-        GRPO(policy="tiny", onednn_kernels="on")
+    with pytest.raises((TypeError, ValueError), match="forward.onednn_kernels='on'"):
+        GRPO(policy="tiny", forward={"onednn_kernels": "on"})

@@ -15,9 +15,10 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 def test_adamw8bit_trains_the_tiny_model_with_8bit_state(tmp_path, tiny_grpo, vary_reward):
-    module = tiny_grpo(optimizer="adamw8bit", lr=1e-2)  # full fine-tuning: large tensors get 8-bit state
+    module = tiny_grpo(optim={"optimizer": "adamw8bit"}, lr=1e-2)  # full fine-tuning: large tensors get 8-bit state
     before = trainable_snapshot(module)  # full fine-tuning: every parameter
-    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4)
     trainer = fit_tiny(module, dm, 2, tmp_path, logger=CSVLogger(tmp_path))
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
@@ -48,15 +49,15 @@ def test_adamw8bit_follows_adamw_closely():
 
 
 def test_optimizer_names_are_validated_at_construction():
-    with pytest.raises(ValueError, match="optimizer='adam9bit' is invalid: must be one of adamw, adamw8bit"):
-        GRPO(policy="tiny", num_generations=2, optimizer="adam9bit")
+    with pytest.raises(ValueError, match="optim.optimizer='adam9bit' is invalid: must be one of 'adamw', 'adamw8bit'"):
+        GRPO(policy="tiny", optim={"optimizer": "adam9bit"})
     assert {"adamw", "adamw8bit", "paged_adamw8bit"} <= set(OPTIMIZERS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="paged optimizers are allowed when a GPU is present")
 def test_paged_optimizers_need_a_gpu():
-    with pytest.raises(ValueError, match="optimizer='paged_adamw8bit' .* needs a CUDA GPU"):
-        GRPO(policy="tiny", num_generations=2, optimizer="paged_adamw8bit")
+    with pytest.raises(ValueError, match="optim.optimizer='paged_adamw8bit' .* needs a CUDA GPU"):
+        GRPO(policy="tiny", optim={"optimizer": "paged_adamw8bit"})
 
 
 def test_a_registered_optimizer_is_selectable_by_name(tiny_grpo):
@@ -66,5 +67,5 @@ def test_a_registered_optimizer_is_selectable_by_name(tiny_grpo):
     def sgd(params, lr, weight_decay):
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
-    module = tiny_grpo(optimizer=name)
+    module = tiny_grpo(optim={"optimizer": name})
     assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.SGD)

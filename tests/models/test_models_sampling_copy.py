@@ -61,10 +61,10 @@ def test_copy_of_a_fully_fine_tuned_policy_follows_every_weight():
 
 
 def test_invalid_sampling_dtype_is_refused_at_construction():
-    with pytest.raises(ValueError, match="sampling_dtype='int8'.*bfloat16, float16"):
-        GRPO(policy="tiny", sampling_dtype="int8")
-    with pytest.raises(ValueError, match="sampling_dtype='bfloat16'.*quantization='nf4'"):
-        GRPO(policy="tiny", lora=True, quantization="nf4", sampling_dtype="bfloat16")
+    with pytest.raises(ValueError, match="forward.sampling_dtype='int8'.*'bfloat16', 'float16'"):
+        GRPO(policy="tiny", forward={"sampling_dtype": "int8"})
+    with pytest.raises(ValueError, match="forward.sampling_dtype='bfloat16'.*policy.quantization='nf4'"):
+        GRPO(policy={"model": "tiny", "lora": True, "quantization": "nf4"}, forward={"sampling_dtype": "bfloat16"})
     with pytest.raises(ValueError, match="sampling_dtype"):
         SamplingCopy(tiny_llama(100), "float32")
 
@@ -85,10 +85,10 @@ def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_r
                         refreshes.append(1) or real(self, policy))
     # validate_at_start: the copy is first built under Lightning's inference mode (a validation
     # batch), and later refreshes must still be able to write to it.
-    module = GRPO(policy="tiny", lora=True, num_generations=2, lr=5e-2, validate_at_start=True,
-                  sampling_dtype="bfloat16")
-    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4,
-                           val_batch_size=2)
+    module = GRPO(policy="tiny", lora=True, lr=5e-2, log={"validate_at_start": True},
+                  forward={"sampling_dtype": "bfloat16"})
+    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=4, val_batch_size=2)
     fit_tiny(module, dm, 3, tmp_path, val_check_interval=3, limit_val_batches=None, enable_checkpointing=True)
     # decoding calls: validation at start, 3 rollouts, validation after step 3
     assert len(seen) == 5 and all(dtype == torch.bfloat16 for _, dtype in seen)
@@ -96,7 +96,7 @@ def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_r
     assert len(refreshes) == 3  # before the rollouts of steps 2 and 3 and the final validation
     # the last refresh (for the final validation) copied the final policy
     expected = fresh_copy(module.policy)
-    assert all(torch.equal(p, expected[n]) for n, p in module._sampling_copy.model.named_parameters())
+    assert all(torch.equal(p, expected[n]) for n, p in module.runtime._sampling_copy.model.named_parameters())
     assert not any("_sampling_copy" in key or key.startswith("sampling") for key in module.state_dict())
 
 
@@ -104,19 +104,19 @@ def test_a_critic_adapter_is_not_merged_into_the_sampling_copy():
     from rftlab import PPO
     from rftlab.algorithms.ppo import CRITIC_ADAPTER
 
-    module = PPO(policy="tiny", lora=True, critic="adapter", num_generations=2, validate_at_start=False,
-                 sampling_dtype="bfloat16")
+    module = PPO(policy="tiny", lora=True, critic={"kind": "adapter"}, log={"validate_at_start": False},
+                 forward={"sampling_dtype": "bfloat16"})
     module.configure_model()
-    module.sampling_model()  # builds the copy
+    module.runtime.sampling_model(module.policy, None)  # builds the copy
     with torch.no_grad():  # both adapters move away from zero, as after some training
         for name, p in module.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    module._sampling_copy.refresh(module.policy)
+    module.runtime._sampling_copy.refresh(module.policy)
     layer = module.policy.get_base_model().model.layers[0].self_attn.q_proj
     assert CRITIC_ADAPTER in layer.lora_A
     policy_only = (layer.base_layer.weight + layer.get_delta_weight("default")).to(torch.bfloat16)
     both = (layer.base_layer.weight + layer.get_delta_weight("default")
             + layer.get_delta_weight(CRITIC_ADAPTER)).to(torch.bfloat16)
-    copied = module._sampling_copy.model.model.layers[0].self_attn.q_proj.weight
+    copied = module.runtime._sampling_copy.model.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(copied, policy_only) and not torch.equal(copied, both)

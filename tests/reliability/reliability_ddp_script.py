@@ -72,20 +72,20 @@ class Record(L.Callback):
         self.steps.append({
             "step": trainer.global_step,
             "prompts": list(batch.prompts), "group": batch.group.tolist(), "rewards": batch.rewards.tolist(),
-            "seq_advantages": batch.seq_advantages.tolist(), "local": dict(batch.extras["metrics"]),
+            "seq_advantages": batch.seq_advantages.tolist(), "local": dict(batch.metrics),
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         })
 
 
 def run(algorithm: str, out: Path) -> None:
     if algorithm == "grpo":
-        module = NaNOnRank1(policy="tiny", num_generations=G, lr=1e-2, lora=True, validate_at_start=False)
+        module = NaNOnRank1(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
         dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"alternating": alternating}, prompts_per_step=2,
-                               max_new_tokens=4)
+                               num_generations=G, max_new_tokens=4)
     else:
-        module = DAPO(policy="tiny", num_generations=G, lr=1e-2, lora=True, validate_at_start=False)
+        module = DAPO(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
         dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"uneven": UnevenReward()}, prompts_per_step=2,
-                               max_new_tokens=4, max_gen_batches=2, num_minibatches=2)
+                               num_generations=G, max_new_tokens=4, max_gen_batches=2, num_minibatches=2)
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[record])
@@ -93,7 +93,7 @@ def run(algorithm: str, out: Path) -> None:
     torch.manual_seed(1000 + trainer.global_rank)  # a known, different generator state per process
     trainer.save_checkpoint(out / f"{algorithm}.ckpt")  # every process contributes its own state
     torch.save({"steps": record.steps, "global_step": trainer.global_step, "world_size": trainer.world_size,
-                "nonfinite_steps": module.nonfinite_steps, "weights": trainable_snapshot(module)},
+                "nonfinite_steps": module.faults.total, "weights": trainable_snapshot(module)},
                out / f"{algorithm}_rank{trainer.global_rank}.pt")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,14 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # tests/ (for help
 from helpers import fit_tiny, trainable_snapshot  # noqa: E402
 
 _WARMED: list[bool] = []
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose rftlab is under test
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a script run as a subprocess: this checkout's rftlab first on its path
+    (a script's own folder replaces the working directory on ``sys.path``), W&B offline."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
 
 
 def parity(completions: list[str], **_: Any) -> list[float]:
@@ -36,7 +45,7 @@ class StepRecorder(L.Callback):
         self.logged: dict[int, dict[str, float]] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.rewards[trainer.global_step] = float(batch.extras["metrics"]["reward/mean"])
+        self.rewards[trainer.global_step] = float(batch.metrics["reward/mean"])
         self.logged[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 

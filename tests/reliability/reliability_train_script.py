@@ -25,12 +25,12 @@ from reliability_helpers import fit, parity
 
 
 def make_module() -> GRPO:
-    return GRPO(policy="tiny", num_generations=2, lr=1e-2, lora=True, lora_dropout=0.1, validate_at_start=False)
+    return GRPO(policy={"model": "tiny", "lora_dropout": 0.1}, lr=1e-2, lora=True, log={"validate_at_start": False})
 
 
 def make_dm() -> RolloutDataModule:
     return RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2,
-                             max_new_tokens=5, num_minibatches=2)
+                             num_generations=2, max_new_tokens=5, num_minibatches=2)
 
 
 class DieDuringSave(AtomicCheckpointIO):

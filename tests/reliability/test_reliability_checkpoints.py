@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rftlab.callbacks.checkpointing import (
     write_atomically,
 )
 from helpers import fit_tiny
-from reliability_helpers import assert_same_weights, fit
+from reliability_helpers import assert_same_weights, fit, subprocess_env
 from reliability_train_script import make_dm, make_module
 
 SCRIPT = Path(__file__).with_name("reliability_train_script.py")
@@ -28,10 +27,9 @@ SCRIPT = Path(__file__).with_name("reliability_train_script.py")
 
 def test_kill_9_during_a_checkpoint_write_then_resume_and_finish(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
     child = subprocess.run([sys.executable, str(SCRIPT), str(out), "--steps", "6", "--kill-during-save-at", "4",
                             "--threads", str(torch.get_num_threads())],  # float sums in the same order as here
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
     # The torn temporary file is there, and it never replaced the good checkpoint of step 3.
@@ -139,8 +137,8 @@ def test_the_cli_checkpoints_every_10_steps_atomically_by_default(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     config = Path(__file__).parents[2] / "configs" / "grpo_arithmetic.yaml"
     cli = make_cli([
-        "fit", "--config", str(config), "--trainer.logger", "false", "--model.init_args.policy", "tiny",
-        "--model.init_args.num_generations", "2", "--model.init_args.validate_at_start", "false",
+        "fit", "--config", str(config), "--trainer.logger", "false", "--model.init_args.policy.model", "tiny",
+        "--data.init_args.num_generations", "2", "--model.init_args.log.validate_at_start", "false",
         "--data.init_args.prompts_per_step", "2", "--data.init_args.max_new_tokens", "3",
         "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.precision", "32-true",
         "--trainer.default_root_dir", str(tmp_path),

@@ -6,7 +6,6 @@ that trains GRPO and then DAPO for 4 steps; the assertions read what each proces
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from rftlab import RolloutDataModule
 from rftlab.core import group_advantages
 from rftlab.tasks import Arithmetic
-from reliability_helpers import parity
+from reliability_helpers import parity, subprocess_env
 
 SCRIPT = Path(__file__).with_name("reliability_ddp_script.py")
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -27,12 +26,12 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    env = subprocess_env()
     env.pop("LOCAL_RANK", None)
     done = subprocess.run([sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=False) for r in (0, 1)] for a in ("grpo", "dapo")}
-    runs["checkpoint"] = torch.load(out / "dapo.ckpt", weights_only=True)
+    runs["checkpoint"] = out / "dapo.ckpt"
     return runs
 
 
@@ -91,7 +90,8 @@ def test_uneven_dynamic_sampling_keeps_processes_in_step(ddp_runs):
 
 
 def test_the_checkpoint_holds_every_process_s_stream_and_generators(ddp_runs):
-    stream, ours = ddp_runs["checkpoint"]["RolloutDataModule"], ddp_runs["checkpoint"]["rftlab"]
+    checkpoint = torch.load(ddp_runs["checkpoint"], weights_only=True)
+    stream, ours = checkpoint["RolloutDataModule"], checkpoint["rftlab"]
     assert stream["world_size"] == 2 and len(stream["ranks"]) == 2 and len(ours["rng"]) == 2
     # rank 1 drew two generation rounds per rollout: its prompt stream is twice as far along
     assert [r["prompt_cursor"] for r in stream["ranks"]] == [4, 8]

@@ -17,11 +17,11 @@ from rftlab.tasks import Arithmetic
 from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
 from reliability_helpers import StepRecorder, fit, parity
 
-DM = dict(task=Arithmetic(num_test=0), prompts_per_step=2, max_new_tokens=4)
+DM = dict(task=Arithmetic(num_test=0), prompts_per_step=2, num_generations=2, max_new_tokens=4)
 
 
 def module(**kwargs) -> GRPO:
-    return GRPO(**{"policy": "tiny", "num_generations": 2, "lr": 1e-2, "lora": True, "validate_at_start": False, **kwargs})
+    return GRPO(**{"policy": "tiny", "lr": 1e-2, "lora": True, "log": {"validate_at_start": False}, **kwargs})
 
 
 class Poisoned(GRPO):
@@ -43,20 +43,20 @@ class Poisoned(GRPO):
 
 
 def poisoned(bad_steps, where="loss", **kwargs) -> Poisoned:
-    return Poisoned(bad_steps, where, **{"policy": "tiny", "num_generations": 2, "lr": 1e-2, "lora": True,
-                                         "validate_at_start": False, **kwargs})
+    return Poisoned(bad_steps, where, **{"policy": "tiny", "lr": 1e-2, "lora": True, "log": {"validate_at_start": False},
+                                         **kwargs})
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_k_nonfinite_steps_in_a_row_abort_after_saving_a_checkpoint(where, tmp_path):
-    model = poisoned([1, 2, 3], where, max_nonfinite_steps=3)
+    model = poisoned([1, 2, 3], where, optim={"max_nonfinite_steps": 3})
     model.configure_model()
     dm = RolloutDataModule(rewards={"parity": parity}, **DM)
     recorder = StepRecorder()
     with pytest.warns(UserWarning, match=f"non-finite {where} at step 1: update skipped \\(1 in a row\\)"):
         with pytest.raises(NonFiniteTrainingError, match=f"3 optimizer steps in a row had a non-finite {where}") as info:
             fit_tiny(model, dm, 10, tmp_path, callbacks=[recorder])
-    assert model.nonfinite_steps == 3
+    assert model.faults.total == 3
     path = tmp_path / "checkpoints" / "nonfinite-abort-step=3.ckpt"
     assert str(path) in str(info.value)
     saved = torch.load(path, weights_only=True)
@@ -69,17 +69,17 @@ def test_k_nonfinite_steps_in_a_row_abort_after_saving_a_checkpoint(where, tmp_p
     # The abort checkpoint resumes (with the cause fixed) and trains on.
     healthy, record = fit(lambda: module(), lambda: RolloutDataModule(rewards={"parity": parity}, **DM), 5,
                           tmp_path / "resumed", ckpt_path=str(path))
-    assert sorted(record.rewards) == [4, 5] and healthy.nonfinite_steps == 3 and healthy.consecutive_nonfinite == 0
+    assert sorted(record.rewards) == [4, 5] and healthy.faults.total == 3 and healthy.faults.in_a_row == 0
 
 
 def test_nonfinite_steps_that_are_not_in_a_row_are_skipped_and_counted(tmp_path):
-    model = poisoned([0, 2, 4], "loss", max_nonfinite_steps=2)
+    model = poisoned([0, 2, 4], "loss", optim={"max_nonfinite_steps": 2})
     model.configure_model()
     before = trainable_snapshot(model)
     recorder = StepRecorder()
     with pytest.warns(UserWarning, match="non-finite loss"):
         fit_tiny(model, RolloutDataModule(rewards={"parity": parity}, **DM), 6, tmp_path, callbacks=[recorder])
-    assert model.nonfinite_steps == 3 and model.consecutive_nonfinite == 0
+    assert model.faults.total == 3 and model.faults.in_a_row == 0
     assert recorder.logged[6]["faults/nonfinite_steps"] == 3.0
     assert_params_changed(before, model, require="any", message="the finite steps trained")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -141,13 +141,13 @@ def _fake_generate(kind: str):
 @pytest.mark.parametrize("algorithm", [GRPO, DAPO])
 def test_all_truncated_or_all_empty_batches_train_without_faults(kind, algorithm, tmp_path, monkeypatch):
     monkeypatch.setattr(algorithm, "generate", _fake_generate(kind))
-    extra = dict(mask_truncated_completions=True, overlong_buffer_len=2) if algorithm is DAPO else {}
-    model = algorithm(policy="tiny", num_generations=2, lr=1e-2, lora=True, validate_at_start=False, **extra)
+    extra = dict(loss={"agg": "token-mean", "mask_truncated": True}, overlong={"buffer_len": 2}) if algorithm is DAPO else {}
+    model = algorithm(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False}, **extra)
     recorder = StepRecorder()
     # every completion scores the same: dynamic sampling finds no variance and keeps the last round
     fit_tiny(model, RolloutDataModule(rewards={"parity": parity}, **DM), 2, tmp_path, callbacks=[recorder])
     logged = recorder.logged[2]
-    assert model.nonfinite_steps == 0 and "faults/nonfinite_steps" not in logged
+    assert model.faults.total == 0 and "faults/nonfinite_steps" not in logged
     assert torch.isfinite(torch.tensor(logged["loss/policy"]))
     if kind == "truncated":
         assert logged["completions/clipped_ratio"] == 1.0 and logged["completions/mean_length"] == 4.0

@@ -18,29 +18,29 @@ from reliability_helpers import assert_same_weights, fit, length_score, parity
 CASES = {
     # 1 iteration x 2 minibatches = 2 steps per rollout: the checkpoint at step 3 is mid-rollout.
     "grpo": (
-        lambda: GRPO(policy="tiny", num_generations=4, lr=1e-2, lora=True, lora_dropout=0.2, beta=0.05,
-                     warmup_steps=2, validate_at_start=False),
+        lambda: GRPO(policy={"model": "tiny", "lora_dropout": 0.2}, lr=1e-2, lora=True, beta=0.05,
+                     optim={"warmup_steps": 2}, log={"validate_at_start": False}),
         lambda: RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2,
-                                  max_new_tokens=6, num_minibatches=2),
+                                  num_generations=4, max_new_tokens=6, num_minibatches=2),
     ),
     # Full fine-tuning, dynamic sampling on a reward that often ties, overlong shaping.
     "dapo": (
-        lambda: DAPO(policy="tiny", num_generations=3, lr=1e-3, overlong_buffer_len=2, validate_at_start=False),
+        lambda: DAPO(policy="tiny", lr=1e-3, overlong={"buffer_len": 2}, log={"validate_at_start": False}),
         lambda: RolloutDataModule(task=Arithmetic(num_test=0), rewards={"len3": length_score}, prompts_per_step=2,
-                                  max_new_tokens=4, max_gen_batches=3, num_minibatches=2),
+                                  num_generations=3, max_new_tokens=4, max_gen_batches=3, num_minibatches=2),
     ),
     "ppo": (
-        lambda: PPO(policy="tiny", num_generations=2, lr=1e-2, lora=True, lora_dropout=0.1, beta=0.05,
-                    kl_target=0.01, kl_horizon=20, validate_at_start=False),
+        lambda: PPO(policy={"model": "tiny", "lora_dropout": 0.1}, lr=1e-2, lora=True, beta=0.05,
+                    kl={"in_reward": True, "target": 0.01, "horizon": 20}, log={"validate_at_start": False}),
         lambda: RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2,
-                                  max_new_tokens=5, num_iterations=2, num_minibatches=2),
+                                  num_generations=2, max_new_tokens=5, num_iterations=2, num_minibatches=2),
     ),
     # pi_rollout re-synced every 2 rollouts: the checkpoint at step 3 holds a stale snapshot.
     "segment_rft": (
-        lambda: SegmentRFT(policy="tiny", num_generations=2, lr=5e-2, lora=True, rollout_sync_every=2, beta=0.02,
-                           validate_at_start=False),
+        lambda: SegmentRFT(policy="tiny", lr=5e-2, lora=True, segments={"rollout_sync_every": 2}, beta=0.02,
+                           log={"validate_at_start": False}),
         lambda: RolloutDataModule(task=WordProblems(num_test=0), rewards={"parity": parity}, prompts_per_step=2,
-                                  max_new_tokens=8),
+                                  num_generations=2, max_new_tokens=8),
     ),
 }
 

@@ -50,8 +50,9 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning_and_the_run_c
     assert len(messages) == 1 and "unreachable" in messages[0], messages
     assert logger.mode == second.mode == "offline"
 
-    module = GRPO(policy="tiny", num_generations=2, lr=1e-2, lora=True, validate_at_start=False)
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2, max_new_tokens=3)
+    module = GRPO(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=3)
     fit_tiny(module, dm, 2, logger=logger)
     finish_offline_run()
     assert time.perf_counter() - start < 120, "no waiting for an unreachable server"
