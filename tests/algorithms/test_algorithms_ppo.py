@@ -12,7 +12,7 @@ from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, tr
 from lightning.pytorch.loggers import WandbLogger
 from torch.testing import assert_close
 
-from rftlab import PPO, RolloutDataModule
+from rftlab import PPO, CriticOptions, RolloutDataModule
 from rftlab.algorithms.ppo import AdaptiveKLController, token_level_rewards
 from rftlab.core import selective_log_softmax
 from rftlab.models.value_head import completion_state_values, token_values
@@ -31,14 +31,15 @@ PPO_METRICS = [
 
 
 def make_ppo(**kwargs) -> PPO:
-    defaults = dict(policy="tiny", num_generations=2, lr=1e-2, lora=True, validate_at_start=False)
+    defaults = dict(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
     module = PPO(**{**defaults, **kwargs})
     module.configure_model()
     return module
 
 
 def make_dm(vary_reward, **kwargs) -> RolloutDataModule:
-    defaults = dict(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=5)
+    defaults = dict(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                    max_new_tokens=5)
     return RolloutDataModule(**{**defaults, **kwargs})
 
 
@@ -54,22 +55,22 @@ def perturb_lora(module, name_part=".default."):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(gamma=1.5), r"gamma=1.5 is invalid: must be in \[0, 1\]"),
-        (dict(lam=-0.1), r"lam=-0.1 is invalid: must be in \[0, 1\]"),
-        (dict(vf_coef=-1.0), "vf_coef=-1.0 is invalid: must be >= 0"),
-        (dict(ent_coef=-0.1), "ent_coef"),
-        (dict(cliprange_value=-0.2), "cliprange_value"),
-        (dict(eps_low=0.2, eps_high=0.1), "eps_high"),
-        (dict(critic="twin"), "critic='twin' is invalid: must be one of shared, adapter, model"),
-        (dict(critic="adapter", lora=False), "critic='adapter' is invalid.*lora=True"),
-        (dict(critic="shared", critic_model="tiny"), "critic_model='tiny' is invalid"),
-        (dict(kl_target=1.0, beta=0.0), "beta=0.0 is invalid: must be > 0 with an adaptive KL target"),
-        (dict(kl_target=-1.0, beta=0.1), "kl_target"),
-        (dict(kl_target=1.0, beta=0.1, kl_horizon=0), "kl_horizon"),
-        (dict(value_warmup_steps=-1), "value_warmup_steps"),
-        (dict(critic_lr=0.0), "critic_lr"),
-        (dict(loss_agg="mean"), "unknown aggregation 'mean'"),
-        (dict(kl_estimator="k4"), "k1, k2, k3"),
+        (dict(advantage={"options": {"gamma": 1.5}}), r"advantage\.options\.gamma=1.5 is invalid: must be in \[0, 1\]"),
+        (dict(advantage={"options": {"lam": -0.1}}), r"advantage\.options\.lam=-0.1 is invalid: must be in \[0, 1\]"),
+        (dict(critic={"vf_coef": -1.0}), r"critic\.vf_coef=-1.0 is invalid: must be >= 0"),
+        (dict(loss={"entropy_coef": -0.1}), r"loss\.entropy_coef"),
+        (dict(critic={"value_clip": -0.2}), r"critic\.value_clip"),
+        (dict(clip={"eps_low": 0.2, "eps_high": 0.1}), r"clip\.eps_high"),
+        (dict(critic={"kind": "twin"}), r"critic\.kind='twin' is invalid: must be one of 'shared', 'adapter', 'model'"),
+        (dict(critic={"kind": "adapter"}, lora=False), r"critic\.kind='adapter' is invalid.*lora=True"),
+        (dict(critic={"kind": "shared", "model": "tiny"}), r"critic\.model='tiny' is invalid"),
+        (dict(kl={"target": 1.0}, beta=0.0), "beta=0.0 is invalid: must be > 0 with an adaptive KL target"),
+        (dict(kl={"target": -1.0}, beta=0.1), r"kl\.target"),
+        (dict(kl={"target": 1.0, "horizon": 0}, beta=0.1), r"kl\.horizon"),
+        (dict(critic={"warmup_steps": -1}), r"critic\.warmup_steps"),
+        (dict(critic={"lr": 0.0}), r"critic\.lr"),
+        (dict(loss={"agg": "mean"}), r"loss\.agg='mean' is invalid"),
+        (dict(kl={"estimator": "k4"}), r"kl\.estimator='k4' is invalid: must be one of k1, k2, k3"),
     ],
 )
 def test_bad_configuration_raises_at_construction(kwargs, message):
@@ -90,16 +91,16 @@ def test_separate_critic_with_another_tokenizer_is_rejected(tmp_path, tokenizer)
     changed_tokenizer = AutoTokenizer.from_pretrained(other)
     changed_tokenizer.add_tokens(["<critic-only-token>"])
     changed_tokenizer.save_pretrained(other)
-    with pytest.raises(ValueError, match="critic_model=.*tokenizer differs from policy='tiny'"):
-        PPO(policy="tiny", critic="model", critic_model=str(other))
+    with pytest.raises(ValueError, match=r"critic\.model=.*tokenizer differs from policy='tiny'"):
+        PPO(policy="tiny", critic={"kind": "model", "model": str(other)})
     same = tmp_path / "same-tokenizer"
     tokenizer.save_pretrained(same)
-    assert PPO(policy="tiny", critic="model", critic_model=str(same)).hparams.critic_model == str(same)
+    assert PPO(policy="tiny", critic=CriticOptions(kind="model", model=str(same))).hparams.critic.model == str(same)
 
 
 def test_reference_is_needed_exactly_when_a_kl_coefficient_is_set():
-    assert PPO(policy="tiny", beta=0.05, kl_in_reward=True).needs_reference
-    assert PPO(policy="tiny", beta=0.05, kl_in_reward=False).needs_reference
+    assert PPO(policy="tiny", beta=0.05, kl={"in_reward": True}).needs_reference
+    assert PPO(policy="tiny", beta=0.05, kl={"in_reward": False}).needs_reference
     assert not PPO(policy="tiny", beta=0.0).needs_reference
 
 
@@ -151,7 +152,8 @@ def test_adaptive_kl_controller_hand_computed():
 
 def test_rollout_records_old_values_and_log_probs_and_builds_gae_targets(vary_reward):
     beta = 0.2
-    module = make_ppo(beta=beta, gamma=1.0, lam=1.0, whiten_advantages=False)
+    module = make_ppo(beta=beta, advantage={"name": "gae", "options": {"gamma": 1.0, "lam": 1.0}},
+                      critic={"whiten_advantages": False})
     perturb_lora(module)  # policy != reference, so the KL penalty is not zero
     dm = make_dm(vary_reward, num_iterations=2).attach(module)
     rollout = dm.build_rollout()
@@ -171,7 +173,7 @@ def test_rollout_records_old_values_and_log_probs_and_builds_gae_targets(vary_re
     expected_returns = (rollout.rewards.unsqueeze(1) - beta * to_come) * mask
     assert_close(rollout.returns, expected_returns, atol=1e-5, rtol=1e-5)
     assert_close(rollout.advantages, (expected_returns - rollout.values) * mask, atol=1e-5, rtol=1e-5)
-    stats = rollout.extras["ppo_metrics"]
+    stats = rollout.metrics  # per-rollout statistics travel with the rollout, logged at every step it feeds
     assert stats["reward/kl_penalty"] == pytest.approx((beta * k1.sum(1)).mean().item(), rel=1e-4)
 
 
@@ -189,7 +191,7 @@ def test_the_three_critic_layouts_route_the_value_gradient(vary_reward):
     rollout = None
     initial = {}
     for critic in ("shared", "adapter", "model"):
-        module = make_ppo(critic=critic)
+        module = make_ppo(critic={"kind": critic})
         if rollout is None:
             rollout = make_dm(vary_reward).attach(module).build_rollout()
         _, values = module.policy_and_values(rollout)
@@ -210,7 +212,7 @@ def test_the_three_critic_layouts_route_the_value_gradient(vary_reward):
 
 
 def test_critic_adapter_never_changes_the_policy(vary_reward):
-    module = make_ppo(critic="adapter")
+    module = make_ppo(critic={"kind": "adapter"})
     rollout = make_dm(vary_reward).attach(module).build_rollout()
     with torch.no_grad():
         logits_before = module.policy_logits(rollout)
@@ -232,20 +234,20 @@ def test_critic_adapter_never_changes_the_policy(vary_reward):
 
 
 def test_loss_terms_add_up_with_entropy_bonus_and_kl_in_the_loss(vary_reward):
-    module = make_ppo(beta=0.3, kl_in_reward=False, ent_coef=0.01, vf_coef=0.5)
+    module = make_ppo(beta=0.3, kl={"in_reward": False}, loss={"entropy_coef": 0.01}, critic={"vf_coef": 0.5})
     perturb_lora(module)
     rollout = make_dm(vary_reward).attach(module).build_rollout()
     loss, m = module.compute_loss(rollout)
     # token-mean aggregation: the entropy term is the logged masked mean entropy
     expected = m["loss/policy"] + 0.5 * m["loss/value"] - 0.01 * m["entropy"] + 0.3 * m["loss/kl"]
     assert_close(loss.detach(), expected)
-    assert m["loss/kl"] > 0 and "reward/kl_penalty" not in m
+    assert m["loss/kl"] > 0 and "reward/kl_penalty" not in m and "reward/kl_penalty" not in rollout.metrics
 
 
 # ---------------------------------------------------------------- training
 
 def test_ppo_fit_changes_policy_and_critic_and_logs_every_metric(tmp_path, vary_reward):
-    module = make_ppo(beta=0.05, kl_target=0.5, kl_horizon=50, validate_at_start=True)
+    module = make_ppo(beta=0.05, kl={"target": 0.5, "horizon": 50}, log={"validate_at_start": True})
     lora_before = trainable_snapshot(module.policy)
     head_before = trainable_snapshot(module.value_head)  # every value-head parameter trains
     dm = make_dm(vary_reward, task=Arithmetic(num_test=2), num_iterations=2, num_minibatches=2, val_batch_size=2)
@@ -282,14 +284,14 @@ def test_ppo_fit_changes_policy_and_critic_and_logs_every_metric(tmp_path, vary_
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["kl_controller"]["value"] == module.kl_coef
     assert any(k.startswith("value_head.") for k in checkpoint["state_dict"])
-    restored = make_ppo(beta=0.05, kl_target=0.5, kl_horizon=50)
+    restored = make_ppo(beta=0.05, kl={"target": 0.5, "horizon": 50})
     restored.on_load_checkpoint(checkpoint)
     assert restored.kl_coef == module.kl_coef
 
 
 @pytest.mark.parametrize("critic", ["shared", "model"])
 def test_value_warmup_trains_only_the_critic(vary_reward, critic):
-    module = make_ppo(critic=critic, value_warmup_steps=2, critic_lr=5e-2)
+    module = make_ppo(critic={"kind": critic, "warmup_steps": 2, "lr": 5e-2})
     seen = []
 
     class Watch(L.Callback):
@@ -320,12 +322,12 @@ def test_shared_critic_holds_one_copy_of_the_base_weights():
         assert base_ptrs <= all_ptrs
         return all_bytes - base_bytes, base_bytes
 
-    shared = make_ppo(critic="shared")
+    shared = make_ppo(critic={"kind": "shared"})
     extra, base_bytes = extra_bytes(shared)
     trainable = sum(p.numel() * p.element_size() for p in shared.parameters() if p.requires_grad)
     assert shared.critic is None and shared.ref_policy is None
     # beyond the base weights, the process holds only the trainable LoRA weights and the value head
     assert extra == trainable and extra < 0.1 * base_bytes
     # the check can fail: a separate critic model is a second copy of the base weights
-    separate_extra, _ = extra_bytes(make_ppo(critic="model"))
+    separate_extra, _ = extra_bytes(make_ppo(critic={"kind": "model"}))
     assert separate_extra > base_bytes
