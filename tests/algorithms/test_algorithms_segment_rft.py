@@ -37,10 +37,15 @@ TEXTS = [
 
 
 def make(**kwargs) -> SegmentRFT:
-    defaults = dict(policy="tiny", num_generations=2, lr=1e-2, lora=True)
+    defaults = dict(policy="tiny", lr=1e-2, lora=True)
     module = SegmentRFT(**{**defaults, **kwargs})
     module.configure_model()
     return module
+
+
+def segments_of(rollout: Rollout) -> dict[str, torch.Tensor]:
+    """The rollout's per-segment fields (``Rollout.segment_<key>``), by key."""
+    return {key: getattr(rollout, f"segment_{key}") for key in ("starts", "mask", "rewards", "targets", "old_values")}
 
 
 def rollout_of(module: SegmentRFT, texts: list[str], num_updates: int = 1) -> Rollout:
@@ -64,13 +69,16 @@ def rollout_of(module: SegmentRFT, texts: list[str], num_updates: int = 1) -> Ro
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(ratio_mode="geo"), "unknown segment ratio mode 'geo'; valid: mean, sum, token"),
-        (dict(kl="k4"), "kl='k4' is invalid: must be one of exact, k1, k2, k3"),
-        (dict(rollout_sync_every=0), "rollout_sync_every"),
-        (dict(gamma=1.5), "gamma"), (dict(td_lambda=-0.1), "td_lambda"), (dict(eps=-0.1), "eps"), (dict(dual_clip=1.0), "dual_clip"),
-        (dict(value_clip=-1.0), "value_clip"), (dict(vf_coef=-1.0), "vf_coef"),
-        (dict(window=0), "window=0"), (dict(lam=0.0), "lam=0.0"), (dict(reward_whiten="group"), "reward_whiten|whiten"),
-        (dict(critic="arithmetic"), "critic"), (dict(value_lr=0.0), "value_lr"), (dict(beta=-1.0), "beta"),
+        (dict(segments={"ratio_mode": "geo"}), r"segments\.ratio_mode='geo' is invalid: must be one of mean, sum, token"),
+        (dict(kl={"estimator": "k4"}), r"kl\.estimator='k4' is invalid: must be one of exact, k1, k2, k3"),
+        (dict(segments={"rollout_sync_every": 0}), r"segments\.rollout_sync_every"),
+        (dict(segments={"gamma": 1.5}), r"segments\.gamma"), (dict(segments={"td_lambda": -0.1}), r"segments\.td_lambda"),
+        (dict(clip={"eps_low": -0.1, "eps_high": -0.1}), r"clip\.eps_low"), (dict(clip={"dual_clip": 1.0}), r"clip\.dual_clip"),
+        (dict(critic={"value_clip": -1.0}), r"critic\.value_clip"), (dict(critic={"vf_coef": -1.0}), r"critic\.vf_coef"),
+        (dict(segments={"rewards": {"window": 0}}), r"segments\.rewards\.window=0"),
+        (dict(segments={"rewards": {"progress_divisor": 0.0}}), r"segments\.rewards\.progress_divisor=0.0"),
+        (dict(segments={"rewards": {"whiten": "group"}}), r"segments\.rewards\.whiten='group'"),
+        (dict(step_critic="arithmetic"), "step_critic"), (dict(critic={"lr": 0.0}), r"critic\.lr"), (dict(beta=-1.0), "beta"),
     ],
 )
 def test_bad_configuration_raises_at_construction(kwargs, message):
@@ -81,16 +89,18 @@ def test_bad_configuration_raises_at_construction(kwargs, message):
 def test_hyperparameters_and_defaults():
     module = SegmentRFT(policy="tiny")
     hp = module.hparams
-    assert (hp.beta, hp.gamma, hp.eps, hp.value_clip, hp.vf_coef, hp.max_grad_norm) == (0.05, 1.0, 0.2, 0.2, 0.1, 1.0)
-    assert (hp.alpha, hp.delta, hp.window, hp.rho, hp.alpha_1, hp.alpha_2) == (1.5, 0.5, 3, 2.0, 2.0, 1.0)
-    assert "critic" not in hp and isinstance(module.step_critic, ArithmeticStepCritic)
+    assert (hp.beta, hp.segments.gamma, hp.clip.eps_low, hp.clip.eps_high, hp.critic.value_clip, hp.critic.vf_coef,
+            hp.optim.max_grad_norm) == (0.05, 1.0, 0.2, 0.2, 0.2, 0.1, 1.0)
+    r = hp.segments.rewards
+    assert (r.alpha, r.delta, r.window, r.rho, r.alpha_1, r.alpha_2) == (1.5, 0.5, 3, 2.0, 2.0, 1.0)
+    assert "step_critic" not in hp and isinstance(module.step_critic, ArithmeticStepCritic)
     assert module.policy is None, "construction must not load weights"
 
 
 def test_segments_rewards_and_targets_of_known_completions():
-    module = make(beta=0.0, gamma=0.9)
+    module = make(beta=0.0, segments={"gamma": 0.9})
     rollout = module.score_rollout(rollout_of(module, TEXTS))
-    seg = rollout.seq_extras
+    seg = segments_of(rollout)
     tok = module.tokenizer
     mask = rollout.completion_mask
     with torch.no_grad():
@@ -120,18 +130,18 @@ def test_segments_rewards_and_targets_of_known_completions():
         next_v = torch.cat([v[1:], torch.zeros(1)])
         assert_close(seg["targets"][i, :k], R + 0.9 * next_v)
     assert rollout.rewards.tolist() == [1.0, 1.0, 0.0]
-    # minibatches carry their rows' segment data (Rollout.seq_extras is sliced with the rollout)
-    part = rollout.select([2, 0])
+    # minibatches carry their rows' segment data (the Rollout's segment fields are sliced with it)
+    part = segments_of(rollout.select([2, 0]))
     for key, value in seg.items():
-        assert torch.equal(part.seq_extras[key], value[[2, 0]]), key
+        assert torch.equal(part[key], value[[2, 0]]), key
     assert seg["rewards"][0, len(ROW["steps"])] == 2.0  # answer segment: rho * 1
-    assert rollout.extras["segment_metrics"]["segments/mean_count"] == pytest.approx((len(ROW["steps"]) + 1 + 1 + 3) / 3)
+    assert rollout.metrics["segments/mean_count"] == pytest.approx((len(ROW["steps"]) + 1 + 1 + 3) / 3)
 
 
 def test_td_lambda_one_gives_every_segment_the_later_rewards():
     # td_lambda = 1, gamma = 1: Y_k = R_k + R_{k+1} + ... + R_{M+1} (the answer's reward included), V unused.
-    module = make(beta=0.0, td_lambda=1.0)
-    seg = module.score_rollout(rollout_of(module, TEXTS)).seq_extras
+    module = make(beta=0.0, segments={"td_lambda": 1.0})
+    seg = segments_of(module.score_rollout(rollout_of(module, TEXTS)))
     for i in range(len(TEXTS)):
         k = int(seg["mask"][i].sum())
         R = seg["rewards"][i, :k]
@@ -144,11 +154,11 @@ def test_td_lambda_one_gives_every_segment_the_later_rewards():
 def test_equal_policies_ratio_one_kl_zero_and_loss_minus_sum_of_advantages(kl, ratio_mode):
     # A fresh LoRA adapter is a no-op: pi_theta == pi_rollout == pi_ref. Two updates per rollout make
     # the module record pi_rollout's log-probs in score_rollout instead of reusing the trained ones.
-    module = make(beta=0.1, kl=kl, ratio_mode=ratio_mode, vf_coef=0.0)
+    module = make(beta=0.1, kl={"estimator": kl}, segments={"ratio_mode": ratio_mode}, critic={"vf_coef": 0.0})
     rollout = module.score_rollout(rollout_of(module, TEXTS, num_updates=2))
     assert rollout.old_logp is not None and (rollout.ref_logp is not None) == (kl == "k3")
     loss, metrics = module.compute_loss(rollout)
-    seg = rollout.seq_extras
+    seg = segments_of(rollout)
     advantages = torch.where(seg["mask"] != 0, seg["targets"] - seg["old_values"], 0.0)  # V_theta == V_rollout
     assert metrics["segments/max_abs_log_ratio"] < 1e-5  # every ratio is 1
     assert abs(float(metrics["kl"])) < 1e-6
@@ -157,7 +167,7 @@ def test_equal_policies_ratio_one_kl_zero_and_loss_minus_sum_of_advantages(kl, r
 
 
 def test_policy_loss_does_not_train_the_value_head_and_kl_grows_after_an_update():
-    module = make(beta=0.0, vf_coef=0.0)
+    module = make(beta=0.0, critic={"vf_coef": 0.0})
     rollout = module.score_rollout(rollout_of(module, TEXTS))
     loss, _ = module.compute_loss(rollout)
     loss.backward()
@@ -169,7 +179,7 @@ def test_policy_loss_does_not_train_the_value_head_and_kl_grows_after_an_update(
             if "lora_B" in n:
                 p.add_(0.05 * torch.randn_like(p))
     for kl in ("exact", "k3"):
-        module.hparams.kl, module.hparams.beta = kl, 0.1
+        module.kl_options, module.hparams.beta = module.kl_options.replace(estimator=kl), 0.1
         scored = module.score_rollout(rollout_of(module, TEXTS))
         _, metrics = module.compute_loss(scored)
         assert metrics["kl"] > 1e-4, kl
@@ -177,10 +187,10 @@ def test_policy_loss_does_not_train_the_value_head_and_kl_grows_after_an_update(
 
 def test_unparseable_judge_gives_neutral_rewards_and_is_counted():
     judge = JudgeCritic(lambda messages: ["no idea"] * len(messages))
-    module = make(critic=judge, beta=0.0)
+    module = make(step_critic=judge, beta=0.0)
     rollout = module.score_rollout(rollout_of(module, TEXTS))
-    assert rollout.extras["segment_metrics"]["critic/unparsed"] == 3.0
-    seg = rollout.seq_extras
+    assert rollout.metrics["critic/unparsed"] == 3.0
+    seg = segments_of(rollout)
     thoughts = (seg["mask"] != 0) & (torch.arange(seg["mask"].shape[1]) < seg["mask"].sum(1, keepdim=True) - 1)
     assert_close(seg["rewards"][thoughts], torch.full((int(thoughts.sum()),), 0.5))  # C_k = G = 0.5
 
@@ -196,8 +206,8 @@ def _logged(tmp_path) -> dict[str, list[float]]:
 
 
 def _fit(tmp_path, module, max_steps, **dm_kwargs):
-    dm = RolloutDataModule(task=WordProblems(num_test=2), prompts_per_step=2, max_new_tokens=8, val_batch_size=2,
-                           **dm_kwargs)
+    dm = RolloutDataModule(task=WordProblems(num_test=2), prompts_per_step=2, num_generations=2, max_new_tokens=8,
+                           val_batch_size=2, **dm_kwargs)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
     fit_tiny(module, dm, max_steps, tmp_path, logger=logger, val_check_interval=max_steps, limit_val_batches=None,
              num_sanity_val_steps=2)
@@ -233,8 +243,9 @@ class _StepMetrics(L.Callback):
 
 
 def test_rollout_policy_resyncs_every_n_rollouts(vary_reward):
-    module = make(lr=5e-2, rollout_sync_every=2, beta=0.0, validate_at_start=False)
-    dm = RolloutDataModule(task=WordProblems(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=8)
+    module = make(lr=5e-2, segments={"rollout_sync_every": 2}, beta=0.0, log={"validate_at_start": False})
+    dm = RolloutDataModule(task=WordProblems(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=8)
     record = _StepMetrics()
     fit_tiny(module, dm, 4, callbacks=[record])
     # rollouts 1 and 3 are sampled right after a sync (lag 0, ratio 1); 2 and 4 by the snapshot taken
