@@ -25,7 +25,7 @@ MERGED = dict(rtol=1e-4, atol=2e-4)
 
 
 def _sft(**kwargs) -> SFT:
-    module = SFT(**{"policy": "tiny", "lr": 1e-2, "validate_at_start": False, **kwargs})
+    module = SFT(**{"policy": "tiny", "lr": 1e-2, "log": {"validate_at_start": False}, **kwargs})
     module.configure_model()
     return module
 
@@ -88,7 +88,7 @@ def test_sft_learns_the_references_of_a_fixed_batch():
 
 
 def test_sft_fit_with_lora_changes_the_adapter_and_logs(tmp_path):
-    module = _sft(lora=True, lr=2e-2, validate_at_start=True)
+    module = _sft(lora=True, lr=2e-2, log={"validate_at_start": True})
     before = trainable_snapshot(module)
     fit_tiny(module, _data(), 3, tmp_path, logger=CSVLogger(tmp_path), val_check_interval=3, limit_val_batches=1,
              num_sanity_val_steps=2)
@@ -107,7 +107,7 @@ def test_target_column_and_pairing_errors():
     with pytest.raises(ValueError, match="SFT trains on reference solutions: use rftlab.SFTDataModule"):
         RolloutDataModule(task=Arithmetic(num_test=2)).attach(_sft()).next_minibatch()
     with pytest.raises(ValueError, match="SFTDataModule feeds reference solutions.*GRPO samples its own"):
-        _data().attach(GRPO(policy="tiny", num_generations=2)).next_minibatch()
+        _data().attach(GRPO(policy="tiny")).next_minibatch()
 
 
 def test_word_problems_train_on_their_worked_solutions(tokenizer):
@@ -130,7 +130,7 @@ def sft_checkpoint(tmp_path_factory):
 def test_any_algorithm_starts_from_the_sft_checkpoint(sft_checkpoint, tokenizer, algorithm, kwargs):
     sft, path = sft_checkpoint
     ids = torch.randint(3, len(tokenizer), (2, 7))
-    module = algorithm(policy="tiny", init_checkpoint=str(path), num_generations=2, **kwargs)
+    module = algorithm(policy={"model": "tiny", "init_checkpoint": str(path)}, **kwargs)
     module.configure_model()
     expected = _logits(sft.policy, ids)
     torch.testing.assert_close(_logits(module.policy, ids), expected, **MERGED)
@@ -142,7 +142,7 @@ def test_any_algorithm_starts_from_the_sft_checkpoint(sft_checkpoint, tokenizer,
 def test_an_exported_sft_folder_is_a_policy(sft_checkpoint, tmp_path, tokenizer):
     sft, path = sft_checkpoint
     out = export_checkpoint(path, tmp_path / "sft")
-    module = GRPO(policy=str(out), num_generations=2, lora=True)
+    module = GRPO(policy=str(out), lora=True)
     module.configure_model()
     ids = torch.randint(3, len(tokenizer), (2, 7))
     torch.testing.assert_close(_logits(module.policy, ids), _logits(sft.policy, ids), **MERGED)
@@ -153,7 +153,7 @@ def test_a_chained_run_rebuilds_through_both_checkpoints(sft_checkpoint, tmp_pat
     from transformers import AutoModelForCausalLM
 
     _, path = sft_checkpoint
-    grpo = GRPO(policy="tiny", init_checkpoint=str(path), num_generations=2, lora=True)
+    grpo = GRPO(policy={"model": "tiny", "init_checkpoint": str(path)}, lora=True)
     grpo.configure_model()
     with torch.no_grad():
         for name, p in grpo.named_parameters():
@@ -174,7 +174,7 @@ def test_rftlab_fit_runs_the_sft_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = make_cli([
         "fit", "--config", str(CONFIGS / "sft_arithmetic.yaml"), "--trainer.logger", "false",
-        "--model.init_args.policy", "tiny", "--data.init_args.batch_size", "2", "--data.init_args.val_max_new_tokens", "3",
+        "--model.init_args.policy.model", "tiny", "--data.init_args.batch_size", "2", "--data.init_args.val_max_new_tokens", "3",
         "--data.init_args.task.init_args.num_test", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.precision", "32-true",
     ])
