@@ -1,4 +1,4 @@
-"""share_prompt (each prompt encoded once per group, through a shared cache or packed rows) changes no
+"""forward.share_prompt (each prompt encoded once per group, through a shared cache or packed rows) changes no
 loss, metric or gradient of any algorithm."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from rftlab.tasks import Arithmetic, WordProblems
 CASES = [
     (GRPO, dict(lora=True, beta=0.1)),         # reference = adapter disabled
     (GRPO, dict(lora=False, beta=0.1)),        # reference = a frozen copy
-    (DAPO, dict(lora=True, dynamic_sampling=False)),
-    (PPO, dict(lora=True, critic="adapter")),  # the critic's own forward
-    (PPO, dict(lora=True, critic="shared")),   # value head on the policy's hidden states
+    (DAPO, dict(lora=True)),                   # the DataModule samples without dynamic sampling
+    (PPO, dict(lora=True, critic={"kind": "adapter"})),  # the critic's own forward
+    (PPO, dict(lora=True, critic={"kind": "shared"})),   # value head on the policy's hidden states
     (SegmentRFT, dict(lora=True)),
 ]
 
 
 def build(cls, share_prompt, packing="never", **kwargs):
-    module = cls(policy="tiny", num_generations=3, lr=1e-2, validate_at_start=False, share_prompt=share_prompt,
-                 packing=packing, **kwargs)
+    module = cls(policy="tiny", lr=1e-2, log={"validate_at_start": False},
+                 forward={"share_prompt": share_prompt, "packing": packing}, **kwargs)
     module.configure_model()
     return module
 
@@ -42,7 +42,7 @@ def test_share_prompt_gives_the_same_loss_metrics_and_gradients(cls, kwargs, lay
     full.load_state_dict(shared.state_dict())  # adapters and value heads start at random: make them equal
     task = WordProblems(num_test=0) if cls is SegmentRFT else Arithmetic(num_test=0)
     dm = RolloutDataModule(task=task, rewards=None if cls is SegmentRFT else vary_reward, prompts_per_step=2,
-                           max_new_tokens=6, seed=0).attach(full)
+                           num_generations=3, max_new_tokens=6, dynamic_sampling=False, seed=0).attach(full)
     torch.manual_seed(1)
     raw = dm.build_rollout()  # scored by the module without sharing
     calls.clear()
@@ -69,11 +69,11 @@ def test_share_prompt_gives_the_same_loss_metrics_and_gradients(cls, kwargs, lay
 
 
 def test_share_prompt_must_be_a_bool():
-    with pytest.raises((TypeError, ValueError), match="share_prompt"):
-        GRPO(policy="tiny", share_prompt="yes")
+    with pytest.raises((TypeError, ValueError), match=r"forward\.share_prompt"):
+        GRPO(policy="tiny", forward={"share_prompt": "yes"})
 
 
 @pytest.mark.parametrize("value", ["sometimes", True, 512])
 def test_packing_must_be_auto_always_or_never(value):
-    with pytest.raises((TypeError, ValueError), match="packing"):
-        GRPO(policy="tiny", packing=value)
+    with pytest.raises((TypeError, ValueError), match=r"forward\.packing"):
+        GRPO(policy="tiny", forward={"packing": value})
