@@ -124,6 +124,8 @@ def test_registered_pieces_train_inside_rftlab_compare(tmp_path):
     config.write_text(f"""
 imports: [{PLUGIN}]
 experiment: plugin-exp
+processes: 2             # worker processes start without the plug-in: `imports` must reach them too
+threads: 1
 seeds: [0]
 budget: {{steps: 2}}
 eval_every: null
@@ -146,6 +148,6 @@ variants:
     main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")])
     out = tmp_path / "out"
     assert "| mine |" in (out / "results.md").read_text()
-    histories = {f.parent.parent.name: read_history(_complete(f)) for f in find_run_files(out)}
+    histories = {f.parent.name: read_history(_complete(f)) for f in find_run_files(out)}
     mine = [h for h in histories.values() if any("test_reinforce/capped_fraction" in row for row in h)]
     assert len(mine) == 1, "exactly the plug-in variant logs the plug-in loss's metric to W&B"

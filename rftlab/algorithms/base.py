@@ -25,7 +25,7 @@ from rftlab.algorithms.faults import (
     resume_state,
 )
 from rftlab.algorithms.options import ClipOptions, KLOptions, LogOptions, OptimOptions, as_group
-from rftlab.core.options import signature_default
+from rftlab.core.options import plain_options, signature_default
 from rftlab.algorithms.monitoring import Monitoring
 from rftlab.algorithms.timing import StepTimer
 from rftlab.core import KL_ESTIMATORS, selective_log_softmax
@@ -83,7 +83,8 @@ class RFTModule(Monitoring, L.LightningModule):
         # here, naming the parameter, not in a comparison below or deep inside torch.
         check_init_arguments(self, inspect.currentframe())
         super().__init__()
-        self.policy_spec = PolicySpec.resolve(policy, lora)
+        self._groups: dict[str, Any] = {}  # resolved option groups, what hparams and checkpoints hold
+        self.policy_spec = self._groups["policy"] = PolicySpec.resolve(policy, lora)
         self.policy_spec.check()
         self.forward_options = self.option_group("forward", forward, ForwardOptions)
         self.optim_options = self.option_group("optim", optim, OptimOptions)
@@ -117,8 +118,17 @@ class RFTModule(Monitoring, L.LightningModule):
 
     def option_group(self, name: str, value: Any, cls: type) -> Any:
         """The group ``cls`` from an argument; a mapping changes only the fields it names of this
-        algorithm's default group (its signature's default, e.g. PPO's ``KLOptions(in_reward=True)``)."""
-        return as_group(value, cls, name, signature_default(type(self), name))
+        algorithm's default group (its signature's default, e.g. PPO's ``KLOptions(in_reward=True)``).
+
+        The resolved group replaces the argument in ``hparams`` (and so in checkpoints and loggers).
+        """
+        self._groups[name] = group = as_group(value, cls, name, signature_default(type(self), name))
+        return group
+
+    def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
+        """Lightning's, then the resolved option groups in place of the arguments as given."""
+        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        self.hparams.update(self._groups)
 
     def kl_estimators(self) -> list[str]:
         """The names ``kl.estimator`` may take (the registered KL estimators)."""
@@ -271,7 +281,8 @@ class RFTModule(Monitoring, L.LightningModule):
         self.faults.screen_gradients(self)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [StepTimer()]
+        # Once per Trainer (a validate() after fit() asks again).
+        return [] if any(isinstance(c, StepTimer) for c in self.trainer.callbacks) else [StepTimer()]
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim_options.max_grad_norm
@@ -303,6 +314,9 @@ class RFTModule(Monitoring, L.LightningModule):
     # ---- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = resume_state(self.faults)  # random generators, fault counters
+        # Option groups as plain mappings: the checkpoint loads with torch.load(weights_only=True)
+        # and without rftlab's classes; the constructors take the mappings back.
+        checkpoint["hyper_parameters"] = plain_options(checkpoint.get("hyper_parameters", {}))
         if not self.strict_loading:  # only what trains (adapter, heads): frozen weights come from `policy`
             keep = trainable_state_keys(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}

@@ -41,7 +41,7 @@ class DAPO(GRPO):
 
     def __init__(
         self,
-        advantage: str | AdvantageSpec = AdvantageSpec(),
+        advantage: str | AdvantageSpec = AdvantageSpec(name="grpo"),
         loss: str | LossSpec = LossSpec(agg="token-mean"),
         clip: ClipOptions = ClipOptions(eps_low=0.2, eps_high=0.28),
         beta: float = 0.0,

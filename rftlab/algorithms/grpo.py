@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from rftlab.algorithms.base import RFTModule, _require
-from rftlab.algorithms.options import AdvantageSpec, LossSpec, as_group
+from rftlab.algorithms.options import AdvantageSpec, LossSpec, resolve_spec
 from rftlab.core import (
     ADVANTAGE_CONTRACT,
     ADVANTAGE_ESTIMATORS,
@@ -33,20 +33,6 @@ from rftlab.core import (
 )
 from rftlab.core.options import signature_default
 from rftlab.rollout.rollout import Rollout
-
-
-def resolve_spec(value: Any, default: Any, cls: type) -> Any:
-    """An ``AdvantageSpec``/``LossSpec`` from a registered name (the algorithm's default with that name),
-    a spec, or a mapping of the fields that differ from the algorithm's default.
-
-    Args:
-        value: the argument given.
-        default: the algorithm's default spec (its signature's default).
-        cls: the spec class.
-    """
-    if isinstance(value, str):
-        return default.replace(name=value)
-    return as_group(value, cls, cls.group, default)
 
 
 class GRPO(RFTModule):
@@ -69,11 +55,13 @@ class GRPO(RFTModule):
     #: The fewest completions per prompt the algorithm's advantages make sense with.
     min_group_size: int = 2
 
-    def __init__(self, advantage: str | AdvantageSpec = AdvantageSpec(), loss: str | LossSpec = LossSpec(),
+    def __init__(self, advantage: str | AdvantageSpec = AdvantageSpec(name="grpo"),
+                 loss: str | LossSpec = LossSpec(agg="seq-mean-token-mean"),
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.advantage_spec = resolve_spec(advantage, signature_default(type(self), "advantage"), AdvantageSpec)
-        self.loss_spec = resolve_spec(loss, signature_default(type(self), "loss"), LossSpec)
+        self.advantage_spec = self._groups["advantage"] = resolve_spec(
+            advantage, signature_default(type(self), "advantage"), AdvantageSpec)
+        self.loss_spec = self._groups["loss"] = resolve_spec(loss, signature_default(type(self), "loss"), LossSpec)
         adv, pl = self.advantage_spec, self.loss_spec
         for spec, registry, contract, supplied in ((adv, ADVANTAGE_ESTIMATORS, ADVANTAGE_CONTRACT, self.advantage_inputs),
                                                    (pl, POLICY_LOSSES, POLICY_LOSS_CONTRACT, self.loss_inputs)):

@@ -4,8 +4,9 @@ Each group is a frozen dataclass whose fields are checked at construction; an in
 an error naming the group and the field (``clip.eps_high=-1 is invalid: must be >= clip.eps_low``).
 In Python a group is given as the dataclass or as a mapping of its fields
 (``GRPO(clip={"eps_high": 0.28})``); in YAML as a mapping (``clip: {eps_high: 0.28}``);
-on the command line field by field (``--model.init_args.clip.eps_high 0.28``). ``rftlab fit --help``
-lists every field with its type and the allowed values of each ``Literal`` choice.
+on the command line field by field (``--model.init_args.clip.eps_high 0.28``).
+``rftlab fit --model.help rftlab.GRPO`` lists every field with its type and the allowed values of
+each ``Literal`` choice.
 
 The policy group is ``rftlab.models.PolicySpec`` and the forward group ``rftlab.models.ForwardOptions``
 (they are also what export and generation build the network from).
@@ -13,6 +14,7 @@ The policy group is ``rftlab.models.PolicySpec`` and the forward group ``rftlab.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -38,7 +40,7 @@ class ClipOptions(OptionGroup):
     dual_clip: float | None = None
 
     def validate(self) -> None:
-        self.require(self.eps_low >= 0, "eps_low", ">= 0")
+        self.require(0 <= self.eps_low < 1, "eps_low", "in [0, 1) (the ratio's lower bound 1 - eps_low stays > 0)")
         self.require(self.eps_high >= self.eps_low, "eps_high", f">= clip.eps_low ({self.eps_low})")
         self.require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "None or > 1")
 
@@ -90,16 +92,14 @@ class KLOptions(OptionGroup):
                      "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
 
 
-OPTIMIZER_NAMES = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit"]
-
-
 @dataclass(frozen=True)
 class OptimOptions(OptionGroup):
     """Optimisation (the learning rate is the top-level ``lr``).
 
     Attributes:
-        optimizer: "adamw" (torch), "adamw8bit" (bitsandbytes 8-bit state, CPU or GPU), or the paged
-            variants (CUDA only); see ``rftlab.models.optim.OPTIMIZERS``.
+        optimizer: "adamw" (torch), "adamw8bit" (bitsandbytes 8-bit state, CPU or GPU), the paged
+            variants "paged_adamw", "paged_adamw8bit", "paged_adamw32bit" (CUDA only), or a name you
+            registered in ``rftlab.models.optim.OPTIMIZERS``.
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up steps (then constant).
         max_grad_norm: gradient clipping norm (used unless the Trainer sets gradient_clip_val); 0 disables.
@@ -109,7 +109,7 @@ class OptimOptions(OptionGroup):
     """
 
     group: ClassVar[str] = "optim"
-    optimizer: OPTIMIZER_NAMES = "adamw"
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -182,44 +182,74 @@ class CriticOptions(OptionGroup):
 
 @dataclass(frozen=True)
 class AdvantageSpec(OptionGroup):
-    """Which advantage estimator, and its options.
+    """Which advantage estimator, and its options; an unset (None) name is the algorithm's own.
 
     Attributes:
         name: a name registered in ``rftlab.core.ADVANTAGE_ESTIMATORS`` ("grpo", "dr_grpo", "gae",
-            or yours, registered with ``rftlab.core.register_advantage``).
+            or yours, registered with ``rftlab.core.register_advantage``); None: the algorithm's
+            default ("grpo" for GRPO and DAPO, "gae" for PPO).
         options: the estimator's keyword options (e.g. ``{"scale": "batch"}`` for "grpo",
             ``{"lam": 0.9}`` for "gae"), checked against its signature when the algorithm is built.
     """
 
     group: ClassVar[str] = "advantage"
-    name: str = "grpo"
+    name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class LossSpec(OptionGroup):
-    """Which policy loss, how it is aggregated, and the terms around it.
+    """Which policy loss, how it is aggregated, and the terms around it; unset (None) fields are the algorithm's.
 
     Attributes:
         name: a name registered in ``rftlab.core.POLICY_LOSSES`` ("ppo_clip", or yours, registered
-            with ``rftlab.core.register_policy_loss``).
+            with ``rftlab.core.register_policy_loss``); None: "ppo_clip".
         agg: aggregation over tokens of the policy loss and the KL term: "seq-mean-token-mean"
-            (GRPO), "token-mean" (DAPO), "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr. GRPO),
-            or a name registered in ``rftlab.core.AGGREGATIONS``.
-        mask_truncated: truncated completions (no EOS) carry no loss (DAPO's overlong filtering).
-        entropy_coef: >= 0, weight of an entropy bonus (0: entropy is only logged).
+            (GRPO), "token-mean" (DAPO, PPO), "seq-mean-token-sum", "seq-mean-token-sum-norm"
+            (Dr. GRPO), or a name registered in ``rftlab.core.AGGREGATIONS``; None: the algorithm's.
+        mask_truncated: truncated completions (no EOS) carry no loss (DAPO's overlong filtering);
+            None: False.
+        entropy_coef: >= 0, weight of an entropy bonus (0: entropy is only logged); None: 0.
         options: the loss's own keyword options, checked against its signature.
     """
 
     group: ClassVar[str] = "loss"
-    name: str = "ppo_clip"
-    agg: str = "seq-mean-token-mean"
-    mask_truncated: bool = False
-    entropy_coef: float = 0.0
+    name: str | None = None
+    agg: str | None = None
+    mask_truncated: bool | None = None
+    entropy_coef: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        self.require(self.entropy_coef >= 0, "entropy_coef", ">= 0")
+        self.require(self.entropy_coef is None or self.entropy_coef >= 0, "entropy_coef", ">= 0")
+
+
+#: What unset fields of an algorithm's own default specs mean.
+SPEC_FALLBACKS = {AdvantageSpec: AdvantageSpec(name="grpo"),
+                  LossSpec: LossSpec(name="ppo_clip", agg="seq-mean-token-mean", mask_truncated=False, entropy_coef=0.0)}
+
+
+def resolve_spec(value: Any, default: Any, cls: type) -> Any:
+    """The complete ``AdvantageSpec``/``LossSpec`` an algorithm runs with.
+
+    ``value`` is a registered name (the algorithm's default spec with that name), a spec or a
+    mapping of its fields; fields left unset (None) take the algorithm's default spec's values,
+    then ``SPEC_FALLBACKS``. The default's options carry over only to the same piece.
+
+    Args:
+        value: the argument given.
+        default: the algorithm's default spec (its signature's default).
+        cls: ``AdvantageSpec`` or ``LossSpec``.
+    """
+    spec = cls(name=value) if isinstance(value, str) else as_group(value, cls, cls.group)
+    for base in (default, SPEC_FALLBACKS[cls]):
+        same_piece = spec.name is None or spec.name == base.name
+        changes = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)
+                   if f.name != "options" and getattr(spec, f.name) is None}
+        if same_piece and not spec.options:
+            changes["options"] = dict(base.options)
+        spec = dataclasses.replace(spec, **changes)
+    return spec
 
 
 @dataclass(frozen=True)
@@ -268,11 +298,8 @@ class SegmentOptions(OptionGroup):
     rewards: SegmentRewardParams = field(default_factory=SegmentRewardParams)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rewards, Mapping):
-            try:
-                object.__setattr__(self, "rewards", SegmentRewardParams(**self.rewards))
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"segments.rewards.{err}") from None
+        if isinstance(self.rewards, Mapping):  # errors name "segments.rewards.<field>"
+            object.__setattr__(self, "rewards", as_group(self.rewards, SegmentRewardParams))
         super().__post_init__()
 
     def validate(self) -> None:

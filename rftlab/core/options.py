@@ -88,3 +88,18 @@ def signature_default(cls: type, parameter: str) -> Any:
         if init is not None and parameter in inspect.signature(init).parameters:
             return inspect.signature(init).parameters[parameter].default
     return None
+
+
+def plain_options(value: Any) -> Any:
+    """``value`` with every option group (dataclass) turned into a dict, recursively (for checkpoints).
+
+    Args:
+        value: hyper-parameters: a mapping, a list, a group or a plain value.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_options(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: plain_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_options(v) for v in value)
+    return value

@@ -16,15 +16,16 @@ segment in ``[0, K)``; ``segment_mask`` (N, K) is 1 on real segments (a prefix o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from rftlab.core.losses import aggregate, policy_loss, value_loss
+from rftlab.core.options import OptionGroup
 from rftlab.core.registry import Registry
 
 SEGMENT_WHITENING = ("none", "chain", "batch")
@@ -102,8 +103,8 @@ def segment_ids(offsets: Sequence[Sequence[int]] | Tensor, text: str) -> tuple[T
 # ---------------------------------------------------------------- segment rewards
 
 @dataclass(frozen=True)
-class SegmentRewardParams:
-    """Hyper-parameters of ``segment_rewards``, validated at construction (issue 5 defaults).
+class SegmentRewardParams(OptionGroup):
+    """Hyper-parameters of ``segment_rewards``, type- and range-checked at construction (the slides' defaults).
 
     Attributes:
         alpha: boost of non-negative normalised thought scores (> 0).
@@ -135,22 +136,19 @@ class SegmentRewardParams:
     eps_std: float = 1e-8
     whiten: str = "none"
 
-    def __post_init__(self) -> None:
-        checks = [
-            ("alpha", self.alpha > 0, "> 0"), ("delta", self.delta >= 0, ">= 0"),
-            ("window", isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
-             "an integer >= 1"),
-            ("kappa_pos", self.kappa_pos > 0, "> 0"), ("kappa_neg", self.kappa_neg > 0, "> 0"),
-            ("progress_divisor", self.progress_divisor > 0, "> 0"), ("alpha_1", self.alpha_1 >= 0, ">= 0"),
-            ("alpha_2", self.alpha_2 >= 0, ">= 0"), ("eps_std", self.eps_std > 0, "> 0"),
-            ("whiten", self.whiten in SEGMENT_WHITENING, f"one of {', '.join(SEGMENT_WHITENING)}"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
-        for name, value in asdict(self).items():
-            if name != "whiten" and not math.isfinite(value):
-                raise ValueError(f"{name}={value!r} is invalid: must be finite")
+    group: ClassVar[str] = "segments.rewards"
+
+    def validate(self) -> None:
+        self.require(self.alpha > 0, "alpha", "> 0")
+        self.require(self.delta >= 0, "delta", ">= 0")
+        self.require(self.window >= 1, "window", "an integer >= 1")
+        self.require(self.kappa_pos > 0, "kappa_pos", "> 0")
+        self.require(self.kappa_neg > 0, "kappa_neg", "> 0")
+        self.require(self.progress_divisor > 0, "progress_divisor", "> 0")
+        self.require(self.alpha_1 >= 0, "alpha_1", ">= 0")
+        self.require(self.alpha_2 >= 0, "alpha_2", ">= 0")
+        self.require(self.eps_std > 0, "eps_std", "> 0")
+        self.require(self.whiten in SEGMENT_WHITENING, "whiten", f"one of {', '.join(SEGMENT_WHITENING)}")
 
 
 def _zscore(x: Tensor, eps_std: float) -> Tensor:

@@ -53,11 +53,8 @@ def compare_main(argv: list[str] | None = None) -> Any:
     """Entry point of ``rftlab compare``."""
     from rftlab.experiments.compare import compare
 
-    from rftlab.core.plugins import import_plugins
-
     cfg = compare_parser().parse_args(argv).as_dict()
     cfg.pop("config", None)
-    import_plugins(cfg.pop("imports") or [])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return compare(**cfg)
 

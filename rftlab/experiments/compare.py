@@ -33,6 +33,7 @@ import torch
 
 from rftlab.callbacks import CompletionTable, PhaseTimer, RolloutHistograms, TrainClock, WandbMetrics, make_wandb_logger
 from rftlab.callbacks.checkpointing import AtomicCheckpoints
+from rftlab.core.plugins import import_plugins
 from rftlab.experiments.evaluation import evaluate
 from rftlab.experiments.report import RunResult, aggregate, markdown_table, plot_comparison, write_csv
 from rftlab.experiments.tracking import RunRecorder, default_threads
@@ -70,6 +71,7 @@ class RunJob:
     pass_at_k: dict[str, Any] | None
     dashboards: bool
     diff: dict[str, Any] = field(default_factory=dict)
+    imports: list[str] = field(default_factory=list)
 
     @property
     def run_name(self) -> str:
@@ -138,6 +140,7 @@ def compare(
     dashboards: bool = True,
     only: Sequence[str] | None = None,
     verbose: bool = True,
+    imports: Sequence[str] = (),
 ) -> Comparison:
     """Train every variant under every seed with the same budget, then write the table and figure.
 
@@ -162,7 +165,10 @@ def compare(
         dashboards: add the sample table, histograms and phase timing callbacks to each run.
         only: run only the variants with these names (the others are not even imported).
         verbose: print progress and the final table.
+        imports: modules or ``.py`` files holding your registered plug-ins (advantages, losses,
+            classes), imported here and in every worker process before a run is built.
     """
+    import_plugins(imports)
     if only is not None:
         names = [v.name if isinstance(v, Variant) else dict(v).get("name") for v in variants]
         if any(n not in names for n in only):
@@ -179,7 +185,7 @@ def compare(
                eval_every=eval_every, trainer=dict(trainer or {}), logger=logger, project=project,
                output_dir=str(out), threads=threads or default_threads(processes),
                pass_at_k=dict(pass_at_k) if pass_at_k else None, dashboards=dashboards,
-               diff=config_diff(v, model, data))
+               diff=config_diff(v, model, data), imports=list(imports))
         for v in specs for s in seeds
     ]
     for job in jobs:  # every configuration error surfaces now, before hours of training
@@ -276,6 +282,7 @@ def _run_logged(job: RunJob, verbose: bool) -> RunResult:
 def run_one(job: RunJob) -> RunResult:
     """Train one (variant, seed) run and return what it recorded (also saved under ``runs/<name>``)."""
     start = time.perf_counter()
+    import_plugins(job.imports)  # a spawned worker starts without the user's registrations
     if job.threads:
         torch.set_num_threads(job.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

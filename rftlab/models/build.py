@@ -98,9 +98,13 @@ class PolicySpec(OptionGroup):
             lora: overrides the group's ``lora`` when not None.
             **overrides: other fields to replace (e.g. ``model=`` a moved base model).
         """
-        spec = cls(model=policy) if isinstance(policy, str) else as_group(policy, cls)
         if lora is not None:
             overrides["lora"] = lora
+        if isinstance(policy, str):
+            return cls(model=policy, **overrides)
+        if isinstance(policy, Mapping):  # the overrides join the fields before the group is checked
+            return as_group({**policy, **overrides}, cls)
+        spec = as_group(policy, cls)
         return dataclasses.replace(spec, **overrides) if overrides else spec
 
     @classmethod

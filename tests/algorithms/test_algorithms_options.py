@@ -131,6 +131,27 @@ def test_a_mapping_changes_only_its_fields_of_the_algorithms_default_group():
     assert PPO(policy="tiny", advantage={"options": {"lam": 0.9}}).advantage_spec.name == "gae"
 
 
+def test_a_partial_spec_in_yaml_keeps_the_algorithms_defaults(tmp_path, monkeypatch):
+    from rftlab.cli import make_cli
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "dapo.yaml"
+    config.write_text("model: {class_path: rftlab.DAPO, init_args: {policy: tiny, loss: {mask_truncated: true}}}\n"
+                      "data: {class_path: rftlab.RolloutDataModule, init_args: {task: {class_path: rftlab.tasks.Arithmetic}}}\n")
+    cli = make_cli(["--config", str(config), "--trainer.logger", "false"], run=False)
+    assert cli.model.loss_spec.agg == "token-mean" and cli.model.loss_spec.mask_truncated is True
+    ppo = tmp_path / "ppo.yaml"
+    ppo.write_text("model: {class_path: rftlab.PPO, init_args: {policy: tiny, advantage: {options: {lam: 0.9}}}}\n"
+                   "data: {class_path: rftlab.RolloutDataModule, init_args: {task: {class_path: rftlab.tasks.Arithmetic}}}\n")
+    cli = make_cli(["--config", str(ppo), "--trainer.logger", "false"], run=False)
+    assert cli.model.advantage_spec.name == "gae" and cli.model.advantage_spec.options == {"lam": 0.9}
+
+
+def test_the_lora_keyword_counts_before_the_policy_group_is_checked():
+    qlora = GRPO(policy={"model": "tiny", "quantization": "nf4"}, lora=True)
+    assert qlora.policy_spec.lora and qlora.policy_spec.quantization == "nf4"
+
+
 def test_a_loss_name_keeps_the_algorithms_aggregation():
     assert DAPO(policy="tiny", loss="ppo_clip").loss_spec.agg == "token-mean"
     assert GRPO(policy="tiny", loss="ppo_clip").loss_spec.agg == "seq-mean-token-mean"

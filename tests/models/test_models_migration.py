@@ -70,3 +70,19 @@ def test_a_flat_checkpoint_loads_with_load_from_checkpoint_and_export():
     assert trained and all(torch.equal(module.state_dict()[k], v) for k, v in trained.items())
     exported = load_checkpoint_policy(path)
     assert exported.spec.lora_r == 4 and exported.spec.model == "tiny"
+
+
+def test_new_checkpoints_hold_plain_options_and_load_with_weights_only(tmp_path):
+    import lightning as L
+
+    module = PPO(policy={"model": "tiny", "lora_r": 4}, lora=True, beta=0.1, critic={"kind": "adapter"},
+                 kl={"target": 1.0}, clip={"eps_high": 0.3})
+    module.configure_model()
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "ppo.ckpt")
+    saved = torch.load(tmp_path / "ppo.ckpt", map_location="cpu", weights_only=True)  # no rftlab classes inside
+    assert saved["hyper_parameters"]["clip"] == {"eps_low": 0.2, "eps_high": 0.3, "dual_clip": None}
+    back = PPO.load_from_checkpoint(tmp_path / "ppo.ckpt")
+    for attr in ("policy_spec", "clip_options", "kl_options", "critic_options", "advantage_spec", "loss_spec"):
+        assert getattr(back, attr) == getattr(module, attr), attr
