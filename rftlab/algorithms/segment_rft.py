@@ -3,8 +3,8 @@
 A completion is cut into thought segments (its lines) and a final-answer segment; a step critic
 scores each thought, ``rftlab.core.segment_rewards`` turns the scores into segment rewards, and a
 PPO-style objective with one ratio, one TD target and one advantage per segment trains the policy
-and a value head on its last hidden state. Source: "RFT fine tuning" slides, "Reward Processing"
-and "Chain-of-Thought RFT Objective" (``shared/background/003_*.txt``), specified in rftlab issue 5.
+and a value head on its last hidden state. Source: the "RFT fine tuning" slides, sections "Reward
+Processing" and "Chain-of-Thought RFT Objective".
 
 Choices the source leaves open, and what we do:
 

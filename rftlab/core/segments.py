@@ -5,8 +5,8 @@ final-answer segment M+1 (its last non-empty line, plus the EOS). A critic score
 (overall G) and each thought (thought score S_k, progress score P_k, all in [0, 1]); this module
 turns those scores into segment rewards R_1..R_{M+1}, TD targets, and the segment-level PPO loss.
 
-Source: "RFT fine tuning" slides, "Reward Processing" and "Chain-of-Thought RFT Objective"
-(``shared/background/003_*.txt``), as specified in rftlab issue 5; every formula below is that one.
+Source: the "RFT fine tuning" slides, sections "Reward Processing" and "Chain-of-Thought RFT
+Objective"; every formula below is theirs.
 
 Shapes: N chains (completions), T completion positions (right-padded), K segment slots
 (right-padded: chain i has ``M_i + 1`` real segments, the answer segment last), V vocabulary.
@@ -152,7 +152,7 @@ class SegmentRewardParams(OptionGroup):
 
 
 def _zscore(x: Tensor, eps_std: float) -> Tensor:
-    # (x - mu) / sqrt(mean((x - mu)^2) + eps_std): population variance, eps inside the sqrt (issue 5).
+    # (x - mu) / sqrt(mean((x - mu)^2) + eps_std): population variance, eps inside the sqrt (the slides).
     centered = x - x.mean()
     return centered / torch.sqrt((centered**2).mean() + eps_std)
 
@@ -250,7 +250,7 @@ def _finish(C: Tensor, r_answer: Tensor, params: SegmentRewardParams) -> Tensor:
 
 
 def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | float, **params) -> Tensor:
-    """Rewards R_1..R_{M+1} of one chain's segments (issue 5, "Segment rewards").
+    """Rewards R_1..R_{M+1} of one chain's segments (the slides, "Segment rewards").
 
     Thought segments k = 1..M::
 
@@ -263,7 +263,7 @@ def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | 
         R_k = clamp(C_k, -alpha_1 r_max, r_max + alpha_2)
 
     and the answer segment ``R_{M+1} = rho * r_answer``. Source: "RFT fine tuning" slides, "Reward
-    Processing" (``shared/background/003_*.txt``). Whitening "chain" subtracts the chain's mean,
+    Processing". Whitening "chain" subtracts the chain's mean,
     which removes G (a constant of the chain) from every thought reward: only the relative quality
     of the steps is left. "batch" whitening needs several chains: use ``batch_segment_rewards``.
     Every input may require grad; all outputs and gradients stay finite for M = 1, equal S, and
@@ -394,7 +394,7 @@ def segment_value_targets(
     """Segment lambda-returns; with ``td_lambda = 0`` the TD targets ``Y_k = R_k + gamma V_rollout(s_{k+1})``.
 
     ``Y_k = R_k + gamma [(1 - lambda) V_rollout(s_{k+1}) + lambda Y_{k+1}]``, and V (and Y) of the
-    terminal state = 0. ``td_lambda = 0`` is issue 5's target: a thought segment sees the answer's
+    terminal state = 0. ``td_lambda = 0`` is the slides' target: a thought segment sees the answer's
     reward only through V, so with an untrained critic it sees only its own critic reward.
     ``td_lambda = 1`` is the Monte-Carlo return (every later reward, no bootstrapping), which is what
     PPO's GAE with lambda = 1 gives per token (Schulman et al. 2016, arXiv 1506.02438).
@@ -471,7 +471,7 @@ def segment_policy_loss(
     eps_high: float | None = None,
     dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Segment-level clipped surrogate, ``mean_i sum_k L_k^CLIP`` (issue 5, "Objective").
+    """Segment-level clipped surrogate, ``mean_i sum_k L_k^CLIP`` (the slides, "Objective").
 
     ``L_k = max(-A_k rho_k, -A_k clip(rho_k, 1 - eps_low, 1 + eps_high))``, and with a dual clip ``c > 1``,
     for ``A_k < 0``: ``L_k = min(L_k, -c A_k)`` (Ye et al. 2020, arXiv 1912.09729). ``ratio_mode``
@@ -531,7 +531,7 @@ def segment_policy_loss(
 def segment_value_loss(
     values: Tensor, old_values: Tensor, targets: Tensor, segment_mask: Tensor, clip: float = 0.2
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``mean_i sum_k L_k^VF``, ``L^VF = 1/2 max((V - Y)^2, (V_clip - Y)^2)`` (issue 5, "Objective").
+    """``mean_i sum_k L_k^VF``, ``L^VF = 1/2 max((V - Y)^2, (V_clip - Y)^2)`` (the slides, "Objective").
 
     ``V_clip = V_rollout + clip(V_theta - V_rollout, -c_v, c_v)`` when ``clip = c_v > 0``, else
     ``1/2 (V - Y)^2``. The per-segment term is ``value_loss``'s; its token-mean is rescaled by
