@@ -2,7 +2,7 @@
 
 A critic reads one chain of thought, already cut into segments (the M thought segments, then the
 answer segment; see ``rftlab.core.split_segments``) and returns ``Critique(G, S, P)``, every
-score in [0, 1] (issue 5, "Critics"). Two kinds:
+score in [0, 1] (the "RFT fine tuning" slides, "Critics"). Two kinds:
 
 - ``ArithmeticStepCritic``: rule-based, for arithmetic chains. It checks each ``a op b = c`` with a
   safe AST evaluator (never ``eval``) and measures progress against the reference solution's
@@ -146,7 +146,7 @@ def _key(value: float) -> float:
 
 
 class ArithmeticStepCritic(Critic):
-    """Rule-based critic of arithmetic chains (issue 5, "Critics").
+    """Rule-based critic of arithmetic chains (the "RFT fine tuning" slides, "Critics").
 
     For thought segment k, with E_k its equations (``a op b = c``, found by ``find_equations``):
 
