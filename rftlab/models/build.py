@@ -101,7 +101,7 @@ class PolicySpec(OptionGroup):
         if lora is not None:
             overrides["lora"] = lora
         if isinstance(policy, str):
-            return cls(model=policy, **overrides)
+            return cls(**{"model": policy, **overrides})
         if isinstance(policy, Mapping):  # the overrides join the fields before the group is checked
             return as_group({**policy, **overrides}, cls)
         spec = as_group(policy, cls)

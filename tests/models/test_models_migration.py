@@ -86,3 +86,12 @@ def test_new_checkpoints_hold_plain_options_and_load_with_weights_only(tmp_path)
     back = PPO.load_from_checkpoint(tmp_path / "ppo.ckpt")
     for attr in ("policy_spec", "clip_options", "kl_options", "critic_options", "advantage_spec", "loss_spec"):
         assert getattr(back, attr) == getattr(module, attr), attr
+
+
+def test_a_model_override_replaces_a_named_model():
+    from rftlab.models.build import PolicySpec
+
+    spec = PolicySpec.from_hparams({"policy": "tiny", "lora": True}, model="/moved/base")
+    assert spec.model == "/moved/base" and spec.lora
+    spec = PolicySpec.from_hparams({"policy": {"model": "tiny", "lora_r": 4}}, model="/moved/base")
+    assert spec.model == "/moved/base" and spec.lora_r == 4
