@@ -43,11 +43,15 @@ def tokenizer():
 
 @pytest.fixture
 def tiny_grpo():
-    """A factory of GRPO modules on the tiny random Llama (policy loaded)."""
+    """A factory of GRPO modules on the tiny random Llama (policy loaded); keywords are GRPO's.
+
+    The group size is the DataModule's (``RolloutDataModule(num_generations=...)``), no longer the
+    module's: tests that used this fixture's former ``num_generations=4`` give it to their DataModule.
+    """
     from rftlab import GRPO
 
     def make(**kwargs):
-        defaults = dict(policy="tiny", num_generations=4, lr=1e-2)
+        defaults = dict(policy="tiny", lr=1e-2)
         module = GRPO(**{**defaults, **kwargs})
         module.configure_model()
         return module

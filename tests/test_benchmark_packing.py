@@ -31,7 +31,7 @@ def test_make_batch(packing, full):
 
 
 def test_both_layouts_run_and_are_timed(packing):
-    module = GRPO(policy="tiny", lora=False, validate_at_start=False)
+    module = GRPO(policy="tiny", lora=False, log={"validate_at_start": False})
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     times = packing.time_layouts(module, packing.make_batch(4, 8, False, prompt_tokens=5), repeats=2)

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_real_model_grpo_step_gives_lora_gradients_and_changes_weights():
-    module = GRPO(policy="default", lora=True, num_generations=4, lr=2e-4)
+    module = GRPO(policy="default", lora=True, lr=2e-4)
     module.configure_model()
     assert module.tokenizer.eos_token == "<|im_end|>" and module.tokenizer.pad_token_id is not None
-    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=2, max_new_tokens=16, temperature=1.0,
+    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=2, num_generations=4, max_new_tokens=16, temperature=1.0,
                            rewards={"len": lambda completions, **_: [float(len(c) % 3) for c in completions]})
     dm.attach(module)
     rollout = dm.build_rollout()

@@ -27,9 +27,9 @@ def parity(completions, **_):
 
 
 def fit(tmp_path, logger):
-    module = GRPO(policy="tiny", num_generations=4, lr=1e-2)
+    module = GRPO(policy="tiny", lr=1e-2)
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": parity}, prompts_per_step=2,
-                           max_new_tokens=5, val_batch_size=2)
+                           num_generations=4, max_new_tokens=5, val_batch_size=2)
     callbacks = [TrainClock(), WandbMetrics(), CompletionTable(every_n_steps=1, max_rows=3),
                  RolloutHistograms(every_n_steps=1), PhaseTimer()]
     return fit_tiny(module, dm, STEPS, tmp_path, logger=logger, callbacks=callbacks, val_check_interval=2,

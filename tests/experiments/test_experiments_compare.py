@@ -45,12 +45,23 @@ class SignAdvantageGRPO(GRPO):
         SignAdvantageGRPO.snapshots.append((self._start, trainable_snapshot(self)))
 
 
-MODEL = dict(policy="tiny", num_generations=4, lr=1e-2)
+MODEL = dict(policy="tiny", lr=1e-2)
 
 
 def data(**overrides):
-    return dict(task=Arithmetic(num_test=2), rewards={"parity": parity}, prompts_per_step=2, max_new_tokens=5,
-                val_batch_size=4, **overrides)
+    return dict(task=Arithmetic(num_test=2), rewards={"parity": parity}, prompts_per_step=2, num_generations=4,
+                max_new_tokens=5, val_batch_size=4, **overrides)
+
+
+def flat_keys(options, prefix=""):
+    """``{"model": {"loss": {"agg": x}}}`` -> ``{"model.loss.agg": x}`` (W&B nests dotted config keys)."""
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def run(tmp_path, variants, **kwargs):
@@ -78,7 +89,8 @@ def rewards(run_result):
 
 
 def test_two_variants_write_table_csv_figure_and_wandb_runs(tmp_path):
-    variants = [Variant("grpo", GRPO), Variant("dr-grpo", "rftlab.GRPO", model={"scale": "none", "loss_agg": "seq-mean-token-sum-norm"})]
+    variants = [Variant("grpo", GRPO),
+                Variant("dr-grpo", "rftlab.GRPO", model={"advantage": "dr_grpo", "loss": {"agg": "seq-mean-token-sum-norm"}})]
     result = run(tmp_path, variants, logger="wandb", experiment="tiny-exp", dashboards=True)
     out = tmp_path / "out"
     table = (out / "results.md").read_text()
@@ -103,11 +115,10 @@ def test_two_variants_write_table_csv_figure_and_wandb_runs(tmp_path):
         assert config["variant"] == variant and config["seed"] == 0
         assert any("reward/mean" in row for row in history), "training metrics reached W&B"
         assert any("val/accuracy" in row for row in history)
-    diff = infos["dr-grpo"][1]["variant_diff"]
     # W&B nests dotted keys; either form carries the change.
-    flat = diff if "model.scale" in diff else {f"model.{k}": v for k, v in diff.get("model", {}).items()}
-    assert flat["model.scale"] == "none" and flat["model.loss_agg"] == "seq-mean-token-sum-norm"
-    assert "model.scale" not in infos["grpo"][1]["variant_diff"] and not infos["grpo"][1]["variant_diff"].get("model")
+    flat = flat_keys(infos["dr-grpo"][1]["variant_diff"])
+    assert flat["model.advantage"] == "dr_grpo" and flat["model.loss.agg"] == "seq-mean-token-sum-norm"
+    assert "model.advantage" not in infos["grpo"][1]["variant_diff"] and not infos["grpo"][1]["variant_diff"].get("model")
 
 
 def test_same_seed_same_variant_gives_identical_rewards(tmp_path):
@@ -177,6 +188,11 @@ def test_parallel_processes(tmp_path):
         (dict(budget={"epochs": 2}), "unknown key\\(s\\) \\['epochs'\\]"),
         (dict(budget={}), "budget is empty"),
         (dict(model={**MODEL, "seed": 3}), "'seed' is set by compare"),
+        # The seed's new place is the policy group; compare writes the run's seed there (policy.seed).
+        pytest.param(dict(model={**MODEL, "policy": {"model": "tiny", "seed": 3}}), "seed' is set by compare",
+                     marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                                             reason="rftlab bug: compare() silently replaces a policy.seed given in the "
+                                                    "model options (RunJob.model_options) instead of refusing it")),
         (dict(model={**MODEL, "lrr": 1e-3}), "variant 'a'.*lrr"),
         (dict(model={**MODEL, "lr": -1.0}), "variant 'a'.*lr=-1.0 is invalid"),
         (dict(data={"prompts_per_step": 2}), "'task' is required"),
@@ -202,9 +218,10 @@ seeds: [0]
 budget: {{steps: 5}}
 eval_every: null
 logger: csv
-model: {{policy: tiny, num_generations: 2, lr: 1.0e-2}}
+model: {{policy: tiny, lr: 1.0e-2}}
 data:
   task: {{class_path: rftlab.tasks.Arithmetic, init_args: {{num_test: 2}}}}
+  num_generations: 2
   rewards: {{parity: {{class_path: rftlab.rewards.RegexFormat, init_args: {{pattern: "^.{{0,12}}$"}}}}}}
   prompts_per_step: 2
   max_new_tokens: 4

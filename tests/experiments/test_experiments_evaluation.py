@@ -56,7 +56,7 @@ def rows_task(reward):
 
 @pytest.fixture(scope="module")
 def tiny_policy():
-    module = GRPO(policy="tiny", num_generations=2)
+    module = GRPO(policy="tiny")
     module.configure_model()
     return module
 
@@ -95,14 +95,15 @@ def test_bad_evaluation_options(tiny_policy, kwargs, message):
 
 
 def test_checkpoint_of_a_lora_run_reloads_the_trained_policy(tmp_path, vary_reward):
-    module = GRPO(policy="tiny", num_generations=2, lora=True, lr=5e-2)
-    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, max_new_tokens=4)
+    module = GRPO(policy="tiny", lora=True, lr=5e-2)
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=4)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit_tiny(module, dm, 1, callbacks=[checkpoint])
     loaded = load_policy(checkpoint.last_model_path)
     trained = trainable_snapshot(module)
     assert_params_unchanged(trained, loaded)  # the reloaded policy holds every trained parameter, equal
-    fresh = GRPO(policy="tiny", num_generations=2, lora=True)
+    fresh = GRPO(policy="tiny", lora=True)
     fresh.configure_model()
     assert_params_changed(trained, fresh, require="any",
                           message="training changed the adapter, so the equality above is not trivial")

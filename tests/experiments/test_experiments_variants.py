@@ -23,8 +23,8 @@ class NotAnAlgorithm:
 def test_variant_accepts_a_class_or_an_import_path():
     assert Variant("a", GRPO).algorithm_class() is GRPO
     assert Variant("b", "rftlab.GRPO").algorithm_path == "rftlab.algorithms.grpo.GRPO"
-    spec = Variant.from_spec({"name": "c", "algorithm": "rftlab.algorithms.GRPO", "model": {"scale": "none"}})
-    assert spec.algorithm_class() is GRPO and spec.model == {"scale": "none"} and spec.data == {}
+    spec = Variant.from_spec({"name": "c", "algorithm": "rftlab.algorithms.GRPO", "model": {"advantage": "dr_grpo"}})
+    assert spec.algorithm_class() is GRPO and spec.model == {"advantage": "dr_grpo"} and spec.data == {}
 
 
 @pytest.mark.parametrize(
@@ -71,9 +71,9 @@ def test_import_object_and_instantiate():
 
 def test_config_diff_lists_only_what_the_variant_changes():
     shared_model = {"policy": "tiny", "lr": 1e-3}
-    variant = Variant("v", GRPO, model={"lr": 1e-3, "scale": "none"}, data={"dynamic_sampling": True})
+    variant = Variant("v", GRPO, model={"lr": 1e-3, "advantage": "dr_grpo"}, data={"dynamic_sampling": True})
     assert config_diff(variant, shared_model, {"prompts_per_step": 2}) == {
-        "algorithm": "rftlab.algorithms.grpo.GRPO", "model.scale": "none", "data.dynamic_sampling": True}
+        "algorithm": "rftlab.algorithms.grpo.GRPO", "model.advantage": "dr_grpo", "data.dynamic_sampling": True}
 
 
 def test_compare_and_evaluate_are_rftlab_subcommands():
@@ -91,18 +91,19 @@ def test_shipped_compare_config_parses_and_builds(path, tmp_path):
 
     cfg = compare_parser().parse_args(["--config", str(path)]).as_dict()
     assert cfg["seeds"] and cfg["variants"]
-    if cfg["model"].get("init_checkpoint"):
-        # A warm-up checkpoint must be what a shipped config writes (its last.ckpt); a stand-in file
-        # takes its place here, as the constructors only check that the file exists.
+    policy = cfg["model"].get("policy")
+    if isinstance(policy, dict) and policy.get("init_checkpoint"):
+        # A warm-up checkpoint (policy.init_checkpoint) must be what a shipped config writes (its
+        # last.ckpt); a stand-in file takes its place here, as the constructors only check that the file exists.
         written = []
         for other in path.parent.glob("*.yaml"):
             for callback in (yaml.safe_load(other.read_text()).get("trainer") or {}).get("callbacks") or []:
                 dirpath = (callback.get("init_args") or {}).get("dirpath")
                 if dirpath:
                     written.append(f"{dirpath}/last.ckpt")
-        assert cfg["model"]["init_checkpoint"] in written
+        assert policy["init_checkpoint"] in written
         (tmp_path / "warmup.ckpt").write_bytes(b"")
-        cfg["model"]["init_checkpoint"] = str(tmp_path / "warmup.ckpt")
+        policy["init_checkpoint"] = str(tmp_path / "warmup.ckpt")
     budget = Budget.from_spec(cfg["budget"])
     pending = [v["algorithm"] for v in cfg["variants"] if v["algorithm"].startswith("rftlab.")
                and not hasattr(rftlab, v["algorithm"].split(".")[1])]

@@ -31,8 +31,8 @@ def test_held_out_scoring_gives_the_verifier_the_rendered_prompts(tiny_grpo):
     rows = [{"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"},
             {"prompt": [{"role": "user", "content": "Say hi"}], "answer": "hi"}]
     task = RowsTask(rows, rewards={"len": names_the_prompt_length}, test=rows)
-    dm = RolloutDataModule(task=task, prompts_per_step=1, max_new_tokens=3)
-    module = tiny_grpo(num_generations=2)
+    dm = RolloutDataModule(task=task, prompts_per_step=1, num_generations=2, max_new_tokens=3)
+    module = tiny_grpo()
     seen_prompts.clear()
     batch = score_answers(dm, module, rows, SamplingParams(max_new_tokens=3, greedy=True))
     assert batch.correct.shape == (2,)

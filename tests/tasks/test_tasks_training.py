@@ -17,7 +17,7 @@ from rftlab.tasks import CodeFunctions
 
 def _fit_and_read(tmp_path, module, task, rewards, weights, steps=2):
     dm = RolloutDataModule(task=task, rewards=rewards, reward_weights=weights, prompts_per_step=2,
-                           max_new_tokens=8, val_batch_size=4)
+                           num_generations=4, max_new_tokens=8, val_batch_size=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
     fit_tiny(module, dm, steps, tmp_path, logger=logger)
     import wandb
