@@ -245,8 +245,11 @@ def _check_options(specs: Sequence[Variant], model: dict, data: dict, seeds: Seq
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
         raise ValueError(f"eval_every={eval_every!r} is invalid: must be an integer >= 1 or None")
     for where, options in [("model", model), ("data", data)] + [(f"variant {v.name!r} {k}", getattr(v, k)) for v in specs for k in ("model", "data")]:
-        if "seed" in options:
-            raise ValueError(f"{where}: 'seed' is set by compare's seeds={list(seeds)}; remove it from the options")
+        policy = options.get("policy") if where.endswith("model") else None
+        policy_seed = isinstance(policy, Mapping) and "seed" in policy or getattr(policy, "seed", 0) != 0
+        if "seed" in options or policy_seed:
+            key = "policy.seed" if policy_seed else "seed"
+            raise ValueError(f"{where}: {key!r} is set by compare's seeds={list(seeds)}; remove it from the options")
     if "task" not in data and not any("task" in v.data for v in specs):
         raise ValueError("data: 'task' is required (a Task object or a {class_path, init_args} spec)")
     if pass_at_k is not None:

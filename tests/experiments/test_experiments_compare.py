@@ -189,10 +189,7 @@ def test_parallel_processes(tmp_path):
         (dict(budget={}), "budget is empty"),
         (dict(model={**MODEL, "seed": 3}), "'seed' is set by compare"),
         # The seed's new place is the policy group; compare writes the run's seed there (policy.seed).
-        pytest.param(dict(model={**MODEL, "policy": {"model": "tiny", "seed": 3}}), "seed' is set by compare",
-                     marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                                             reason="rftlab bug: compare() silently replaces a policy.seed given in the "
-                                                    "model options (RunJob.model_options) instead of refusing it")),
+        (dict(model={**MODEL, "policy": {"model": "tiny", "seed": 3}}), "'policy.seed' is set by compare"),
         (dict(model={**MODEL, "lrr": 1e-3}), "variant 'a'.*lrr"),
         (dict(model={**MODEL, "lr": -1.0}), "variant 'a'.*lr=-1.0 is invalid"),
         (dict(data={"prompts_per_step": 2}), "'task' is required"),
