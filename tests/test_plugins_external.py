@@ -46,6 +46,16 @@ def _complete(path, seconds=60):
             time.sleep(0.5)
 
 
+def _history_with(path, key, seconds=60):
+    """The run's history once ``key`` is in it: wandb-core (another process) may still be writing."""
+    deadline = time.monotonic() + seconds
+    while True:
+        history = read_history(path)
+        if any(key in row for row in history) or time.monotonic() > deadline:
+            return history
+        time.sleep(0.5)
+
+
 def test_registered_pieces_train_from_python(tmp_path):
     _import_plugin()
     for module in (GRPO(policy="tiny", lora=True, lr=1e-2, advantage="test_leave_one_out", loss=LOSS),
@@ -101,7 +111,7 @@ data:
     assert out.returncode == 0, out.stderr[-3000:]
     files = [_complete(f) for f in find_run_files(tmp_path / "runs")]
     assert len(files) == 1
-    history = read_history(files[0])
+    history = _history_with(files[0], "test_reinforce/capped_fraction")
     assert any("test_reinforce/capped_fraction" in row for row in history), "the loss's metric reached W&B"
     assert any("reward/mean" in row for row in history)
 
@@ -148,6 +158,6 @@ variants:
     main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")])
     out = tmp_path / "out"
     assert "| mine |" in (out / "results.md").read_text()
-    histories = {f.parent.name: read_history(_complete(f)) for f in find_run_files(out)}
+    histories = {f.parent.name: _history_with(_complete(f), "reward/mean") for f in find_run_files(out)}
     mine = [h for h in histories.values() if any("test_reinforce/capped_fraction" in row for row in h)]
     assert len(mine) == 1, "exactly the plug-in variant logs the plug-in loss's metric to W&B"

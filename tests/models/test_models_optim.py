@@ -49,7 +49,7 @@ def test_adamw8bit_follows_adamw_closely():
 
 
 def test_optimizer_names_are_validated_at_construction():
-    with pytest.raises(ValueError, match="optim.optimizer='adam9bit' is invalid: must be one of 'adamw', 'adamw8bit'"):
+    with pytest.raises(ValueError, match="optim.optimizer='adam9bit' is invalid: must be one of adamw, adamw8bit"):
         GRPO(policy="tiny", optim={"optimizer": "adam9bit"})
     assert {"adamw", "adamw8bit", "paged_adamw8bit"} <= set(OPTIMIZERS)
 
