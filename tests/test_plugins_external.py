@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from rftlab import GRPO, PPO, RolloutDataModule
 from rftlab.tasks import Arithmetic
-from wandb_records import WandbFileError, find_run_files, iter_records, read_history
+from wandb_records import complete, find_run_files, read_history
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = HERE / "plugins" / "my_variants.py"
@@ -32,18 +32,6 @@ def _import_plugin():
     from rftlab.core.plugins import import_plugins
 
     return import_plugins([str(PLUGIN)])[0]
-
-
-def _complete(path, seconds=60):
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            list(iter_records(path))
-            return path
-        except WandbFileError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def _history_with(path, key, seconds=60):
@@ -109,7 +97,7 @@ data:
     out = subprocess.run([sys.executable, "-m", "rftlab.cli", "fit", "--config", str(config)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=400, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    files = [_complete(f) for f in find_run_files(tmp_path / "runs")]
+    files = [complete(f) for f in find_run_files(tmp_path / "runs")]
     assert len(files) == 1
     history = _history_with(files[0], "test_reinforce/capped_fraction")
     assert any("test_reinforce/capped_fraction" in row for row in history), "the loss's metric reached W&B"
@@ -158,6 +146,6 @@ variants:
     main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")])
     out = tmp_path / "out"
     assert "| mine |" in (out / "results.md").read_text()
-    histories = {f.parent.name: _history_with(_complete(f), "reward/mean") for f in find_run_files(out)}
+    histories = {f.parent.name: _history_with(complete(f), "reward/mean") for f in find_run_files(out)}
     mine = [h for h in histories.values() if any("test_reinforce/capped_fraction" in row for row in h)]
     assert len(mine) == 1, "exactly the plug-in variant logs the plug-in loss's metric to W&B"

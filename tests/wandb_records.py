@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,3 +340,21 @@ def finish_offline_run() -> None:
 
     wandb.finish()
     wandb.teardown()
+
+
+def complete(path: str | Path, seconds: float = 60) -> Path:
+    """``path`` once wandb-core (another process) has flushed the file to its end (bounded wait).
+
+    Args:
+        path: a ``run-*.wandb`` file.
+        seconds: how long to wait before letting the parse error through.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            list(iter_records(path))
+            return Path(path)
+        except WandbFileError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

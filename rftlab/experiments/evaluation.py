@@ -7,7 +7,6 @@ training) and verified with the task's ``is_correct``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence

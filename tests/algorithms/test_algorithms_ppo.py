@@ -15,7 +15,6 @@ from torch.testing import assert_close
 from rftlab import PPO, CriticOptions, RolloutDataModule
 from rftlab.algorithms.ppo import AdaptiveKLController, token_level_rewards
 from rftlab.core import selective_log_softmax
-from rftlab.models.value_head import completion_state_values, token_values
 from rftlab.tasks import Arithmetic
 from wandb_records import find_run_files, read_history
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from helpers import assert_params_changed, trainable_snapshot
 from rftlab import GRPO
 from rftlab.experiments import Budget, Variant, compare
 from rftlab.tasks import Arithmetic
-from wandb_records import WandbFileError, find_run_files, iter_records, read_config, read_history, read_run_info
+from wandb_records import complete, find_run_files, read_config, read_history, read_run_info
 
 
 def parity(completions, **_):
@@ -69,19 +68,6 @@ def run(tmp_path, variants, **kwargs):
                    output_dir=tmp_path / "out", verbose=False, dashboards=False)
     options.update(kwargs)
     return compare(variants, **options)
-
-
-def complete(path, seconds=60):
-    """The W&B file once wandb-core (another process) has flushed it to its end (bounded wait)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            list(iter_records(path))
-            return path
-        except WandbFileError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def rewards(run_result):
