@@ -17,33 +17,24 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from rftlab.algorithms.faults import (
-    CHECKPOINT_KEY,
-    NonFiniteGuard,
-    check_trainable_weights,
-    restore_resume_state,
-    resume_state,
-)
-from rftlab.algorithms.options import ClipOptions, KLOptions, LogOptions, OptimOptions, as_group
-from rftlab.core.options import plain_options, signature_default
+from rftlab.algorithms.faults import NonFiniteGuard
 from rftlab.algorithms.monitoring import Monitoring
+from rftlab.algorithms.options import ClipOptions, KLOptions, LogOptions, OptimOptions
+from rftlab.algorithms.state import ModuleState
 from rftlab.algorithms.timing import StepTimer
 from rftlab.core import KL_ESTIMATORS, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
 from rftlab.models.build import PolicySpec, build_policy, frozen_reference
 from rftlab.models.hf import stop_token_ids
 from rftlab.models.loading import load_tokenizer
-from rftlab.models.migration import load_migrated
 from rftlab.models.optim import check_optimizer, optimizer_with_warmup
-from rftlab.models.policy import trainable_state_keys
 from rftlab.models.runtime import ForwardOptions, PolicyRuntime
 from rftlab.rollout.distributed import reduce_metrics
-from rftlab.rollout.resume import restore_rng_state
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.sampler import SamplingParams, sample_completions
 
 
-class RFTModule(Monitoring, L.LightningModule):
+class RFTModule(Monitoring, ModuleState, L.LightningModule):
     """Policy, protocol and optimisation shared by all algorithms.
 
     Args:
@@ -110,25 +101,6 @@ class RFTModule(Monitoring, L.LightningModule):
         self._tokenizer = None
         self.init_validation_metrics()
         self._pending_rng: dict[str, Any] | None = None  # restored when training starts
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "RFTModule":
-        """Lightning's ``load_from_checkpoint``, reading checkpoints of earlier option layouts too."""
-        return super().load_from_checkpoint(load_migrated(checkpoint_path), *args, **kwargs)
-
-    def option_group(self, name: str, value: Any, cls: type) -> Any:
-        """The group ``cls`` from an argument; a mapping changes only the fields it names of this
-        algorithm's default group (its signature's default, e.g. PPO's ``KLOptions(in_reward=True)``).
-
-        The resolved group replaces the argument in ``hparams`` (and so in checkpoints and loggers).
-        """
-        self._groups[name] = group = as_group(value, cls, name, signature_default(type(self), name))
-        return group
-
-    def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
-        """Lightning's, then the resolved option groups in place of the arguments as given."""
-        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
-        self.hparams.update(self._groups)
 
     def kl_estimators(self) -> list[str]:
         """The names ``kl.estimator`` may take (the registered KL estimators)."""
@@ -304,27 +276,6 @@ class RFTModule(Monitoring, L.LightningModule):
         # Evaluated here rather than in on_train_start so that training clocks do not count it.
         self.validate_before_training()
 
-    def on_train_start(self) -> None:
-        # A resumed run restores the random generators here, after the sanity check and any
-        # evaluation, right where the uninterrupted run was when the checkpoint was saved.
-        if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
-
-    # ---- checkpoints -----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = resume_state(self.faults)  # random generators, fault counters
-        # Option groups as plain mappings: the checkpoint loads with torch.load(weights_only=True)
-        # and without rftlab's classes; the constructors take the mappings back.
-        checkpoint["hyper_parameters"] = plain_options(checkpoint.get("hyper_parameters", {}))
-        if not self.strict_loading:  # only what trains (adapter, heads): frozen weights come from `policy`
-            keep = trainable_state_keys(self)
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng = restore_resume_state(self, checkpoint.get(CHECKPOINT_KEY))
-        if self.policy is not None:
-            check_trainable_weights(self, checkpoint["state_dict"])
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
