@@ -217,16 +217,6 @@ def policy_loss(
 POLICY_LOSSES.register("ppo_clip", policy_loss)
 
 
-def _check_clip_options(eps_low: float = 0.2, eps_high: float = 0.2, agg: str = "token-mean",
-                        dual_clip: float | None = None) -> None:
-    _check_clip_params(eps_low, eps_high, dual_clip)
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg={agg!r} is invalid: must be one of {', '.join(AGGREGATIONS.names())}")
-
-
-policy_loss.check_options = _check_clip_options
-
-
 @KL_ESTIMATORS.register("k1")
 def _kl_k1(d: Tensor) -> Tensor:
     return -d
