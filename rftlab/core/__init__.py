@@ -2,9 +2,11 @@
 
 Shapes: N sequences, T completion positions (right-padded), V vocabulary; ``mask`` is 1 on real
 completion tokens (EOS included). Variants are chosen by name from the registries: whole
-advantage estimators (``ADVANTAGE_ESTIMATORS``, ``register_advantage``), whole policy losses
-(``POLICY_LOSSES``, ``register_policy_loss``), and the smaller pieces (``AGGREGATIONS``,
-``ADVANTAGE_SCALES``, ``KL_ESTIMATORS``), to which users can add their own.
+advantage estimators (``ADVANTAGE_ESTIMATORS``, ``register_advantage``; RLOO, REINFORCE++ and ReMax
+in ``baselines``), whole policy losses (``POLICY_LOSSES``, ``register_policy_loss``; GSPO, CISPO,
+SAPO and GMPO in ``policy_losses``), rollout-correction modes (``ROLLOUT_CORRECTIONS``), and the
+smaller pieces (``AGGREGATIONS``, ``ADVANTAGE_SCALES``, ``KL_ESTIMATORS``), to which users can add
+their own.
 """
 
 from rftlab.core.advantages import (
@@ -17,6 +19,20 @@ from rftlab.core.advantages import (
     token_level_rewards,
     whiten,
 )
+from rftlab.core.baselines import (
+    discounted_returns,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    remax_advantages,
+    rloo_advantages,
+)
+from rftlab.core.correction import (
+    ROLLOUT_CORRECTIONS,
+    check_correction_options,
+    correction_gap_metrics,
+    correction_weights,
+)
+from rftlab.core.entropy import adaptive_entropy_coef, entropy_bonus_active, top_entropy_mask
 from rftlab.core.logprobs import entropy_from_logits, selective_log_softmax
 from rftlab.core.losses import (
     AGGREGATIONS,
@@ -31,6 +47,7 @@ from rftlab.core.losses import (
     value_loss,
 )
 from rftlab.core.masked import masked_mean, masked_sum, masked_var
+from rftlab.core.policy_losses import cispo_loss, gmpo_loss, gspo_loss, gspo_token_loss, sapo_loss
 from rftlab.core.registry import Registry, call_plugin, check_plugin_options
 from rftlab.core.shaping import overlong_penalty
 from rftlab.core.segments import (
@@ -52,6 +69,23 @@ from rftlab.core.segments import (
 )
 
 __all__ = [
+    "ROLLOUT_CORRECTIONS",
+    "adaptive_entropy_coef",
+    "check_correction_options",
+    "cispo_loss",
+    "correction_gap_metrics",
+    "correction_weights",
+    "discounted_returns",
+    "entropy_bonus_active",
+    "gmpo_loss",
+    "gspo_loss",
+    "gspo_token_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "remax_advantages",
+    "rloo_advantages",
+    "sapo_loss",
+    "top_entropy_mask",
     "SEGMENT_RATIO_MODES",
     "SEGMENT_WHITENING",
     "SegmentRewardParams",

@@ -9,7 +9,11 @@ where ``rewards`` are the (shaped) outcome rewards, groups are consecutive block
 ``group_size`` completions of one prompt, ``mask`` is 1 on the model's completion tokens, and the
 keyword options are the estimator's own (set by the user, e.g. ``scale``) or inputs an algorithm
 supplies when the estimator names them (PPO supplies ``values``, ``kl`` and ``kl_coef``).
-Register your own with ``@register_advantage("name")``.
+Register your own with ``@register_advantage("name")``. An estimator may declare
+``fn.min_group_size`` (the fewest completions per prompt it makes sense with, checked against the
+DataModule before sampling) and ``fn.needs_greedy_baseline`` (the DataModule then draws one greedy
+completion per prompt and supplies its reward as ``baseline_rewards``). More estimators (RLOO,
+REINFORCE++, ReMax) are in ``rftlab.core.baselines``.
 """
 
 from __future__ import annotations
@@ -249,6 +253,8 @@ def _check_grpo_options(scale: str = "group", eps: float = 1e-6) -> None:
 
 
 grpo_advantages.check_options = _check_grpo_options
+# Group-relative baselines need two completions of a prompt to compare.
+grpo_advantages.min_group_size = dr_grpo_advantages.min_group_size = 2
 
 
 def token_level_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
@@ -327,3 +333,4 @@ def _check_gae_options(gamma: float = 1.0, lam: float = 0.95) -> None:
 
 
 gae_advantages.check_options = _check_gae_options
+gae_advantages.min_group_size = 1  # the critic is the baseline: one completion per prompt is enough
