@@ -158,15 +158,19 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         """Hook for subclasses to add modules (value heads, critics) after the policy exists."""
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int,
-                 params: SamplingParams) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample completions with the current policy (protocol method used by the DataModule)."""
+                 params: SamplingParams) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Sample completions with the current policy (protocol method used by the DataModule).
+
+        Returns the protocol's three tensors and the sampler's log-probs of the sampled tokens
+        (``Rollout.sampler_logp``; None when greedy or when the backend does not report them).
+        """
         self.configure_model()
         eos = stop_token_ids(self.policy, self.tokenizer)
         # The sampling copy is taken before the cast cache swaps weights: it merges float32 ones.
         model = self.runtime.sampling_model(self.policy, self.global_step if self._trainer is not None else None)
         with self.precision_context(), self.runtime.kernels(model, sampling=True):
             return sample_completions(model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
-                                      params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id)
+                                      params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, logprobs=True)
 
     def precision_context(self) -> Any:
         """The Trainer's precision context (autocast under ``*-mixed``), cached weight casts, oneDNN linears."""

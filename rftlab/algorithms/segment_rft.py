@@ -182,7 +182,7 @@ class SegmentRFT(RFTModule):
         finally:
             self._evaluating = False
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int, params: SamplingParams) -> tuple[Tensor, Tensor, Tensor]:
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int, params: SamplingParams) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Training rollouts are sampled by pi_rollout; validation by the current policy."""
         if not (self.stale_rollouts and self._sampling_for_training()):
             return super().generate(prompt_ids, prompt_mask, num_generations, params)

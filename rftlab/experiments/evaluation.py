@@ -159,7 +159,7 @@ def _sampled_correct_counts(dm: RolloutDataModule, module: RFTModule, rows: list
         _, ids, mask = dm.encoder.encode([r["prompt"] for r in chunk], tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + b)
-            completion_ids, completion_mask, _ = module.generate(ids, mask, num_samples, dm.sampling)
+            completion_ids, completion_mask = module.generate(ids, mask, num_samples, dm.sampling)[:2]
         completion_ids = completion_ids.cpu().masked_fill(completion_mask.cpu() == 0, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         for j, row in enumerate(chunk):

@@ -20,10 +20,12 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from rftlab.core.arguments import check_init_arguments
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
@@ -435,12 +437,28 @@ class RolloutDataModule(L.LightningDataModule):
                       timing: dict) -> tuple[Rollout, dict[str, dict[str, int]]]:
         """One generation round: sample, decode, score and shape; also the rewards' error and timeout counts."""
         rows = self.next_prompt_rows(n_prompts)
-        tokenizer = module.tokenizer
-        prompts, prompt_ids, prompt_mask = self.encoder.encode([r["prompt"] for r in rows], tokenizer)
-        t0 = time.perf_counter()
+        prompts, prompt_ids, prompt_mask = self.encoder.encode([r["prompt"] for r in rows], module.tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._step_seed(f"sample-{round_index}"))
-            completion_ids, completion_mask, truncated = module.generate(prompt_ids, prompt_mask, G, self.sampling)
+            rollout, faults = self._scored_samples(module, rows, prompts, prompt_ids, prompt_mask, G, self.sampling, timing)
+        if getattr(module, "needs_greedy_baseline", False):
+            # ReMax (Li et al. 2023, arXiv 2310.10505): the greedy answer's reward is each prompt's baseline.
+            greedy, greedy_faults = self._scored_samples(module, rows, prompts, prompt_ids, prompt_mask, 1,
+                                                         replace(self.sampling, greedy=True), timing)
+            rollout.baseline_rewards = greedy.rewards.float().repeat_interleave(G)
+            for kind, counts in greedy_faults.items():
+                for name, count in counts.items():
+                    faults[kind][name] = faults[kind].get(name, 0) + count
+        return rollout, faults
+
+    def _scored_samples(self, module: RolloutModule, rows: list[dict], prompts: list[str], prompt_ids: Tensor,
+                        prompt_mask: Tensor, G: int, params: SamplingParams,
+                        timing: dict) -> tuple[Rollout, dict[str, dict[str, int]]]:
+        """G completions per prompt sampled with ``params``, decoded, scored and shaped, as a Rollout."""
+        tokenizer = module.tokenizer
+        t0 = time.perf_counter()
+        completion_ids, completion_mask, truncated, *extra = module.generate(prompt_ids, prompt_mask, G, params)
+        sampler_logp = extra[0] if extra else None  # modules implementing the 3-tuple protocol report none
         timing["generate"] += time.perf_counter() - t0
         self.generated_tokens += int(completion_mask.sum())
         completion_ids, completion_mask, truncated = completion_ids.cpu(), completion_mask.cpu(), truncated.cpu()
@@ -463,15 +481,16 @@ class RolloutDataModule(L.LightningDataModule):
             prompts=rep_prompts,
             completions=texts,
             rows=rep_rows,
-            temperature=self.sampling.temperature,
+            temperature=params.temperature,
             group_size=G,
-            max_new_tokens=self.sampling.max_new_tokens,
+            max_new_tokens=params.max_new_tokens,
             policy_version=int(module.global_step),
+            sampler_logp=sampler_logp.float().cpu() if sampler_logp is not None else None,
         )
         # Algorithm-specific shaping (e.g. DAPO's overlong penalty) happens before dynamic sampling
         # looks at the group variance, so the filter sees the rewards the advantages will use.
         rollout.rewards = module.shape_rewards(rollout)
-        return rollout, {"reward_errors": scored.errors, "reward_timeouts": getattr(scored, "timeouts", {})}
+        return rollout, {"reward_errors": dict(scored.errors), "reward_timeouts": dict(getattr(scored, "timeouts", {}))}
 
     def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float],
                          errors: dict[str, dict[str, int]]) -> dict[str, float]:
@@ -489,6 +508,8 @@ class RolloutDataModule(L.LightningDataModule):
             "timing/reward": timing["reward"],
             "tokens_per_second/generate": lengths.sum().item() / max(timing["generate"], 1e-9),
         }
+        if rollout.baseline_rewards is not None:
+            metrics["reward/greedy_mean"] = rollout.baseline_rewards.mean().item()
         for j, name in enumerate(rollout.reward_names):
             column = rollout.rewards_per_fn[:, j]
             finite = column[~torch.isnan(column)]

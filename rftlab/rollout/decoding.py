@@ -70,11 +70,35 @@ def next_tokens(logits: Tensor, params: SamplingParams) -> Tensor:
     rows of SmolLM2's 49k-token vocabulary that was ~7 ms per decoded token on a CPU, a tenth of
     the whole decode step. Same distribution, a different stream of random numbers.
     """
+    return sample_next(logits, params, logprobs=False)[0]
+
+
+def sample_next(logits: Tensor, params: SamplingParams, logprobs: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The next tokens (as ``next_tokens``) and, when sampling, their log-probs under the sampler.
+
+    The log-prob is ``log_softmax(logits / temperature)`` at the sampled token, before top-k/top-p
+    filtering: the quantity the trainer computes for the same token, so the two can be compared
+    (rollout correction). Greedy decoding returns None.
+
+    Args:
+        logits: (N, V) next-token logits.
+        params: sampling parameters.
+        logprobs: also return the log-probs (one extra exp pass over the vocabulary).
+
+    Returns:
+        ``(tokens (N,), logprobs (N,) float32 or None)``.
+    """
     if params.greedy:
-        return logits.argmax(-1)
-    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+        return logits.argmax(-1), None
+    scaled = logits.float() / params.temperature
+    filtered = filter_logits(scaled, params.top_k, params.top_p)
     uniform = torch.rand(scaled.shape[0], dtype=torch.float64, device=scaled.device)
-    return inverse_cdf(scaled.softmax(-1), uniform)
+    if not logprobs:
+        return inverse_cdf(filtered.softmax(-1), uniform), None
+    # exp(filtered - lse) is the filtered softmax times a per-row constant; inverse_cdf normalises.
+    lse = scaled.logsumexp(-1, keepdim=True)
+    token = inverse_cdf((filtered - lse).exp(), uniform)
+    return token, (scaled.gather(-1, token.unsqueeze(-1)) - lse).squeeze(-1)
 
 
 def decode(
@@ -85,7 +109,8 @@ def decode(
     params: SamplingParams,
     eos_token_ids: list[int],
     pad_token_id: int,
-) -> Tensor:
+    logprobs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """Sample ``num_generations`` continuations of each prompt; returns (B*G, T) tokens.
 
     Rows are grouped by prompt (row ``b * G + g``). After a row's EOS the rest of the row is
@@ -100,6 +125,8 @@ def decode(
         params: sampling parameters.
         eos_token_ids: ids that end a completion.
         pad_token_id: filler after EOS.
+        logprobs: also return the (B*G, T) float32 log-probs of the sampled tokens (``sample_next``;
+            0 after the EOS, None when greedy).
     """
     from transformers import DynamicCache
 
@@ -118,12 +145,16 @@ def decode(
     next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1
     N = prompt_ids.shape[0] * G
     tokens = torch.full((N, params.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    record = logprobs and not params.greedy
+    token_logps = torch.zeros((N, params.max_new_tokens), dtype=torch.float32, device=device) if record else None
     rows = torch.arange(N, device=device)  # which output rows are still being decoded
     eos = torch.tensor(eos_token_ids, device=device)
     length = 0
     for step in range(params.max_new_tokens):
-        token = next_tokens(logits, params)
+        token, logp = sample_next(logits, params, logprobs=record)
         tokens[rows, step] = token
+        if record:
+            token_logps[rows, step] = logp
         length = step + 1
         running = ~torch.isin(token, eos)
         if step == params.max_new_tokens - 1 or not running.any():
@@ -139,4 +170,6 @@ def decode(
         cache = out.past_key_values
         logits = out.logits[:, -1]
         next_position = next_position + 1
-    return tokens[:, :length]
+    if not logprobs:
+        return tokens[:, :length]
+    return tokens[:, :length], (token_logps[:, :length] if record else None)

@@ -43,7 +43,7 @@ def score_answers(datamodule: Any, module: Any, rows: Sequence[dict[str, Any]], 
     tokenizer = module.tokenizer
     texts, ids, mask = datamodule.encoder.encode([r["prompt"] for r in rows], tokenizer)
     start = time.perf_counter()
-    completion_ids, completion_mask, _ = module.generate(ids, mask, 1, params)
+    completion_ids, completion_mask = module.generate(ids, mask, 1, params)[:2]
     seconds = time.perf_counter() - start
     completion_ids, completion_mask = completion_ids.cpu(), completion_mask.cpu()
     answers = tokenizer.batch_decode(

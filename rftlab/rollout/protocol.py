@@ -54,7 +54,9 @@ class RolloutModule(Protocol):
 
         Returns:
             ``(completion_ids, completion_mask, truncated)``: (B*G, T) right-padded tokens, (B*G, T)
-            mask up to and including the first EOS, (B*G,) bool no EOS within the budget.
+            mask up to and including the first EOS, (B*G,) bool no EOS within the budget; optionally
+            a fourth item, the sampler's (B*G, T) log-probs of the sampled tokens or None
+            (``Rollout.sampler_logp``, used by rollout correction).
         """
 
     def shape_rewards(self, rollout: Rollout) -> Tensor:

@@ -54,6 +54,12 @@ class Rollout:
         num_updates: optimizer steps that will consume this rollout (num_iterations x minibatches);
             when 1, the sampling policy IS the trained one and old log-probs need no extra forward.
         old_logp: (N, T) float, log-probs of the sampling policy (filled by ``score_rollout``).
+        sampler_logp: (N, T) float, log-probs of the sampled tokens as the sampler computed them
+            (temperature-scaled, before top-p/top-k), 0 on padding; differs from the trainer's when
+            the sampler runs another precision or engine (``forward.sampling_dtype``, vLLM). None
+            when the sampler does not report them (greedy decoding, the "hf" backend).
+        baseline_rewards: (N,) float, the reward of the greedy completion of each row's prompt,
+            drawn by the DataModule when the algorithm asks for it (ReMax's baseline).
         ref_logp: (N, T) float, log-probs of the reference policy (when a KL term is used).
         values: (N, T) float, critic values at rollout time (PPO-style algorithms).
         advantages: (N, T) float, per-token advantages.
@@ -89,6 +95,8 @@ class Rollout:
     policy_version: int = 0
     num_updates: int = 1
     old_logp: Tensor | None = _field("token", default=None)
+    sampler_logp: Tensor | None = _field("token", default=None)
+    baseline_rewards: Tensor | None = _field("seq", default=None)
     ref_logp: Tensor | None = _field("token", default=None)
     values: Tensor | None = _field("token", default=None)
     advantages: Tensor | None = _field("token", default=None)

@@ -159,7 +159,8 @@ def sample_completions(
     params: SamplingParams,
     eos_token_ids: list[int],
     pad_token_id: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+    logprobs: bool = False,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Sample ``num_generations`` completions per prompt with the KV cache.
 
     Args:
@@ -170,25 +171,36 @@ def sample_completions(
         params: sampling parameters.
         eos_token_ids: ids that end a completion (none with ``params.ignore_eos``).
         pad_token_id: id written after the EOS.
+        logprobs: also return the sampler's log-probs of the sampled tokens (temperature-scaled,
+            before top-p/top-k; 0 on padding): the rftlab and hf backends report them; greedy
+            decoding and the vLLM backend give None.
 
     Returns:
-        (completion_ids, completion_mask, truncated): (B*G, T), (B*G, T), (B*G,).
+        (completion_ids, completion_mask, truncated): (B*G, T), (B*G, T), (B*G,); with ``logprobs``
+        a fourth item, (B*G, T) float32 or None.
     """
     stops = [] if params.ignore_eos else list(eos_token_ids)
+    token_logps = None
     if params.backend == "rftlab":
         from rftlab.rollout.decoding import decode
 
         with sampling_mode(model):
-            completion_ids = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
+            out = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id, logprobs=logprobs)
+        completion_ids, token_logps = out if logprobs else (out, None)
     elif params.backend == "vllm":
         from rftlab.rollout.vllm_backend import vllm_generate
 
         completion_ids = vllm_generate(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
     else:
-        completion_ids = _hf_generate(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
+        completion_ids, token_logps = _hf_generate(model, prompt_ids, prompt_mask, num_generations, params, stops,
+                                                   pad_token_id, logprobs)
     mask, truncated = completion_mask_from_eos(completion_ids, stops)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
-    return completion_ids, mask, truncated
+    if not logprobs:
+        return completion_ids, mask, truncated
+    if token_logps is not None:
+        token_logps = torch.where(mask != 0, token_logps, torch.zeros((), dtype=token_logps.dtype, device=token_logps.device))
+    return completion_ids, mask, truncated, token_logps
 
 
 def _hf_generate(
@@ -199,8 +211,13 @@ def _hf_generate(
     params: SamplingParams,
     eos_token_ids: list[int],
     pad_token_id: int,
-) -> Tensor:
-    """Completion tokens from transformers' ``generate`` (the reference backend)."""
+    logprobs: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Completion tokens from transformers' ``generate`` (the reference backend), and their log-probs.
+
+    The log-probs are ``log_softmax(raw logits / temperature)`` at the sampled tokens (from
+    ``output_logits``, before the warpers), or None when not asked for or greedy.
+    """
     from transformers import GenerationConfig
 
     config = generation_config(params, num_generations, eos_token_ids, pad_token_id)
@@ -208,9 +225,16 @@ def _hf_generate(
     saved_config = lm.generation_config
     # The model's own generation_config may carry min_p, suppress_tokens, ...; hide it while sampling.
     lm.generation_config = GenerationConfig(pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids) or None)
+    record = logprobs and not params.greedy
     try:
         with sampling_mode(model):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 return_dict_in_generate=record, output_logits=record)
     finally:
         lm.generation_config = saved_config
-    return out[:, prompt_ids.shape[1] :]
+    if not record:
+        return out[:, prompt_ids.shape[1] :], None
+    completion_ids = out.sequences[:, prompt_ids.shape[1] :]
+    scaled = torch.stack(out.logits, dim=1).float() / params.temperature  # (N, T, V)
+    logps = scaled.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+    return completion_ids, logps

@@ -221,8 +221,8 @@ def test_critic_adapter_never_changes_the_policy(vary_reward):
     assert torch.equal(logits_before, logits_after), "policy forward must use the policy adapter only"
     assert not torch.allclose(values_before, values_after)
     assert module.policy.active_adapter == "default"
-    ids, _, _ = module.generate(rollout.prompt_ids[:1], rollout.prompt_mask[:1], 1,
-                                make_dm(vary_reward).sampling)
+    ids = module.generate(rollout.prompt_ids[:1], rollout.prompt_mask[:1], 1,
+                                make_dm(vary_reward).sampling)[0]
     assert module.policy.active_adapter == "default" and ids.shape[0] == 1
     # one loss trains both adapters: the policy's through the PPO loss, the critic's through the value loss
     module.zero_grad()
