@@ -140,7 +140,7 @@ variants:
   - {{name: grpo, algorithm: rftlab.GRPO}}
   - name: mine
     algorithm: rftlab.GRPO
-    model: {{advantage: test_leave_one_out, loss: {{name: test_clipped_reinforce}}, clip: {{eps_high: 0.3}}}}
+    model: {{advantage: test_leave_one_out, loss: {{name: test_clipped_reinforce}}, optim: {{warmup_steps: 1}}}}
 """)
     os.environ.setdefault("WANDB_MODE", "offline")
     main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out")])

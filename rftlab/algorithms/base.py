@@ -55,8 +55,10 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
     prefers_dynamic_sampling: bool = False
     #: Whether the module trains on reference completions (``SFTDataModule``) rather than its own samples.
     trains_on_references: bool = False
-    #: Whether ``kl.in_reward`` and ``kl.target`` mean something to this algorithm (PPO).
+    #: Whether ``kl.in_reward`` means something to this algorithm (GRPO's family, PPO).
     kl_in_reward_supported: bool = False
+    #: Whether ``kl.target`` (an adaptive KL coefficient) means something to this algorithm (PPO).
+    kl_target_supported: bool = False
 
     def __init__(
         self,
@@ -86,7 +88,8 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         _require(beta >= 0, "beta", beta, ">= 0")
         check_optimizer(self.optim_options.optimizer, "optim.optimizer")
         self.kl_options.check_for(type(self).__name__, self.kl_estimators(), self.kl_in_reward_supported,
-                                  has_reference=self.policy_spec.lora or beta > 0)
+                                  has_reference=self.policy_spec.lora or beta > 0,
+                                  target_supported=self.kl_target_supported)
         _require(self.forward_options.sampling_dtype is None or self.policy_spec.quantization == "none",
                  "forward.sampling_dtype", self.forward_options.sampling_dtype,
                  f"None with policy.quantization={self.policy_spec.quantization!r} (a quantized base has no weights to copy)")

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from rftlab.core.correction import CORRECTION_DEFAULTS, check_correction_options
 from rftlab.core.options import OptionGroup, as_group
 from rftlab.core.segments import SEGMENT_RATIO_MODES, SegmentRewardParams
 
@@ -54,7 +55,8 @@ class KLOptions(OptionGroup):
             2020) or a name registered in ``rftlab.core.KL_ESTIMATORS``; SegmentRFT also takes
             "exact" (summed over the vocabulary).
         in_reward: put ``beta * k1`` per token into the reward (classic RLHF PPO, Ziegler et al.
-            2019, eq. 2) instead of a loss term; PPO only.
+            2019, eq. 2; REINFORCE++) instead of a loss term; for advantage estimators that take the
+            KL ("gae", "reinforce_pp", "reinforce_pp_baseline").
         target: adapt the coefficient towards this KL per sequence (Ziegler et al. 2019, sec. 2.2;
             starts from ``beta``); None keeps ``beta`` fixed; PPO only.
         horizon: horizon of the adaptive controller, in sequences.
@@ -75,19 +77,22 @@ class KLOptions(OptionGroup):
         self.require(self.horizon >= 1, "horizon", ">= 1")
         self.require(self.log_every is None or self.log_every >= 1, "log_every", ">= 1 or None")
 
-    def check_for(self, algorithm: str, estimators: list[str], in_reward_supported: bool, has_reference: bool) -> None:
+    def check_for(self, algorithm: str, estimators: list[str], in_reward_supported: bool, has_reference: bool,
+                  target_supported: bool = False) -> None:
         """Checks that need the algorithm: its estimators, whether it puts the KL in the reward, a reference.
 
         Args:
             algorithm: the algorithm's class name, for messages.
             estimators: the estimator names it accepts.
-            in_reward_supported: whether ``in_reward`` and ``target`` mean something to it (PPO).
+            in_reward_supported: whether ``in_reward`` means something to it (GRPO's family, PPO).
             has_reference: whether a reference policy is kept (LoRA, or beta > 0).
+            target_supported: whether ``target`` (the adaptive coefficient) means something to it (PPO).
         """
         self.require(self.estimator in estimators, "estimator", f"one of {', '.join(estimators)}")
-        for name, default in (("in_reward", False), ("target", None)):
-            self.require(in_reward_supported or getattr(self, name) == default, name,
-                         f"{default!r} for {algorithm} (PPO's option)")
+        for name, default, supported, owner in (("in_reward", False, in_reward_supported, "GRPO's and PPO's"),
+                                                ("target", None, target_supported, "PPO's")):
+            self.require(supported or getattr(self, name) == default, name,
+                         f"{default!r} for {algorithm} ({owner} option)")
         self.require(self.log_every is None or has_reference, "log_every",
                      "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
 
@@ -198,18 +203,63 @@ class AdvantageSpec(OptionGroup):
 
 
 @dataclass(frozen=True)
+class CorrectionOptions(OptionGroup):
+    """Rollout correction: reweight each token by how far the trainer's policy is from the sampler's.
+
+    When the sampler's log-probs differ from the trainer's (a bfloat16 sampling copy, another
+    engine), the rollout is slightly off-policy. With ``d = old_logp - sampler_logp`` per token,
+    each token's advantage is multiplied by a no-grad weight of ``exp(d)``, truncated or masked
+    (``rftlab.core.correction``); the gap itself is logged whenever the sampler reports log-probs.
+
+    Attributes:
+        mode: "none" (log the gap only), "token_truncate" (truncated importance sampling),
+            "token_mask" (masked importance sampling), "sequence_truncate", "sequence_mask",
+            "icepop" (two-sided token mask), or a name registered in
+            ``rftlab.core.ROLLOUT_CORRECTIONS``.
+        cap: > 0, the truncation (or masking) threshold of the truncate and mask modes.
+        low: in (0, 1], IcePop's lower bound on the token ratio.
+        high: >= 1, IcePop's upper bound on the token ratio.
+    """
+
+    group: ClassVar[str] = "loss.correction"
+    mode: str = "none"
+    cap: float = CORRECTION_DEFAULTS["cap"]
+    low: float = CORRECTION_DEFAULTS["low"]
+    high: float = CORRECTION_DEFAULTS["high"]
+
+    def validate(self) -> None:
+        check_correction_options(self.mode, self.cap, self.low, self.high, where=self.group)
+
+
+@dataclass(frozen=True)
 class LossSpec(OptionGroup):
     """Which policy loss, how it is aggregated, and the terms around it; unset (None) fields are the algorithm's.
 
+    Entropy masking and rollout correction act on the per-token advantages (a token's advantage is
+    multiplied by its 0/1 mask or its weight), which scales each token's loss term exactly for
+    every loss linear in the advantage (all the built-ins); the KL term is left as it is.
+
     Attributes:
-        name: a name registered in ``rftlab.core.POLICY_LOSSES`` ("ppo_clip", or yours, registered
-            with ``rftlab.core.register_policy_loss``); None: "ppo_clip".
+        name: a name registered in ``rftlab.core.POLICY_LOSSES`` ("ppo_clip", "gspo",
+            "gspo_token", "cispo", "sapo", "gmpo", or yours, registered with
+            ``rftlab.core.register_policy_loss``); None: "ppo_clip".
         agg: aggregation over tokens of the policy loss and the KL term: "seq-mean-token-mean"
             (GRPO), "token-mean" (DAPO, PPO), "seq-mean-token-sum", "seq-mean-token-sum-norm"
             (Dr. GRPO), or a name registered in ``rftlab.core.AGGREGATIONS``; None: the algorithm's.
         mask_truncated: truncated completions (no EOS) carry no loss (DAPO's overlong filtering);
             None: False.
-        entropy_coef: >= 0, weight of an entropy bonus (0: entropy is only logged); None: 0.
+        entropy_coef: >= 0, weight of an entropy bonus (0: entropy is only logged); the starting
+            value when ``entropy_target`` is set; None: 0.
+        entropy_target: adapt the entropy coefficient after every step so the policy's mean token
+            entropy tracks this value, and apply the bonus only while the entropy is at or below it
+            (Skywork-OR1's adaptive entropy control, arXiv 2505.22312, sec. 3.3); None: fixed.
+        entropy_step: > 0, the coefficient's change per step when adapting; None: 1e-4 (Skywork-OR1's
+            released scripts, with target 0.2 and the coefficient bounded by 0.005).
+        entropy_max_coef: upper bound of the adapted coefficient; None: no bound.
+        top_entropy_quantile: in (0, 1], train only on this top fraction of the batch's tokens by
+            entropy (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939, keep 0.2);
+            None: 1.0, every token.
+        correction: rollout correction (``CorrectionOptions``); None: mode "none".
         options: the loss's own keyword options, checked against its signature.
     """
 
@@ -218,15 +268,31 @@ class LossSpec(OptionGroup):
     agg: str | None = None
     mask_truncated: bool | None = None
     entropy_coef: float | None = None
+    entropy_target: float | None = None
+    entropy_step: float | None = None
+    entropy_max_coef: float | None = None
+    top_entropy_quantile: float | None = None
+    correction: CorrectionOptions | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.correction, Mapping):  # errors name "loss.correction.<field>"
+            object.__setattr__(self, "correction", as_group(self.correction, CorrectionOptions))
+        super().__post_init__()
 
     def validate(self) -> None:
         self.require(self.entropy_coef is None or self.entropy_coef >= 0, "entropy_coef", ">= 0")
+        self.require(self.entropy_target is None or self.entropy_target >= 0, "entropy_target", "None or >= 0")
+        self.require(self.entropy_step is None or self.entropy_step > 0, "entropy_step", "None or > 0")
+        self.require(self.entropy_max_coef is None or self.entropy_max_coef >= 0, "entropy_max_coef", "None or >= 0")
+        self.require(self.top_entropy_quantile is None or 0 < self.top_entropy_quantile <= 1,
+                     "top_entropy_quantile", "None or in (0, 1] (the kept fraction of tokens)")
 
 
 #: What unset fields of an algorithm's own default specs mean.
 SPEC_FALLBACKS = {AdvantageSpec: AdvantageSpec(name="grpo"),
-                  LossSpec: LossSpec(name="ppo_clip", agg="seq-mean-token-mean", mask_truncated=False, entropy_coef=0.0)}
+                  LossSpec: LossSpec(name="ppo_clip", agg="seq-mean-token-mean", mask_truncated=False, entropy_coef=0.0,
+                                     entropy_step=1e-4, top_entropy_quantile=1.0, correction=CorrectionOptions())}
 
 
 def resolve_spec(value: Any, default: Any, cls: type) -> Any:

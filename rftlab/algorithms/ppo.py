@@ -88,9 +88,9 @@ class PPO(GRPO):
         **kwargs: ``RFTModule`` options (policy, lora, lr, beta, forward, optim, clip, log).
     """
 
-    advantage_inputs = ("values", "kl", "kl_coef")
+    advantage_inputs = ("values", "kl", "kl_coef", "baseline_rewards")
     min_group_size = 1
-    kl_in_reward_supported = True
+    kl_target_supported = True
 
     def __init__(
         self,
@@ -193,15 +193,8 @@ class PPO(GRPO):
         rollout.old_logp = torch.cat(logps) if need_logp else None
         return rollout
 
-    def _rollout_kl(self, rollout: Rollout) -> Tensor | None:
-        # log pi_old - log pi_ref per token (k1), for the reward and the adaptive controller
-        if self.needs_reference and rollout.old_logp is not None:
-            return kl_penalty(rollout.old_logp, rollout.ref_logp, kind="k1")
-        return None
-
     def advantage_context(self, rollout: Rollout) -> dict[str, Any]:
-        kl = self._rollout_kl(rollout)
-        return {"values": rollout.values, "kl": kl if self.kl_options.in_reward else None, "kl_coef": self.kl_coef}
+        return {**super().advantage_context(rollout), "values": rollout.values}
 
     def transform_advantages(self, rollout: Rollout, advantages: Tensor) -> Tensor:
         """Value targets ``returns = A + V`` from the raw advantages; whitened advantages (critic option)."""
@@ -216,8 +209,6 @@ class PPO(GRPO):
         # Raw advantage statistics: after whitening they would be 0 and 1 by construction.
         m["advantages/mean"] = masked_mean(advantages, mask).item()
         m["advantages/std"] = masked_var(advantages, mask).sqrt().item()
-        if self.kl_options.in_reward and kl is not None:
-            m["reward/kl_penalty"] = (coef * masked_sum(kl, mask, dim=-1)).mean().item()
         if self.kl_controller is not None:
             m["kl_coef"] = coef
             if kl is not None:
@@ -228,12 +219,6 @@ class PPO(GRPO):
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
-
-    def _mean_across_processes(self, value: Tensor) -> float:
-        # Every process must apply the same KL coefficient update.
-        if self._world_size() > 1:
-            value = self.trainer.strategy.reduce(value, reduce_op="mean")
-        return float(value)
 
     # ---- training --------------------------------------------------------------------------
     def compute_loss(self, batch: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
