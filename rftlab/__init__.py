@@ -6,6 +6,7 @@ from rftlab.algorithms import (
     PPO,
     AdvantageSpec,
     ClipOptions,
+    CorrectionOptions,
     CriticOptions,
     KLOptions,
     LogOptions,
@@ -23,6 +24,6 @@ from rftlab.rollout import Rollout, RolloutDataModule
 __version__ = "0.1.0"
 __all__ = [
     "DAPO", "GRPO", "PPO", "RFTModule", "Rollout", "RolloutDataModule", "SFT", "SFTDataModule", "SegmentRFT",
-    "AdvantageSpec", "ClipOptions", "CriticOptions", "ForwardOptions", "KLOptions", "LogOptions", "LossSpec",
-    "OptimOptions", "OverlongOptions", "PolicySpec", "SegmentOptions", "__version__",
+    "AdvantageSpec", "ClipOptions", "CorrectionOptions", "CriticOptions", "ForwardOptions", "KLOptions", "LogOptions",
+    "LossSpec", "OptimOptions", "OverlongOptions", "PolicySpec", "SegmentOptions", "__version__",
 ]

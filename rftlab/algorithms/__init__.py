@@ -6,6 +6,7 @@ from rftlab.algorithms.grpo import GRPO
 from rftlab.algorithms.options import (
     AdvantageSpec,
     ClipOptions,
+    CorrectionOptions,
     CriticOptions,
     KLOptions,
     LogOptions,
@@ -18,6 +19,6 @@ from rftlab.algorithms.ppo import PPO
 from rftlab.algorithms.segment_rft import SegmentRFT
 
 __all__ = [
-    "DAPO", "GRPO", "PPO", "RFTModule", "SegmentRFT", "AdvantageSpec", "ClipOptions", "CriticOptions", "KLOptions",
-    "LogOptions", "LossSpec", "OptimOptions", "OverlongOptions", "SegmentOptions",
+    "DAPO", "GRPO", "PPO", "RFTModule", "SegmentRFT", "AdvantageSpec", "ClipOptions", "CorrectionOptions",
+    "CriticOptions", "KLOptions", "LogOptions", "LossSpec", "OptimOptions", "OverlongOptions", "SegmentOptions",
 ]

@@ -12,14 +12,12 @@ GRPO's pieces with other defaults (and, for PPO, a critic).
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
-
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from rftlab.algorithms.base import RFTModule, _require
 from rftlab.algorithms.options import AdvantageSpec, ClipOptions, LossSpec, resolve_spec
@@ -120,6 +118,10 @@ class GRPO(RFTModule):
         _require(G >= need, "num_generations", G,
                  f">= {need} for {type(self).__name__} with advantage {self.advantage_spec.name!r} "
                  "(its baseline compares completions of the same prompt)")
+        backend = datamodule.sampling.backend
+        _require(self.loss_spec.correction.mode == "none" or backend != "vllm", "loss.correction.mode",
+                 self.loss_spec.correction.mode,
+                 f"'none' with sampler_backend={backend!r} (it does not report the sampler's log-probs yet)")
 
     # ---- advantages ------------------------------------------------------------------------
     def record_sampling_state(self, rollout: Rollout) -> Rollout:
@@ -182,6 +184,10 @@ class GRPO(RFTModule):
             old_logp: (N, T) the trainer's log-probs of the sampling policy.
             entropy: (N, T) detached token entropies, needed with ``loss.top_entropy_quantile < 1``.
             mask: (N, T) the loss mask.
+
+        Returns:
+            ``(advantages, metrics)``: (N, T) advantages and the detached ``rollout_correction/*``
+            and ``entropy/kept_*`` metrics.
         """
         spec, metrics = self.loss_spec, {}
         advantages = batch.advantages

@@ -198,3 +198,15 @@ def test_bfloat16_sampling_copy_shows_a_gap_and_correction_reweights(tmp_path, v
     # cap 1: every token whose trainer probability exceeds the sampler's is truncated
     assert max(logged["rollout_correction/corrected_share"]) > 0
     assert max(logged["rollout_correction/weight_mean"]) <= 1.0
+
+
+def test_correction_is_refused_with_a_sampler_that_reports_no_log_probs(monkeypatch):
+    from rftlab.rollout import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "vllm_installed", lambda: True)  # pretend vllm and a GPU exist
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    module = GRPO(policy="tiny", loss={"correction": {"mode": "token_truncate"}})
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), sampler_backend="vllm").attach(module)
+    with pytest.raises(ValueError, match="loss.correction.mode='token_truncate' is invalid: must be 'none' with "
+                                         "sampler_backend='vllm'"):
+        dm.build_rollout()
