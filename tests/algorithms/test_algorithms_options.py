@@ -49,7 +49,7 @@ INVALID = [
     (GRPO, "optim", {"max_nonfinite_steps": 0}, "optim.max_nonfinite_steps=0"),
     (GRPO, "kl", {"estimator": "k9"}, "kl.estimator='k9'"),
     (GRPO, "kl", {"estimator": "exact"}, "kl.estimator='exact'"),  # SegmentRFT only
-    (GRPO, "kl", {"in_reward": True}, "kl.in_reward=True"),  # PPO only
+    (GRPO, "kl", {"in_reward": True}, "kl.in_reward=True"),  # "grpo" takes no KL (reinforce_pp does)
     (GRPO, "kl", {"target": 6.0}, "kl.target=6.0"),  # PPO only
     (PPO, "kl", {"target": -1.0}, "kl.target=-1.0"),
     (GRPO, "kl", {"horizon": 0}, "kl.horizon=0"),
@@ -68,6 +68,15 @@ INVALID = [
     (GRPO, "loss", "nope", "loss.name='nope'"),
     (GRPO, "loss", {"agg": "median"}, "loss.agg='median'"),
     (GRPO, "loss", {"entropy_coef": -1.0}, "loss.entropy_coef=-1.0"),
+    (GRPO, "loss", {"entropy_target": -1.0}, "loss.entropy_target=-1.0"),
+    (GRPO, "loss", {"entropy_step": 0.0}, "loss.entropy_step=0.0"),
+    (GRPO, "loss", {"entropy_max_coef": -1.0}, "loss.entropy_max_coef=-1.0"),
+    (GRPO, "loss", {"top_entropy_quantile": 0.0}, "loss.top_entropy_quantile=0.0"),
+    (GRPO, "loss", {"correction": {"mode": "tis"}}, "loss.correction.mode='tis'"),
+    (GRPO, "loss", {"correction": {"cap": 0.0}}, "loss.correction.cap=0.0"),
+    (GRPO, "loss", {"correction": {"low": 1.5}}, "loss.correction.low=1.5"),
+    (GRPO, "loss", {"correction": {"high": 0.5}}, "loss.correction.high=0.5"),
+    (GRPO, "loss", {"correction": {"bogus": 1}}, "loss.correction.bogus"),
     (GRPO, "loss", {"options": {"eps_low": 0.1}}, "loss.options.eps_low is invalid: 'eps_low' is supplied"),
     (DAPO, "overlong", {"buffer_len": -1}, "overlong.buffer_len=-1"),
     (DAPO, "overlong", {"buffer_len": 8, "max_len": 8}, "overlong.buffer_len=8"),
