@@ -354,9 +354,11 @@ def plot_comparison(runs: Sequence[RunResult], path: str | Path, title: str = ""
                 labels.append(lab)
     seeds = sorted({r.seed for r in runs})
     fig.suptitle((title + "\n" if title else "") + f"mean over seeds {seeds}, band = ±1 std", fontsize=14)
-    fig.legend(handles, labels, loc="upper right", ncol=min(len(labels), 6), fontsize=11, frameon=False,
-               bbox_to_anchor=(0.99, 0.995))
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    # Below the panels, in as many rows as it needs: a long legend above them covered the title.
+    ncol = max(1, min(len(labels), 5))
+    legend_rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=11, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.035 * legend_rows + 0.01, 1, 0.94))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
