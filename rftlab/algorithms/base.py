@@ -280,6 +280,7 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
     def on_fit_start(self) -> None:
         if self.log_options.every_n_steps is not None:
             self.trainer.log_every_n_steps = self.log_options.every_n_steps
+        self.warn_if_nothing_is_saved()
         # Evaluated here rather than in on_train_start so that training clocks do not count it.
         self.validate_before_training()
 

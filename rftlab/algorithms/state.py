@@ -41,6 +41,28 @@ class ModuleState:
         super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
         self.hparams.update(self._groups)
 
+    def warn_if_nothing_is_saved(self) -> None:
+        """Warn at the start of ``fit`` when no checkpoint will be written before training ends.
+
+        Lightning's default ``ModelCheckpoint`` saves at the end of an epoch, and an RL epoch is a
+        pass over the prompts: a run shorter than that ends without a checkpoint, and nothing says so.
+        """
+        trainer = self.trainer
+        savers = trainer.checkpoint_callbacks
+        if any(getattr(c, "_every_n_train_steps", 0) or getattr(c, "_train_time_interval", None) for c in savers):
+            return
+        epoch = getattr(trainer.datamodule, "steps_per_epoch", None) if trainer.datamodule is not None else None
+        if savers and epoch is not None and (trainer.max_steps < 0 or epoch <= trainer.max_steps):
+            return  # an epoch ends within max_steps: the epoch-end checkpoint is written
+        why = ("no checkpoint callback is configured" if not savers else
+               f"the checkpoint callback saves at epoch ends and an epoch is {epoch} steps, more than "
+               f"max_steps={trainer.max_steps}")
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"this run will write no checkpoint: {why}. Add "
+                       "rftlab.callbacks.ResumableCheckpoint(dirpath=..., every_n_train_steps=10) to the Trainer's "
+                       "callbacks (rftlab fit adds one unless the config lists its own)")
+
     def on_train_start(self) -> None:
         # A resumed run restores the random generators here, after the sanity check and any
         # evaluation, right where the uninterrupted run was when the checkpoint was saved.

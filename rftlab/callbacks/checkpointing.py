@@ -154,7 +154,10 @@ class ResumableCheckpoint(ModelCheckpoint):
                  save_top_k: int = 0, **kwargs: Any) -> None:
         if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps={every_n_train_steps!r} is invalid: must be an integer >= 1")
-        kwargs.setdefault("save_last", True)
+        # None too: LightningCLI passes every ModelCheckpoint argument, so YAML gives save_last=None
+        # explicitly, and a setdefault would leave this callback saving nothing.
+        if kwargs.get("save_last") is None:
+            kwargs["save_last"] = True
         super().__init__(dirpath=dirpath, filename=filename, every_n_train_steps=every_n_train_steps,
                          save_top_k=save_top_k, **kwargs)
 

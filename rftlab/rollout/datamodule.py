@@ -211,6 +211,17 @@ class RolloutDataModule(L.LightningDataModule):
         self.generated_tokens = 0  # every sampled completion token, including dropped groups
         self._queue: list[Rollout] = []
 
+    def __repr__(self) -> str:
+        # Lightning's DataModule __str__ builds the dataloaders, which need a policy; describe the settings instead.
+        task = getattr(self.task, "name", type(self.task).__name__)
+        return (f"{type(self).__name__}(task={task!r}, prompts_per_step={self.prompts_per_step}, "
+                f"num_generations={self.num_generations}, num_iterations={self.num_iterations}, "
+                f"num_minibatches={self.num_minibatches}, max_new_tokens={self.sampling.max_new_tokens}, "
+                f"temperature={self.sampling.temperature}, dynamic_sampling={self._dynamic_sampling}, "
+                f"rewards={list(self.rewards.names)}, seed={self.seed})")
+
+    __str__ = __repr__
+
     # ---- protocol with the LightningModule -------------------------------------------------
     def attach(self, module: Any) -> "RolloutDataModule":
         """Use ``module`` as the policy without a Trainer (tests, notebooks, evaluation scripts)."""

@@ -178,3 +178,15 @@ def test_reward_errors_and_timeouts_are_counted_in_the_rollout_metrics(tiny_grpo
     metrics = dm.build_rollout().metrics
     assert metrics["reward/slow/timeouts"] == 2.0
     assert metrics["reward/mean"] == 0.0
+
+
+def test_str_and_repr_describe_the_settings_without_a_policy():
+    # Lightning's DataModule __str__ builds the dataloaders, which need a policy: it used to raise.
+    from rftlab import RolloutDataModule
+    from rftlab.tasks import Arithmetic
+
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), prompts_per_step=3, num_generations=5, max_new_tokens=7)
+    text = str(dm)
+    assert text == repr(dm)
+    for part in ("task='arithmetic'", "prompts_per_step=3", "num_generations=5", "max_new_tokens=7", "rewards=['correct']"):
+        assert part in text
