@@ -105,16 +105,43 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+#: One line per subcommand, for ``rftlab --help`` (LightningCLI's own help lists only its four).
+HELP = """usage: rftlab <subcommand> [options]     (rftlab <subcommand> --help for its options)
+
+training (LightningCLI: a YAML config with trainer, model and data sections, or flags):
+  fit        train an algorithm (rftlab.GRPO, DAPO, PPO, SegmentRFT, SFT or yours) on a DataModule
+  validate   held-out evaluation of a config's model (greedy accuracy on the task's test split)
+  test       LightningCLI's test loop
+  predict    LightningCLI's predict loop
+
+experiments and models:
+  compare    train several variants under the same seeds and budget; table, figure, W&B runs
+  evaluate   held-out greedy accuracy and pass@k of checkpoints
+  export     a checkpoint as a folder transformers loads (or only its LoRA adapter)
+  generate   answers of a checkpoint or model folder to prompts, or to a task's held-out rows
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``rftlab`` console script."""
+    """Entry point of the ``rftlab`` console script.
+
+    Args:
+        argv: the arguments after ``rftlab`` (default: ``sys.argv[1:]``).
+    """
+    given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        return
+    if argv[0] in SUBCOMMANDS:
         import importlib
 
         module, function = SUBCOMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), function)(argv[1:])
         return
-    make_cli(argv)
+    # From the console script LightningCLI reads sys.argv itself: passing the same arguments as
+    # `args` too makes it warn on every call.
+    make_cli(argv if given else None)
 
 
 if __name__ == "__main__":
