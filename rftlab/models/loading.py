@@ -93,12 +93,22 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(policy: str) -> str:
-    """Map a policy name to something ``from_pretrained`` accepts (a folder or a hub id)."""
+    """Map a policy name to something ``from_pretrained`` accepts (a folder or a hub id).
+
+    Raises:
+        ModelNotFoundError: for a name that can only be a path (absolute, relative with ``.`` or
+            ``~``, or with more than one ``/``, which no hub id has) where there is no folder.
+    """
     if policy == DEFAULT_POLICY:
         return str(default_model_dir())
     if policy == TINY_POLICY:
         return str(default_model_dir())  # the tokenizer comes from here; the weights are random
-    return policy
+    path = Path(policy).expanduser()
+    looks_like_a_path = policy.startswith(("/", ".", "~")) or policy.count("/") > 1 or "\\" in policy
+    if looks_like_a_path and not path.exists():
+        # Otherwise transformers takes it for a hub id and reports an invalid repository name.
+        raise ModelNotFoundError(f"policy={policy!r}: no such folder ({path.absolute()})")
+    return str(path) if looks_like_a_path else policy
 
 
 def _local_only(path: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -69,3 +71,20 @@ def test_completion_logits_match_a_full_forward_with_left_padding():
     assert got.shape == (2, 3, 100)
     # positions P-1.. predict the completion: logits of "6" predict 11, of "11" predict 12
     torch.testing.assert_close(got[0, :2], alone[0, 1:3] / 2.0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["/nonexistent/model", "./no_such_model", "~/no_such_model", "a/b/c"])
+def test_a_missing_folder_is_named_as_a_folder_not_a_hub_id(policy):
+    # Before, transformers took these for hub ids and answered with a repository-name error.
+    from rftlab.models import load_tokenizer
+
+    with pytest.raises(ModelNotFoundError, match=rf"policy='{re.escape(policy)}': no such folder"):
+        load_tokenizer(policy)
+
+
+def test_a_folder_given_by_a_relative_path_loads(tmp_path, monkeypatch):
+    from rftlab.models import load_tokenizer
+    from rftlab.models.loading import default_model_dir
+
+    monkeypatch.chdir(default_model_dir().parent)
+    assert load_tokenizer(f"./{default_model_dir().name}").eos_token is not None
