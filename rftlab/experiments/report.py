@@ -294,6 +294,17 @@ def band(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 200) -> 
     return grid, stacked.mean(0), stacked.std(0, ddof=1)
 
 
+def seed_caption(seeds: Sequence[int]) -> str:
+    """What the curves and bands of the comparison figure are, for these seeds.
+
+    Args:
+        seeds: the sorted seeds of the runs drawn.
+    """
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]}): no band"
+    return f"mean over seeds {list(seeds)}, band = ±1 std"
+
+
 def plot_comparison(runs: Sequence[RunResult], path: str | Path, title: str = "", window: int = 5) -> Path:
     """Draw the comparison figure: reward, held-out accuracy, KL and entropy, one line per variant
     (mean over seeds, band +-1 std); top row against optimizer steps, bottom row against generated
@@ -352,8 +363,7 @@ def plot_comparison(runs: Sequence[RunResult], path: str | Path, title: str = ""
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    seeds = sorted({r.seed for r in runs})
-    fig.suptitle((title + "\n" if title else "") + f"mean over seeds {seeds}, band = ±1 std", fontsize=14)
+    fig.suptitle((title + "\n" if title else "") + seed_caption(sorted({r.seed for r in runs})), fontsize=14)
     # Below the panels, in as many rows as it needs: a long legend above them covered the title.
     ncol = max(1, min(len(labels), 5))
     legend_rows = -(-len(labels) // ncol)

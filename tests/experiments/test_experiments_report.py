@@ -97,3 +97,10 @@ def test_figure_is_drawn(tmp_path):
     image = imread(path)
     assert image.shape[0] >= 800 and image.shape[1] >= 1800
     assert image[..., :3].std() > 0.05, "the figure is not blank"
+
+
+def test_seed_caption_says_there_is_no_band_for_one_seed():
+    from rftlab.experiments.report import seed_caption
+
+    assert seed_caption([3]) == "one seed (3): no band"
+    assert seed_caption([0, 1]) == "mean over seeds [0, 1], band = ±1 std"
