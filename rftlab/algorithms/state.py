@@ -52,8 +52,8 @@ class ModuleState:
         if any(getattr(c, "_every_n_train_steps", 0) or getattr(c, "_train_time_interval", None) for c in savers):
             return
         epoch = getattr(trainer.datamodule, "steps_per_epoch", None) if trainer.datamodule is not None else None
-        if savers and epoch is not None and (trainer.max_steps < 0 or epoch <= trainer.max_steps):
-            return  # an epoch ends within max_steps: the epoch-end checkpoint is written
+        if savers and (epoch is None or trainer.max_steps < 0 or epoch <= trainer.max_steps):
+            return  # an epoch ends within max_steps (or its length is unknown): no warning
         why = ("no checkpoint callback is configured" if not savers else
                f"the checkpoint callback saves at epoch ends and an epoch is {epoch} steps, more than "
                f"max_steps={trainer.max_steps}")
