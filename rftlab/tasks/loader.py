@@ -50,8 +50,29 @@ def read_rows(path: str | Path, format: str | None = None, cache_dir: str | None
         import datasets
     except ImportError as err:
         raise ImportError("DatasetTask needs Hugging Face datasets: pip install 'rftlab[data]'") from err
-    dataset = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
+    try:
+        dataset = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as err:
+        if kind == "json" and path.suffix.lower() == ".jsonl":
+            _check_json_lines(path)  # datasets' error names neither the file nor the line
+        raise
     return [dict(row) for row in dataset]
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise a ValueError naming the file and the first line of ``path`` that is not one JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{str(path)!r}, line {number}: not valid JSON ({err.msg}, column {err.colno}): "
+                                 f"{line.strip()[:80]!r}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{str(path)!r}, line {number}: a JSON {type(row).__name__}, not an object "
+                                 f"(one row per line, as {{\"prompt\": ...}})")
 
 
 def _decode_list(value: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -99,3 +100,14 @@ def test_bad_input_is_a_clear_error(tmp_path):
         DatasetTask(path, reward="exact")
     with pytest.raises(ValueError, match="test_size"):
         DatasetTask(path, columns={"prompt": "question"}, test_size=1, cache_dir=cache)
+
+
+@pytest.mark.parametrize("bad, message", [('{"prompt": "b", "answer": 2', "line 3: not valid JSON"),
+                                          ('["prompt", "b"]', "line 3: a JSON list, not an object")])
+def test_a_malformed_jsonl_line_is_named_with_its_file_and_line(tmp_path, bad, message):
+    from rftlab.tasks.loader import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "answer": 1}\n\n' + bad + '\n{"prompt": "c", "answer": 3}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r}, {message}")):
+        read_rows(path, cache_dir=str(tmp_path / "cache"))
