@@ -83,7 +83,8 @@ def sample_next(logits: Tensor, params: SamplingParams, logprobs: bool = True) -
     Args:
         logits: (N, V) next-token logits.
         params: sampling parameters.
-        logprobs: also return the log-probs (one extra exp pass over the vocabulary).
+        logprobs: also return the log-probs (free without top-k/top-p; one more pass over the
+            vocabulary with them).
 
     Returns:
         ``(tokens (N,), logprobs (N,) float32 or None)``.
@@ -93,12 +94,16 @@ def sample_next(logits: Tensor, params: SamplingParams, logprobs: bool = True) -
     scaled = logits.float() / params.temperature
     filtered = filter_logits(scaled, params.top_k, params.top_p)
     uniform = torch.rand(scaled.shape[0], dtype=torch.float64, device=scaled.device)
+    probs = filtered.softmax(-1)
+    token = inverse_cdf(probs, uniform)
     if not logprobs:
-        return inverse_cdf(filtered.softmax(-1), uniform), None
-    # exp(filtered - lse) is the filtered softmax times a per-row constant; inverse_cdf normalises.
-    lse = scaled.logsumexp(-1, keepdim=True)
-    token = inverse_cdf((filtered - lse).exp(), uniform)
-    return token, (scaled.gather(-1, token.unsqueeze(-1)) - lse).squeeze(-1)
+        return token, None
+    if filtered is scaled:
+        # Nothing filtered: the sampled token's probability is already here (a sampled token has
+        # probability > 0), so its log costs a gather, not another pass over the vocabulary.
+        return token, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
+    # Filtered: the unfiltered distribution's normaliser, the quantity the trainer computes.
+    return token, (scaled.gather(-1, token.unsqueeze(-1)) - scaled.logsumexp(-1, keepdim=True)).squeeze(-1)
 
 
 def decode(
