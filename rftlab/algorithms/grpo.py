@@ -12,7 +12,6 @@ GRPO's pieces with other defaults (and, for PPO, a critic).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ from rftlab.core import (
     masked_mean,
     masked_sum,
     selective_log_softmax,
+    takes_input,
     top_entropy_mask,
 )
 from rftlab.core.options import signature_default
@@ -84,9 +84,9 @@ class GRPO(RFTModule):
             check_plugin_options(registry.get(spec.name), spec.group, spec.name, contract, spec.options, supplied,
                                  f"{spec.group}.options")
         _require(pl.agg in AGGREGATIONS, "loss.agg", pl.agg, f"one of {', '.join(AGGREGATIONS.names())}")
-        _require(not self.kl_options.in_reward or _takes(self.estimator, "kl"), "kl.in_reward", True,
+        _require(not self.kl_options.in_reward or takes_input(self.estimator, "kl"), "kl.in_reward", True,
                  f"False with advantage {adv.name!r}, which takes no KL (estimators that do: "
-                 f"{', '.join(n for n in ADVANTAGE_ESTIMATORS.names() if _takes(ADVANTAGE_ESTIMATORS.get(n), 'kl'))})")
+                 f"{', '.join(n for n in ADVANTAGE_ESTIMATORS.names() if takes_input(ADVANTAGE_ESTIMATORS.get(n), 'kl'))})")
         self._check_clip_is_used()
         self.entropy_coef = float(pl.entropy_coef)  # adapted each step when loss.entropy_target is set
         self.save_hyperparameters()
@@ -108,7 +108,7 @@ class GRPO(RFTModule):
         default = default if isinstance(default, ClipOptions) else ClipOptions()
         for name in ("eps_low", "eps_high", "dual_clip"):
             value = getattr(self.clip_options, name)
-            _require(_takes(loss, name) or value == getattr(default, name), f"clip.{name}", value,
+            _require(takes_input(loss, name) or value == getattr(default, name), f"clip.{name}", value,
                      f"{getattr(default, name)!r}: loss {self.loss_spec.name!r} does not use the clip group "
                      "(set its own ranges in loss.options)")
 
@@ -286,9 +286,3 @@ class GRPO(RFTModule):
         super().on_load_checkpoint(checkpoint)
         if self.loss_spec.entropy_target is not None and "entropy_coef" in checkpoint:
             self.entropy_coef = float(checkpoint["entropy_coef"])
-
-
-def _takes(fn: Callable, name: str) -> bool:
-    """Whether a registered piece names the input ``name`` (or takes any keyword)."""
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())

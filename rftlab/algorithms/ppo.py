@@ -21,7 +21,6 @@ from rftlab.algorithms.base import _require
 from rftlab.algorithms.options import AdvantageSpec, CriticOptions, KLOptions, LossSpec
 from rftlab.core import (
     explained_variance,
-    kl_penalty,
     masked_mean,
     masked_sum,
     masked_var,

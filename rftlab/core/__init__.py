@@ -48,7 +48,7 @@ from rftlab.core.losses import (
 )
 from rftlab.core.masked import masked_mean, masked_sum, masked_var
 from rftlab.core.policy_losses import cispo_loss, gmpo_loss, gspo_loss, gspo_token_loss, sapo_loss
-from rftlab.core.registry import Registry, call_plugin, check_plugin_options
+from rftlab.core.registry import Registry, call_plugin, check_plugin_options, takes_input
 from rftlab.core.shaping import overlong_penalty
 from rftlab.core.segments import (
     SEGMENT_RATIO_MODES,
@@ -85,6 +85,7 @@ __all__ = [
     "remax_advantages",
     "rloo_advantages",
     "sapo_loss",
+    "takes_input",
     "top_entropy_mask",
     "SEGMENT_RATIO_MODES",
     "SEGMENT_WHITENING",

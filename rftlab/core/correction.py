@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rftlab.core.losses import _LOG_RATIO_CLAMP, _zero_if_padded
 from rftlab.core.masked import masked_mean
 from rftlab.core.registry import Registry
 
@@ -56,10 +57,6 @@ _DEFAULT_HIGH = 5.0
 #: Defaults of ``cap``, ``low`` and ``high`` (sources above), shared with the configuration.
 CORRECTION_DEFAULTS: dict[str, float] = {"cap": _DEFAULT_CAP, "low": _DEFAULT_LOW, "high": _DEFAULT_HIGH}
 
-# Same bound as ``losses._LOG_RATIO_CLAMP`` and verl's ``SAFETY_BOUND``: exp(20) ~ 4.9e8 is far
-# beyond any sensible cap, while exp(>88) overflows float32 to inf.
-_LOG_RATIO_CLAMP = 20.0
-
 _PREFIX = "rollout_correction/"
 
 
@@ -67,11 +64,9 @@ def _real(mask: Tensor) -> Tensor:
     return mask != 0
 
 
-def _zero_if_padded(x: Tensor, real: Tensor) -> Tensor:
-    return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def _safe_exp(log_ratio: Tensor) -> Tensor:
+    # The losses' bound (verl's SAFETY_BOUND too): exp(20) ~ 4.9e8 is far beyond any sensible cap,
+    # while exp(>88) overflows float32 to inf.
     return torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
 
 

@@ -163,6 +163,19 @@ def check_plugin_options(
         raise type(err)(f"{where}.{err}") from None
 
 
+def takes_input(fn: Callable, name: str) -> bool:
+    """Whether a registered piece names the keyword input ``name`` (or takes any keyword).
+
+    Args:
+        fn: the registered function.
+        name: the input an algorithm may supply (``"kl"``, ``"eps_high"``, ...).
+    """
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def call_plugin(fn: Callable, args: tuple, supplied: "dict[str, object]", options: "dict[str, object]"):
     """Call a registered piece: contract inputs positionally, then the supplied inputs it names, then options.
 
@@ -173,11 +186,5 @@ def call_plugin(fn: Callable, args: tuple, supplied: "dict[str, object]", option
             ``**kwargs``) are passed.
         options: the user's options.
     """
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        wanted = supplied
-    else:
-        wanted = {k: v for k, v in supplied.items() if k in params}
+    wanted = {k: v for k, v in supplied.items() if takes_input(fn, k)}
     return fn(*args, **wanted, **options)
