@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from rftlab.algorithms.base import RFTModule
 from rftlab.callbacks import CompletionTable, TrainClock, WandbMetrics
 from rftlab.callbacks.checkpointing import AtomicCheckpoints, ResumableCheckpoint
-from rftlab.core.plugins import import_plugins
+from rftlab.core.plugins import current_folder_on_path, import_plugins
 from rftlab.rollout.datamodule import RolloutDataModule
 
 
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
+    current_folder_on_path()  # `class_path: my_variants.MyGRPO` resolves without PYTHONPATH=.
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return

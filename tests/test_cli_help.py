@@ -30,3 +30,22 @@ def test_the_console_script_does_not_print_lightnings_args_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--model" in out.stdout
     assert "args parameter" not in out.stderr, out.stderr[-2000:]
+
+
+def test_a_users_module_in_the_current_folder_resolves_from_yaml_without_pythonpath(tmp_path):
+    # The console script's sys.path starts with its bin folder, not the current one: a YAML naming
+    # `my_variants.MyGRPO` used to need PYTHONPATH=. (python -m puts the current folder first).
+    script = Path(sys.executable).parent / "rftlab"
+    assert script.exists(), "the rftlab console script is installed by `make install`"
+    (tmp_path / "my_variants.py").write_text(
+        "from rftlab import GRPO\n\n\nclass MyGRPO(GRPO):\n    pass\n\n\n"
+        "def short(completions, **_):\n    return [float(len(c) < 8) for c in completions]\n")
+    (tmp_path / "config.yaml").write_text(
+        "model: {class_path: my_variants.MyGRPO, init_args: {policy: tiny}}\n"
+        "data:\n  class_path: rftlab.RolloutDataModule\n  init_args:\n"
+        "    task: {class_path: rftlab.tasks.Arithmetic}\n    rewards: {short: my_variants.short}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(script), "fit", "--config", "config.yaml", "--print_config"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: my_variants.MyGRPO" in out.stdout and "my_variants.short" in out.stdout

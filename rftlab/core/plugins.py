@@ -16,6 +16,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+
+def current_folder_on_path() -> None:
+    """Make modules in the current folder importable, as ``python -m`` does (a console script's
+    ``sys.path`` starts with its own ``bin`` folder instead, so ``my_variants.MyGRPO`` in a YAML
+    would otherwise need ``PYTHONPATH=.``)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def import_plugins(modules: Sequence[str]) -> list[ModuleType]:
@@ -27,9 +37,7 @@ def import_plugins(modules: Sequence[str]) -> list[ModuleType]:
     Raises:
         ImportError: naming the module that could not be imported, and why.
     """
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    current_folder_on_path()
     imported = []
     for name in modules:
         try:
@@ -51,3 +59,29 @@ def import_plugins(modules: Sequence[str]) -> list[ModuleType]:
             raise ImportError(f"imports: {name!r} could not be imported ({type(err).__name__}: {err})") from err
         imported.append(module)
     return imported
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module.Name`` (nested attributes allowed, e.g. ``mod.Outer.Inner``).
+
+    Modules in the current folder are importable (``current_folder_on_path``).
+
+    Args:
+        path: the dotted import path.
+    """
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"{path!r} is not an import path such as 'package.module.Name'")
+    current_folder_on_path()
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # the module exists but one of its own imports is missing: show that error
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module found for {path!r}")

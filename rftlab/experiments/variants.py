@@ -7,7 +7,6 @@ changes relative to the options every variant shares.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rftlab.algorithms.base import RFTModule
+from rftlab.core.plugins import import_object
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 VARIANT_KEYS = ("name", "algorithm", "model", "data")
@@ -136,29 +136,6 @@ class Budget:
         if self.minutes is not None:
             parts.append(f"{self.minutes:g} training minutes")
         return " or ".join(parts)
-
-
-def import_object(path: str) -> Any:
-    """Import ``package.module.Name`` (nested attributes allowed, e.g. ``mod.Outer.Inner``).
-
-    Args:
-        path: the dotted import path.
-    """
-    if not isinstance(path, str) or "." not in path:
-        raise ValueError(f"{path!r} is not an import path such as 'package.module.Name'")
-    parts = path.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and not module_name.startswith(err.name):
-                raise  # the module exists but one of its own imports is missing: show that error
-            continue
-        for attr in parts[split:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"no module found for {path!r}")
 
 
 def instantiate(value: Any) -> Any:

@@ -220,3 +220,16 @@ variants:
     assert {"reward/mean", "reward/parity/mean", "val/accuracy", "rollout/generated_tokens_total"} <= set(metrics)
     summary = json.loads((out / "runs" / "plugin-seed0" / "summary.json").read_text())["summary"]
     assert summary["steps"] == 1 and summary["algorithm"] == f"{__name__}.SignAdvantageGRPO"
+
+
+def test_reward_functions_named_by_import_path_train_in_compare_as_in_fit(tmp_path):
+    # `rftlab fit` resolves `rewards: {parity: module.function}` through its typed parser; compare's
+    # options are plain dicts, so the same YAML gave "'parity' is not callable (str)".
+    result = run(tmp_path, [Variant("grpo", GRPO)], budget=Budget(steps=1),
+                 data=data() | {"rewards": {"parity": f"{__name__}.parity"}}).runs[0]
+    assert len(rewards(result)) == 1 and "reward/parity/mean" in result.steps[0]
+
+
+def test_a_reward_named_by_a_wrong_import_path_fails_naming_the_reward(tmp_path):
+    with pytest.raises(ValueError, match=r"rewards: 'parity'.*no_such_module\.parity"):
+        run(tmp_path, [Variant("grpo", GRPO)], data=data() | {"rewards": {"parity": "no_such_module.parity"}})
