@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from rftlab.algorithms.base import RFTModule
@@ -67,6 +68,60 @@ class RFTCLI(LightningCLI):
         return trainer
 
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(short_message(str(err))) from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            raise ConfigError(describe_build_error(err)) from err
+
+
+class ConfigError(ValueError):
+    """A config that cannot be parsed or built; ``rftlab`` prints its message alone (``--debug``: the traceback)."""
+
+
+#: Lines of jsonargparse's messages that repeat what the other lines say (the whole given value,
+#: the union's other member "None").
+_NOISE = ("Given value", "Subtypes:", "- Expected a <class 'NoneType'>", "Does not validate against any of the")
+
+
+def short_message(message: str, width: int = 160) -> str:
+    """A parser message without jsonargparse's repetitions, each line cut to ``width`` characters.
+
+    Args:
+        message: the parser's message.
+        width: longest line kept whole.
+    """
+    lines = [line for line in message.splitlines() if line.strip() and not line.strip().startswith(_NOISE)]
+    return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in lines)
+
+
+def describe_build_error(err: BaseException) -> str:
+    """One line for an error raised while building the config's objects: the first error in the
+    chain (what the constructor said, naming its parameter) and the class it was building.
+
+    Args:
+        err: the error LightningCLI's instantiation raised.
+    """
+    root = err
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    building = None
+    tb = root.__traceback__
+    while tb is not None:  # the innermost constructor call of the instantiator (jsonargparse's or Lightning's)
+        cls = tb.tb_frame.f_locals.get("class_type")
+        if isinstance(cls, type):
+            building = cls
+        tb = tb.tb_next
+    where = f" (building {building.__module__}.{building.__qualname__})" if building is not None else ""
+    return short_message(f"{type(root).__name__}: {root}") + where
+
+
 class _ParseOnlyCLI(RFTCLI):
     def instantiate_trainer(self, **kwargs: Any) -> None:  # type: ignore[override]
         return None
@@ -91,6 +146,8 @@ def make_cli(args: list[str] | None = None, run: bool = True, trainer: bool = Tr
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        # Parse errors raise (ConfigError) instead of printing the whole usage before the message.
+        parser_kwargs={"exit_on_error": False},
         auto_configure_optimizers=False,
     )
 
@@ -119,6 +176,8 @@ experiments and models:
   evaluate   held-out greedy accuracy and pass@k of checkpoints
   export     a checkpoint as a folder transformers loads (or only its LoRA adapter)
   generate   answers of a checkpoint or model folder to prompts, or to a task's held-out rows
+
+A config error prints one message naming the key; add --debug to see the whole traceback.
 """
 
 
@@ -140,9 +199,20 @@ def main(argv: list[str] | None = None) -> None:
         module, function = SUBCOMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), function)(argv[1:])
         return
-    # From the console script LightningCLI reads sys.argv itself: passing the same arguments as
-    # `args` too makes it warn on every call.
-    make_cli(argv if given else None)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+        if not given:
+            sys.argv.remove("--debug")
+    try:
+        # From the console script LightningCLI reads sys.argv itself: passing the same arguments as
+        # `args` too makes it warn on every call.
+        make_cli(argv if given else None)
+    except ConfigError as err:
+        if debug:
+            raise
+        print(f"rftlab {argv[0]}: error: {err}\n(add --debug to see the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,34 @@ def test_a_users_module_in_the_current_folder_resolves_from_yaml_without_pythonp
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "class_path: my_variants.MyGRPO" in out.stdout and "my_variants.short" in out.stdout
+
+
+BAD_CONFIG = """model: {{class_path: rftlab.GRPO, init_args: {{policy: tiny, lr: {lr}}}}}
+data:
+  class_path: rftlab.RolloutDataModule
+  init_args: {{task: {{class_path: rftlab.tasks.Arithmetic}}}}
+trainer: {{max_steps: 1, logger: false}}
+"""
+
+
+@pytest.mark.parametrize("lr, says", [("-1", "lr=-1.0 is invalid: must be a finite number > 0"),
+                                      ("abc", 'Parser key "lr"')])
+def test_a_bad_value_in_yaml_is_a_short_error_and_debug_shows_the_traceback(tmp_path, capsys, lr, says):
+    config = tmp_path / "bad.yaml"
+    config.write_text(BAD_CONFIG.format(lr=lr))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert says in err and "--debug" in err, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    assert len(err.strip().splitlines()) <= 12, err
+    with pytest.raises(Exception) as raised:
+        main(["fit", "--config", str(config), "--debug"])
+    assert says in "".join(str(e) for e in _chain(raised.value))
+
+
+def _chain(err):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
