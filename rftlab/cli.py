@@ -5,7 +5,7 @@
     rftlab fit --imports [my_variants] --config my_config.yaml   (your registered plug-ins; see rftlab.core.plugins)
     rftlab compare --config configs/compare_arithmetic.yaml      (see rftlab/experiments/cli.py)
     rftlab evaluate --policy default --num_samples 8 --k [1,8]
-    rftlab export --ckpt last.ckpt --out exported/ [--adapter-only]   (see rftlab/models/export.py)
+    rftlab export --ckpt last.ckpt --out exported/ [--adapter_only]   (see rftlab/models/export.py)
     rftlab generate --ckpt last.ckpt --prompts "[Calculate 12 + 30.]"  (see rftlab/experiments/generation.py)
 """
 

@@ -27,14 +27,20 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> None:
+def demo_parser() -> argparse.ArgumentParser:
+    """The demo's options (underscores, as every ``rftlab`` flag; the dashed spellings still work)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (about 12 s each on 2 cores)")
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint (e.g. runs/demo/checkpoints/last.ckpt)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--eval_every", "--eval-every", type=int, default=20, help="steps between held-out evaluations")
+    parser.add_argument("--out", default="runs/demo", help="folder of the run's logs and checkpoints")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--ckpt_path", "--ckpt-path", default=None,
+                        help="resume from this checkpoint (e.g. runs/demo/checkpoints/last.ckpt)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = demo_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     dm = RolloutDataModule(task=Arithmetic(digits=2, num_test=200), prompts_per_step=4, max_new_tokens=32,
                            val_batch_size=100)
     logger = make_wandb_logger(project="rftlab", save_dir=str(out), name="demo-grpo-arithmetic", job_type="demo")
-    # last.ckpt every 10 steps and at the end, written atomically; resume with --ckpt-path.
+    # last.ckpt every 10 steps and at the end, written atomically; resume with --ckpt_path.
     checkpoint = ResumableCheckpoint(dirpath=str(out / "checkpoints"), every_n_train_steps=10)
     precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
     trainer = L.Trainer(

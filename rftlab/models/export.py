@@ -1,7 +1,7 @@
 """From a training checkpoint to a model ``transformers`` loads: ``rftlab export``.
 
     rftlab export --ckpt runs/demo/checkpoints/last.ckpt --out exported/          (merged HF folder)
-    rftlab export --ckpt last.ckpt --out adapter/ --adapter-only                  (PEFT adapter folder)
+    rftlab export --ckpt last.ckpt --out adapter/ --adapter_only                  (PEFT adapter folder)
     rftlab export --ckpt last.ckpt --out exported/ --base /new/path/to/base       (base model moved)
 
 A checkpoint of an adapter run holds only the trainable weights (``RFTModule.on_save_checkpoint``);
@@ -172,7 +172,8 @@ def export_checkpoint(
     loaded.model.save_pretrained(out, **({"save_embedding_layers": False} if adapter_only else {}))
     loaded.tokenizer.save_pretrained(out)
     info = {"source": str(Path(checkpoint).resolve()), "global_step": loaded.checkpoint.get("global_step"),
-            "adapter_only": adapter_only, "policy": dataclasses.asdict(spec)}
+            "adapter_only": adapter_only, "policy": dataclasses.asdict(spec),
+            "vocab_size": loaded.model.config.vocab_size}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
     return out
 
@@ -185,7 +186,7 @@ def export_parser() -> Any:
                             "model folder (adapter merged) or as a PEFT adapter folder.", default_meta=False)
     parser.add_argument("--ckpt", type=str, required=True, help="a Lightning .ckpt of any rftlab algorithm")
     parser.add_argument("--out", type=str, required=True, help="output folder")
-    parser.add_argument("--adapter-only", "--adapter_only", dest="adapter_only", action="store_true",
+    parser.add_argument("--adapter_only", "--adapter-only", dest="adapter_only", action="store_true",
                         help="write only the LoRA adapter (PEFT format) instead of merged weights")
     parser.add_argument("--base", type=str | None, default=None,
                         help="the base model, if the one named in the checkpoint has moved")
@@ -198,7 +199,24 @@ def export_main(argv: list[str] | None = None) -> Path:
     args = export_parser().parse_args(argv)
     out = export_checkpoint(args.ckpt, args.out, adapter_only=args.adapter_only, base=args.base, dtype=args.dtype)
     kind = "adapter" if args.adapter_only else "merged model"
-    print(f"exported {args.ckpt} -> {out} ({kind}); load it with "
-          + ("peft.AutoPeftModelForCausalLM.from_pretrained" if args.adapter_only else "transformers.AutoModelForCausalLM.from_pretrained")
-          + f"({str(out)!r})")
+    print(f"exported {args.ckpt} -> {out} ({kind}); load it with {loading_hint(out, args.adapter_only)}")
     return out
+
+
+def loading_hint(out: Path, adapter_only: bool) -> str:
+    """The call that loads an exported folder.
+
+    Args:
+        out: the folder ``export_checkpoint`` wrote.
+        adapter_only: whether it holds only the adapter.
+    """
+    if not adapter_only:
+        return f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    info = json.loads((out / EXPORT_INFO).read_text())
+    policy = info["policy"]
+    if policy["model"] == TINY_POLICY and policy.get("init_checkpoint") is None:
+        # The random test model has no folder: the adapter's base_model_name_or_path cannot point
+        # to one, and AutoPeftModel would look "tiny" up on the hub.
+        return (f"peft.PeftModel.from_pretrained(rftlab.models.loading.tiny_llama({info['vocab_size']}, "
+                f"seed={policy['seed']}), {str(out)!r})  (the base is rftlab's random 'tiny' model)")
+    return f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})"

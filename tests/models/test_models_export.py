@@ -100,14 +100,19 @@ def test_export_of_a_full_fine_tune(tmp_path, trained_full, ids):
                                rtol=0, atol=0)
 
 
-def test_export_adapter_only_cli(tmp_path, trained_lora, ids):
+def test_export_adapter_only_cli(tmp_path, trained_lora, ids, capsys):
     from peft import PeftModel
 
     from rftlab.models.loading import tiny_llama
 
     module, path = trained_lora
     out = tmp_path / "adapter"
-    main(["export", "--ckpt", str(path), "--out", str(out), "--adapter-only"])
+    main(["export", "--ckpt", str(path), "--out", str(out), "--adapter_only"])
+    # "tiny" is a random model with no folder: a hint naming AutoPeftModel would send the user to
+    # the hub for a repository called "tiny".
+    hint = capsys.readouterr().out
+    vocab, seed = module.policy.config.vocab_size, module.policy_spec.seed
+    assert f"tiny_llama({vocab}, seed={seed})" in hint and "AutoPeftModel" not in hint, hint
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     base = tiny_llama(module.policy.config.vocab_size, seed=module.policy_spec.seed)  # "tiny" has no folder
     model = PeftModel.from_pretrained(base, out)
