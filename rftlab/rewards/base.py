@@ -101,8 +101,7 @@ class RewardSet:
     """Several reward functions with weights and an error policy.
 
     Args:
-        functions: a mapping name -> function, or a list of functions (named by ``reward_name``);
-            a function may be given by its import path (``"my_rewards.length"``).
+        functions: a mapping name -> function, or a list of functions (named by ``reward_name``).
         weights: one weight per function (default 1.0 each).
         on_error: "raise" stops training with an error naming the reward and the sample; "zero"
             scores the failing samples 0 and counts them in ``reward/<fn>/errors``.
@@ -127,9 +126,8 @@ class RewardSet:
         if executor not in EXECUTORS:
             raise ValueError(f"reward executor={executor!r}; valid: {', '.join(EXECUTORS)}")
         if isinstance(functions, Mapping):
-            items = [(name, _resolve(name, fn)) for name, fn in functions.items()]
+            items = list(functions.items())
         else:
-            functions = [_resolve(None, fn) for fn in functions]
             items = [(reward_name(fn), fn) for fn in functions]
         if not items:
             raise ValueError("rewards: at least one reward function is required")
@@ -255,24 +253,6 @@ class RewardSet:
             scores.extend(values)
             n_errors += junk
         return scores, n_errors
-
-
-def _resolve(name: str | None, fn: Any) -> Any:
-    """A reward given as an import path (``"my_rewards.length"``) -> the function it names.
-
-    ``rftlab fit`` resolves such strings in its typed parser; ``compare`` and Python callers pass
-    them here, so the same YAML works everywhere.
-    """
-    if not isinstance(fn, str):
-        return fn
-    from rftlab.core.plugins import import_object
-
-    label = f"{name!r} = {fn!r}" if name is not None else repr(fn)
-    try:
-        return import_object(fn)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"rewards: {label} is not the import path of a reward function "
-                         f"such as 'my_rewards.length' ({type(err).__name__}: {err})") from err
 
 
 def _own_timeouts(fn: Any) -> int | None:

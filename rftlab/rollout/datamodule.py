@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from rftlab.core.arguments import check_init_arguments
+from rftlab.core.plugins import import_object
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
 from rftlab.rewards.pool import EXECUTORS
 from rftlab.rollout.distributed import any_rank, gather_objects
@@ -69,6 +70,32 @@ class RolloutStream:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
+
+
+def resolve_reward_paths(functions: Any) -> Any:
+    """Reward functions given by import path (``"my_rewards.length"``) -> the functions they name.
+
+    ``rftlab fit`` resolves such strings in its typed parser; ``compare`` and Python callers pass
+    them on as strings, so they are resolved here and the same YAML works everywhere.
+
+    Args:
+        functions: a mapping name -> function or import path, a list of them, or None.
+    """
+    def resolve(name: str | None, fn: Any) -> Any:
+        if not isinstance(fn, str):
+            return fn
+        label = f"{name!r} = {fn!r}" if name is not None else repr(fn)
+        try:
+            return import_object(fn)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"rewards: {label} is not the import path of a reward function "
+                             f"such as 'my_rewards.length' ({type(err).__name__}: {err})") from err
+
+    if isinstance(functions, Mapping):
+        return {name: resolve(name, fn) for name, fn in functions.items()}
+    if isinstance(functions, (list, tuple)):
+        return [resolve(None, fn) for fn in functions]
+    return functions
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -184,7 +211,7 @@ class RolloutDataModule(L.LightningDataModule):
                              f"{getattr(task, 'name', task)!r} has no held-out split (test_rows() is empty)")
         self.train_rows = train
         self.rewards = RewardSet(
-            rewards if rewards is not None else task.reward_functions(),
+            resolve_reward_paths(rewards if rewards is not None else task.reward_functions()),
             reward_weights if reward_weights is not None else (None if rewards is not None else task.reward_weights()),
             on_error=reward_on_error,
             timeout=reward_timeout,
