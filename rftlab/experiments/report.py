@@ -12,11 +12,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rftlab.experiments.tracking import GENERATED_TOTAL
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # Metrics drawn against step and against generated tokens: (key, panel title, y label, source).
 PANELS = (
@@ -305,14 +309,111 @@ def seed_caption(seeds: Sequence[int]) -> str:
     return f"mean over seeds {list(seeds)}, band = ±1 std"
 
 
-def plot_comparison(runs: Sequence[RunResult], path: str | Path, title: str = "", window: int = 5) -> Path:
-    """Draw the comparison figure: reward, held-out accuracy, KL and entropy, one line per variant
-    (mean over seeds, band +-1 std); top row against optimizer steps, bottom row against generated
-    tokens (the budget-matched view: variants that sample more pay for it on the x axis).
+# Dash patterns cycled over variants, so that lines stay apart when colors are close or lines coincide.
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def line_style(index: int) -> dict[str, Any]:
+    """Dash pattern and width of the ``index``-th variant's line.
+
+    Later variants are drawn on top, so they get thinner lines and another dash pattern: a line
+    lying exactly on an earlier one leaves the earlier one showing around and between its dashes.
+
+    Args:
+        index: the variant's position in drawing order.
+    """
+    return {"ls": LINE_STYLES[index % len(LINE_STYLES)], "lw": max(1.0, 3.0 - 0.5 * index)}
+
+
+def coinciding(lines: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, str]:
+    """Variants whose line is the same as an earlier variant's (same x grid, ``np.allclose`` y),
+    each mapped to the first such earlier variant.
+
+    Args:
+        lines: variant -> (x, y) of its line in one panel, in drawing order.
+    """
+    same: dict[str, str] = {}
+    names = list(lines)
+    for i, name in enumerate(names):
+        x, y = lines[name]
+        for other in names[:i]:
+            ox, oy = lines[other]
+            if x.shape == ox.shape and np.allclose(x, ox) and np.allclose(y, oy):
+                same[name] = other
+                break
+    return same
+
+
+def same_everywhere(panels: Sequence[dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict[str, str]:
+    """Variants whose line is the same as one earlier variant's in every panel that draws them.
+
+    Args:
+        panels: per panel, variant -> (x, y) of its line, in drawing order.
+    """
+    matches: dict[str, set[str | None]] = {}
+    for lines in panels:
+        same = coinciding(lines)
+        for name in lines:
+            matches.setdefault(name, set()).add(same.get(name))
+    return {name: other for name, m in matches.items() if len(m) == 1 for other in m if other is not None}
+
+
+def format_y_axis(ax: Axes, min_relative_span: float = 0.01) -> None:
+    """Make the y tick labels readable: no offset, and a nearly flat panel widened around its data.
+
+    Without widening, a panel whose values differ only in the 5th significant digit (entropy
+    10.78985 .. 10.78991) gets ticks like "10.78988"; spreading such noise over the full height
+    also makes a flat curve look like it moves.
+
+    Args:
+        ax: the panel, with everything drawn.
+        min_relative_span: smallest y span shown, as a fraction of the largest |y limit|.
+    """
+    ax.ticklabel_format(axis="y", useOffset=False)  # no "+1.078e1" offsets: read values directly
+    lo, hi = ax.get_ylim()
+    span = min_relative_span * max(abs(lo), abs(hi))
+    if hi - lo < span:
+        middle = (lo + hi) / 2
+        ax.set_ylim(middle - span / 2, middle + span / 2)
+
+
+def _panel_lines(runs: Sequence[RunResult], variants: Sequence[str], key: str, source: str, x_key: str,
+                 x_scale: float, window: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Variant -> (x, seed mean, seed std) of one panel; variants that never logged ``key`` are left out.
 
     Args:
         runs: every (variant, seed) run.
-        path: the PNG to write.
+        variants: the variants, in drawing order.
+        key: the metric drawn.
+        source: "steps" or "evals".
+        x_key: the x key of ``RunResult.series``.
+        x_scale: factor applied to x.
+        window: moving-mean window of the reward curves.
+    """
+    out = {}
+    for variant in variants:
+        curves = []
+        for run in (r for r in runs if r.variant == variant):
+            xs, ys = run.series(key, source, x=x_key)
+            if key == "reward/mean":
+                ys = moving_mean(ys, window)
+            curves.append((xs * x_scale, ys * (100 if key == "val/accuracy" else 1)))
+        grid, mean, std = band(curves)
+        if len(grid):
+            out[variant] = (grid, mean, std)
+    return out
+
+
+def draw_comparison(runs: Sequence[RunResult], title: str = "", window: int = 5) -> Figure:
+    """The comparison figure: reward, held-out accuracy, KL and entropy, one line per variant
+    (mean over seeds, band +-1 std); top row against optimizer steps, bottom row against generated
+    tokens (the budget-matched view: variants that sample more pay for it on the x axis).
+
+    A variant whose line is the same as an earlier one's in every panel says so in the legend;
+    where lines coincide in some panels only, those panels say so.
+
+    Args:
+        runs: every (variant, seed) run.
         title: first line of the figure title.
         window: moving-mean window of the reward curves.
     """
@@ -324,51 +425,70 @@ def plot_comparison(runs: Sequence[RunResult], path: str | Path, title: str = ""
 
     variants = list(dict.fromkeys(r.variant for r in runs))
     colors = plt.get_cmap("tab10")
+    rows = (("step", "optimizer step", 1.0), (GENERATED_TOTAL, "generated tokens (thousands)", 1e-3))
+    panels = {(row, col): _panel_lines(runs, variants, key, source, x_key, x_scale, window)
+              for row, (x_key, _, x_scale) in enumerate(rows) for col, (key, _, _, source) in enumerate(PANELS)}
+    everywhere = same_everywhere([{v: (x, y) for v, (x, y, _) in lines.items()} for lines in panels.values()])
+    labels = {v: f"{v} (same as {everywhere[v]})" if v in everywhere else v for v in variants}
     fig, axes = plt.subplots(2, len(PANELS), figsize=(5.2 * len(PANELS), 9), squeeze=False)
-    for row, (x_key, x_label, x_scale) in enumerate((("step", "optimizer step", 1.0),
-                                                      (GENERATED_TOTAL, "generated tokens (thousands)", 1e-3))):
-        for col, (key, panel_title, y_label, source) in enumerate(PANELS):
-            ax = axes[row][col]
-            drawn = False
-            for i, variant in enumerate(variants):
-                curves = []
-                for run in (r for r in runs if r.variant == variant):
-                    xs, ys = run.series(key, source, x=x_key)
-                    if key == "reward/mean":
-                        ys = moving_mean(ys, window)
-                    curves.append((xs * x_scale, ys * (100 if key == "val/accuracy" else 1)))
-                grid, mean, std = band(curves)
-                if not len(grid):
-                    continue
-                drawn = True
-                color = colors(i % 10)
-                marker = "o" if source == "evals" and len(grid) < 30 else None
-                ax.plot(grid, mean, color=color, lw=2, marker=marker, ms=4, label=variant)
-                ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.18, lw=0)
-            ax.set_title(f"{panel_title} vs {'step' if row == 0 else 'generated tokens'}", fontsize=12)
-            ax.set_xlabel(x_label, fontsize=11)
-            ax.set_ylabel(y_label.format(window=window), fontsize=11)
-            ax.grid(alpha=0.3)
-            ax.ticklabel_format(axis="y", useOffset=False)  # no "+1.078e1" offsets: read values directly
-            if row == 0:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if key == "val/accuracy" and drawn:
-                ax.set_ylim(0, max(5.0, ax.get_ylim()[1]))
-            if not drawn:
-                ax.text(0.5, 0.5, f"'{key}' was not logged\nby any variant", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=11, color="0.4")
-    handles, labels = [], []
+    for (row, col), lines in panels.items():
+        key, panel_title, y_label, source = PANELS[col]
+        ax = axes[row][col]
+        for i, variant in enumerate(variants):
+            if variant not in lines:
+                continue
+            grid, mean, std = lines[variant]
+            color = colors(i % 10)
+            marker = "o" if source == "evals" and len(grid) < 30 else None
+            ax.plot(grid, mean, color=color, marker=marker, ms=4, label=labels[variant], **line_style(i))
+            ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+        ax.set_title(f"{panel_title} vs {'step' if row == 0 else 'generated tokens'}", fontsize=12)
+        ax.set_xlabel(rows[row][1], fontsize=11)
+        ax.set_ylabel(y_label.format(window=window), fontsize=11)
+        ax.grid(alpha=0.3)
+        if row == 0:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if lines:
+            format_y_axis(ax)
+        if key == "val/accuracy" and lines:
+            ax.set_ylim(0, max(5.0, ax.get_ylim()[1]))
+        same = {v: other for v, other in coinciding({v: (x, y) for v, (x, y, _) in lines.items()}).items()
+                if v not in everywhere}
+        if same:
+            ax.text(0.02, 0.98, "lines coincide: " + ", ".join(f"{v} = {other}" for v, other in same.items()),
+                    transform=ax.transAxes, ha="left", va="top", fontsize=9, color="0.3",
+                    bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+        if not lines:
+            ax.text(0.5, 0.5, f"'{key}' was not logged\nby any variant", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=11, color="0.4")
+    handles, legend_labels = [], []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
+            if lab not in legend_labels:
                 handles.append(h)
-                labels.append(lab)
+                legend_labels.append(lab)
     fig.suptitle((title + "\n" if title else "") + seed_caption(sorted({r.seed for r in runs})), fontsize=14)
     # Below the panels, in as many rows as it needs: a long legend above them covered the title.
-    ncol = max(1, min(len(labels), 5))
-    legend_rows = -(-len(labels) // ncol)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=11, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    ncol = max(1, min(len(legend_labels), 5))
+    legend_rows = -(-len(legend_labels) // ncol)
+    fig.legend(handles, legend_labels, loc="lower center", ncol=ncol, fontsize=11, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.035 * legend_rows + 0.01, 1, 0.94))
+    return fig
+
+
+def plot_comparison(runs: Sequence[RunResult], path: str | Path, title: str = "", window: int = 5) -> Path:
+    """Write the comparison figure (see ``draw_comparison``) to a PNG.
+
+    Args:
+        runs: every (variant, seed) run.
+        path: the PNG to write.
+        title: first line of the figure title.
+        window: moving-mean window of the reward curves.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = draw_comparison(runs, title=title, window=window)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

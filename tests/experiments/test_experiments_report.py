@@ -104,3 +104,113 @@ def test_seed_caption_says_there_is_no_band_for_one_seed():
 
     assert seed_caption([3]) == "one seed (3): no band"
     assert seed_caption([0, 1]) == "mean over seeds [0, 1], band = ±1 std"
+
+
+def _texts(ax):
+    return " ".join(t.get_text() for t in ax.texts)
+
+
+def _y_tick_labels(fig, ax):
+    fig.canvas.draw()
+    return [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+
+
+def test_line_style_differs_beyond_color_and_later_lines_are_thinner():
+    from rftlab.experiments.report import line_style
+
+    styles = [line_style(i) for i in range(4)]
+    assert len({s["ls"] for s in styles}) == 4, "the first four variants differ in dash pattern, not only color"
+    widths = [s["lw"] for s in styles]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
+    assert all(line_style(i)["lw"] > 0 for i in range(20))
+
+
+def test_coinciding_maps_a_line_to_the_first_earlier_identical_one():
+    from rftlab.experiments.report import coinciding, same_everywhere
+
+    x = np.arange(4.0)
+    lines = {"a": (x, x), "b": (x, x + 1), "c": (x, x.copy()), "d": (x, x + 1 + 1e-12), "e": (x[:3], x[:3])}
+    assert coinciding(lines) == {"c": "a", "d": "b"}, "a different grid is a different line"
+    step_panel = {"a": (x, x), "b": (x, x.copy()), "c": (x, x.copy())}
+    eval_panel = {"a": (x, x), "b": (x, x + 1), "c": (x, x.copy())}
+    only_c = {"a": (x, x), "c": (x, x.copy())}
+    # b differs from a in one panel: not the same everywhere; c is the same wherever it is drawn.
+    assert same_everywhere([step_panel, eval_panel, only_c, {}]) == {"c": "a"}
+
+
+def test_identical_variants_stay_visible_and_are_labelled(tmp_path):
+    from matplotlib import pyplot as plt
+
+    from rftlab.experiments.report import draw_comparison
+
+    runs = [make_run("grpo", 0, [0.0, 0.2, 0.4], kl=0.01), make_run("grpo-noop", 0, [0.0, 0.2, 0.4], kl=0.01)]
+    fig = draw_comparison(runs)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["grpo", "grpo-noop (same as grpo)"]
+    for ax in fig.axes:
+        first, second = ax.get_lines()
+        np.testing.assert_allclose(first.get_ydata(), second.get_ydata())
+        assert first.get_linestyle() != second.get_linestyle(), "the later line must not hide the earlier one"
+        assert second.get_linewidth() < first.get_linewidth()
+        assert "grpo-noop = grpo" not in _texts(ax), "already said once in the legend"
+    plt.close(fig)
+    path = plot_comparison(runs, tmp_path / "same.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lines_that_coincide_in_some_panels_are_noted_there():
+    from matplotlib import pyplot as plt
+
+    from rftlab.experiments.report import draw_comparison
+
+    # Same training curves, different held-out accuracy (e.g. a variant that only changes evaluation).
+    runs = [make_run("a", 0, [0.0, 0.2, 0.4], kl=0.01, acc=(0.1, 0.3)),
+            make_run("b", 0, [0.0, 0.2, 0.4], kl=0.01, acc=(0.1, 0.6))]
+    fig = draw_comparison(runs)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+    reward, accuracy, kl, entropy = fig.axes[:4]
+    for ax in (reward, kl, entropy):
+        assert "b = a" in _texts(ax)
+    assert "b = a" not in _texts(accuracy)
+    plt.close(fig)
+
+
+def test_nearly_flat_panel_has_short_y_tick_labels():
+    from matplotlib import pyplot as plt
+
+    from rftlab.experiments.report import draw_comparison
+
+    runs = [make_run("grpo", 0, [0.0, 0.2, 0.4, 0.6], kl=0.01), make_run("grpo", 1, [0.1, 0.2, 0.3, 0.6], kl=0.01)]
+    for run in runs:
+        for i, row in enumerate(run.steps):
+            row["entropy"] = 10.78985 + 0.00002 * i + 0.00001 * run.seed
+    fig = draw_comparison(runs)
+    for ax in (fig.axes[3], fig.axes[7]):  # entropy vs step, entropy vs tokens
+        labels = _y_tick_labels(fig, ax)
+        assert labels and all(len(label.partition(".")[2]) <= 4 for label in labels), labels
+        lo, hi = ax.get_ylim()
+        assert lo <= 10.78985 and hi >= 10.78993, "the data stays inside the axes"
+    plt.close(fig)
+
+
+def test_format_y_axis_widens_only_spans_too_small_to_read():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from rftlab.experiments.report import format_y_axis
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    flat, varied, zero = fig.subplots(1, 3)
+    flat.plot([0, 1, 2], [10.78985, 10.78988, 10.78991])
+    varied.plot([0, 1, 2], [0.2, 0.5, 0.9])
+    zero.plot([0, 1, 2], [0.0, 0.0, 0.0])
+    before = varied.get_ylim()
+    for ax in (flat, varied, zero):
+        format_y_axis(ax)
+    lo, hi = flat.get_ylim()
+    assert hi - lo >= 0.01 * 10.78991 and lo < 10.78985 and hi > 10.78991
+    assert (lo + hi) / 2 == pytest.approx(10.78988)
+    assert varied.get_ylim() == before, "a readable span is left alone"
+    for ax in (flat, varied, zero):
+        labels = _y_tick_labels(fig, ax)
+        assert labels and all(len(label.partition(".")[2]) <= 4 for label in labels), labels
