@@ -1,7 +1,7 @@
 """A table of sample prompts, completions and rewards, every N steps.
 
 W&B gets a ``samples`` table, TensorBoard a ``samples`` text panel (a Markdown table), and every
-other logger (CSV, ...) a ``samples.jsonl`` file in its log folder.
+other logger (CSV, ...) a ``samples.jsonl`` file in its log folder; without a logger, nothing.
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ class CompletionTable(L.Callback):
         tensorboard = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         for logger in tensorboard:
             logger.experiment.add_text("samples", markdown_rows(rows), global_step=step)
-        if not wandb_loggers and not tensorboard and trainer.log_dir:
-            path = Path(trainer.log_dir) / "samples.jsonl"
+        # The first logger's folder, read here: Trainer.log_dir broadcasts from rank 0, a collective
+        # the other processes never join from inside this rank-zero-only branch (a DDP hang).
+        # Without a logger nothing is written (no file appears in the working folder).
+        log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
+        if not wandb_loggers and not tensorboard and log_dir:
+            path = Path(log_dir) / "samples.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 for row in rows:
