@@ -18,6 +18,7 @@ from rftlab.algorithms import (
     SegmentRFT,
 )
 from rftlab.algorithms.sft import SFT, SFTDataModule
+from rftlab import callbacks as _callbacks  # noqa: F401  (registers the default callbacks of every fit)
 from rftlab.models import ForwardOptions, PolicySpec
 from rftlab.rollout import Rollout, RolloutDataModule
 

@@ -24,6 +24,7 @@ from rftlab.algorithms.state import ModuleState
 from rftlab.algorithms.timing import StepTimer
 from rftlab.core import KL_ESTIMATORS, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
+from rftlab.core.plugins import DEFAULT_CALLBACKS
 from rftlab.models.build import PolicySpec, build_policy, frozen_reference
 from rftlab.models.hf import stop_token_ids
 from rftlab.models.loading import load_tokenizer
@@ -259,10 +260,6 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.faults.screen_gradients(self)
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        # Once per Trainer (a validate() after fit() asks again).
-        return [] if any(isinstance(c, StepTimer) for c in self.trainer.callbacks) else [StepTimer()]
-
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim_options.max_grad_norm
         if clip:
@@ -277,10 +274,37 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         return optimizer_with_warmup(opt.optimizer, self.optimizer_param_groups(), self.hparams.lr, opt.weight_decay,
                                      opt.warmup_steps)
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Lightning hook: the registered default callbacks (``DEFAULT_CALLBACKS``) whose type the
+        Trainer does not have yet, so a run built in Python gets what ``rftlab fit`` gets; the
+        user's own (a ``CompletionTable(every_n_steps=3)``) are kept. ``log.default_callbacks=False``
+        leaves only the step timer (the ``timing/*`` metrics of the algorithm)."""
+        # Each type once per Trainer (a validate() after fit() asks again).
+        factories = [StepTimer, *(DEFAULT_CALLBACKS.values() if self.log_options.default_callbacks else [])]
+        added: list[L.Callback] = []
+        for factory in factories:
+            callback = factory()
+            if not any(isinstance(existing, type(callback)) for existing in [*self.trainer.callbacks, *added]):
+                added.append(callback)
+        return added
+
+    def run_config(self) -> dict[str, Any]:
+        """What tells this run from another beyond the hyperparameters Lightning logs itself: the
+        algorithm's import path, and the DataModule's task and options (its ``run_config``)."""
+        config: dict[str, Any] = {"algorithm": f"{type(self).__module__}.{type(self).__qualname__}"}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "run_config"):
+            config.update(datamodule.run_config())
+        return config
+
     def on_fit_start(self) -> None:
         if self.log_options.every_n_steps is not None:
             self.trainer.log_every_n_steps = self.log_options.every_n_steps
+        config = self.run_config()
+        for logger in self.loggers:
+            logger.log_hyperparams(config)
         self.warn_if_nothing_is_saved()
+        self.say_why_kl_is_absent()
         # Evaluated here rather than in on_train_start so that training clocks do not count it.
         self.validate_before_training()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric
 
 from torch import Tensor
 
-from rftlab.core import entropy_from_logits, kl_penalty, masked_mean
+from rftlab.core import KL_ESTIMATORS, entropy_from_logits, kl_penalty, masked_mean
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
 
@@ -18,7 +19,8 @@ class Monitoring:
     Validation steps log ``val/accuracy``, ``val/reward`` and ``val/mean_length`` on the held-out
     split of the DataModule's ``val_dataloader`` (greedy answers, scored by the task's verifier);
     with ``log.validate_at_start`` the untrained policy is evaluated once before the first step and
-    logged at step 0. With beta 0, ``kl.log_every`` still logs the KL to the reference.
+    logged at step 0. With beta 0, ``kl.log_every`` still logs the KL to the reference (by default every 10 steps
+    when LoRA makes the reference free).
     """
 
     def init_validation_metrics(self) -> None:
@@ -53,14 +55,22 @@ class Monitoring:
 
     def monitors_kl(self) -> bool:
         """Whether this step's rollout gets the KL monitor (``kl.log_every``, beta 0 only)."""
-        every = self.kl_options.log_every
+        every = self.kl_options.monitor_every(self.policy_spec.lora)
         return every is not None and self.beta == 0 and self.global_step % every == 0
+
+    def say_why_kl_is_absent(self) -> None:
+        """At fit start: a run at beta 0 that cannot log ``kl`` says so once, and how to get it."""
+        if self.beta == 0 and self.kl_options.monitor_every(self.policy_spec.lora) is None:
+            rank_zero_info("kl is not logged: at beta=0 full fine-tuning keeps no reference policy; "
+                           "lora=True gets it every kl.log_every steps for two no-grad forwards, beta > 0 every step")
 
     def monitored_kl(self, rollout: Rollout) -> float:
         """Masked token mean of KL(policy || reference) on a rollout, for logging only (no grad)."""
         ref = self.batched_logprobs(rollout, reference=True)
         current = rollout.old_logp if rollout.old_logp is not None else self.batched_logprobs(rollout)
-        return float(masked_mean(kl_penalty(current, ref, kind=self.kl_options.estimator), rollout.completion_mask))
+        # An estimator over the sampled tokens (SegmentRFT's "exact" needs logits; k3 stands in).
+        kind = self.kl_options.estimator if self.kl_options.estimator in KL_ESTIMATORS else "k3"
+        return float(masked_mean(kl_penalty(current, ref, kind=kind), rollout.completion_mask))
 
     def token_entropy(self, logits: Tensor, mask: Tensor) -> Tensor:
         """Masked mean entropy of the policy at the completion tokens (a monitoring metric)."""

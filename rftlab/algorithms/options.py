@@ -62,7 +62,8 @@ class KLOptions(OptionGroup):
         horizon: horizon of the adaptive controller, in sequences.
         log_every: with beta 0 (no KL term, no reference forward), still log ``kl`` every n steps
             (two extra no-grad forwards on those steps); needs a reference: LoRA (the adapter switched
-            off) or beta > 0. None never.
+            off) or beta > 0. "auto": every 10 steps when the reference is free (LoRA), else never
+            (full fine-tuning keeps no copy of the start policy at beta 0; the run says so). None never.
     """
 
     group: ClassVar[str] = "kl"
@@ -70,12 +71,26 @@ class KLOptions(OptionGroup):
     in_reward: bool = False
     target: float | None = None
     horizon: int = 10_000
-    log_every: int | None = None
+    log_every: int | Literal["auto"] | None = "auto"
+
+    #: Steps between KL logs of ``log_every="auto"`` when a reference is free.
+    AUTO_LOG_EVERY: ClassVar[int] = 10
 
     def validate(self) -> None:
         self.require(self.target is None or self.target > 0, "target", "None or > 0")
         self.require(self.horizon >= 1, "horizon", ">= 1")
-        self.require(self.log_every is None or self.log_every >= 1, "log_every", ">= 1 or None")
+        self.require(self.log_every in ("auto", None) or (isinstance(self.log_every, int) and self.log_every >= 1),
+                     "log_every", "'auto', an integer >= 1 or None")
+
+    def monitor_every(self, has_reference: bool) -> int | None:
+        """Steps between KL logs at beta 0 (None: never), ``log_every`` with "auto" resolved.
+
+        Args:
+            has_reference: whether a reference policy is kept (LoRA, or beta > 0).
+        """
+        if self.log_every == "auto":
+            return self.AUTO_LOG_EVERY if has_reference else None
+        return self.log_every
 
     def check_for(self, algorithm: str, estimators: list[str], in_reward_supported: bool, has_reference: bool,
                   target_supported: bool = False) -> None:
@@ -93,7 +108,7 @@ class KLOptions(OptionGroup):
                                                 ("target", None, target_supported, "PPO's")):
             self.require(supported or getattr(self, name) == default, name,
                          f"{default!r} for {algorithm} ({owner} option)")
-        self.require(self.log_every is None or has_reference, "log_every",
+        self.require(self.log_every in ("auto", None) or has_reference, "log_every",
                      "None for full fine-tuning with beta=0 (no reference model is kept: use lora=True or beta > 0)")
 
 
@@ -136,11 +151,14 @@ class LogOptions(OptionGroup):
         every_n_steps: overrides the Trainer's ``log_every_n_steps`` (its default 50 suits
             supervised training, not RL steps that take seconds); None keeps the Trainer's.
         validate_at_start: evaluate the held-out split before the first step (logged at step 0).
+        default_callbacks: add the registered default callbacks the Trainer lacks (training clock,
+            sample table, W&B layout, atomic checkpoint writes; ``rftlab.core.plugins.DEFAULT_CALLBACKS``).
     """
 
     group: ClassVar[str] = "log"
     every_n_steps: int | None = 1
     validate_at_start: bool = True
+    default_callbacks: bool = True
 
     def validate(self) -> None:
         self.require(self.every_n_steps is None or self.every_n_steps >= 1, "every_n_steps", ">= 1 or None")

@@ -9,6 +9,13 @@ from rftlab.callbacks.clock import TrainClock
 from rftlab.callbacks.dashboards import PhaseTimer, RolloutHistograms
 from rftlab.callbacks.samples import CompletionTable
 from rftlab.callbacks.wandb import RFTWandbLogger, WandbMetrics, make_wandb_logger, wandb_mode
+from rftlab.core.plugins import DEFAULT_CALLBACKS
+
+# What `rftlab fit` adds by default, for runs built in Python too (see RFTModule.configure_callbacks).
+DEFAULT_CALLBACKS.register("train_clock", TrainClock, overwrite=True)
+DEFAULT_CALLBACKS.register("completion_table", lambda: CompletionTable(every_n_steps=10), overwrite=True)
+DEFAULT_CALLBACKS.register("wandb_metrics", WandbMetrics, overwrite=True)
+DEFAULT_CALLBACKS.register("atomic_checkpoints", AtomicCheckpoints, overwrite=True)
 
 __all__ = [
     "AtomicCheckpointIO", "AtomicCheckpoints", "CheckpointWriteError", "ResumableCheckpoint", "RFTWandbLogger",

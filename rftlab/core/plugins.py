@@ -13,10 +13,18 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from rftlab.core.registry import Registry
+
+#: Callbacks every fit of an rftlab algorithm gets unless the Trainer already has one of the same
+#: type: name -> a function returning the callback. ``rftlab.callbacks`` registers the training
+#: clock, the sample table, the W&B layout and atomic checkpoint writes; register your own the same
+#: way. ``log.default_callbacks=False`` turns them off for a module.
+DEFAULT_CALLBACKS: Registry[Callable[[], Any]] = Registry("default callback")
 
 
 def current_folder_on_path() -> None:

@@ -80,6 +80,10 @@ class Registry(Generic[F]):
                 f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
             ) from None
 
+    def values(self) -> list[F]:
+        """The registered callables, in registration order."""
+        return list(self._entries.values())
+
     def names(self) -> list[str]:
         """The registered names, sorted."""
         return sorted(self._entries)

@@ -83,6 +83,10 @@ class RunJob:
         # The run's seed also seeds the random initialisation (the "tiny" model, value heads).
         policy = {"model": policy} if isinstance(policy, str) else dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else dict(policy)
         options["policy"] = {**policy, "seed": self.seed}
+        log = options.get("log")
+        if not self.dashboards and (log is None or isinstance(log, Mapping)):
+            # The module would otherwise add the default sample table and W&B layout itself.
+            options["log"] = {"default_callbacks": False, **(log or {})}
         return options
 
     def data_options(self) -> dict[str, Any]:

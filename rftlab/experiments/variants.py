@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rftlab.algorithms.base import RFTModule
+from rftlab.core.describe import jsonable
 from rftlab.core.plugins import import_object
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -182,25 +183,6 @@ def merge_options(shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str
 
 def _is_group(value: Any) -> bool:
     return isinstance(value, Mapping) and "class_path" not in value
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-friendly copy of an option value (objects become their repr, functions their name).
-
-    Args:
-        value: any option value.
-    """
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if inspect.isclass(value):
-        return f"{value.__module__}.{value.__qualname__}"
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    return repr(value)
 
 
 def flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

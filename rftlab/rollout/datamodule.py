@@ -25,9 +25,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 
 from rftlab.core.arguments import check_init_arguments
+from rftlab.core.describe import describe_object, jsonable
 from rftlab.core.plugins import import_object
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
 from rftlab.rewards.pool import EXECUTORS
@@ -167,6 +169,9 @@ class RolloutDataModule(L.LightningDataModule):
     ) -> None:
         check_init_arguments(self, inspect.currentframe())  # types first, the parameter named
         super().__init__()
+        # What the user passed to the most derived constructor (SFTDataModule's own arguments, say),
+        # for the run's logged config.
+        self._init_options = collect_init_args(inspect.currentframe(), [], classes=(RolloutDataModule,))[-1]
         _check_positive("prompts_per_step", prompts_per_step)
         _check_positive("num_generations", num_generations)
         _check_positive("max_new_tokens", max_new_tokens)
@@ -248,6 +253,16 @@ class RolloutDataModule(L.LightningDataModule):
                 f"rewards={list(self.rewards.names)}, seed={self.seed})")
 
     __str__ = __repr__
+
+    def run_config(self) -> dict[str, Any]:
+        """``{"task": ..., "data": ...}``: the task (class, name, settings) and this DataModule's
+        options, JSON-friendly; the algorithm logs them with its own hyperparameters at fit start,
+        so runs from Python and from ``rftlab fit`` can be told apart in W&B."""
+        options = {k: v for k, v in self._init_options.items() if k != "task"}
+        if "rewards" in options:  # the functions in use: the task's when none were given
+            options["rewards"] = dict(zip(self.rewards.names, self.rewards.functions))
+        return {"task": describe_object(self.task), "data": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                                                              **jsonable(options)}}
 
     # ---- protocol with the LightningModule -------------------------------------------------
     def attach(self, module: Any) -> "RolloutDataModule":

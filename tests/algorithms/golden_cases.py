@@ -158,7 +158,10 @@ CASES: dict[str, Case] = {
 def make_module(name: str) -> Any:
     """The module of case ``name``, its policy (and critic/reference) loaded."""
     case = CASES[name]
-    module = case.cls(**case.kwargs)
+    # The values were recorded without the beta-0 KL monitor (a logged metric, not part of the
+    # loss), which LoRA runs now get by default: keep it off so the recorded metric names hold.
+    kwargs = {**case.kwargs, "kl": {"log_every": None, **case.kwargs.get("kl", {})}}
+    module = case.cls(**kwargs)
     module.configure_model()
     return module
 

@@ -82,7 +82,8 @@ def test_grpo_fit_changes_weights_and_logs_every_metric_to_wandb(tmp_path, tiny_
 
 
 def test_no_reference_forward_when_beta_is_zero(tiny_grpo, vary_reward, monkeypatch):
-    module = tiny_grpo(lora=True, beta=0.0)
+    # kl.log_every None: by default LoRA runs log the KL to the reference at step 0 (then every 10).
+    module = tiny_grpo(lora=True, beta=0.0, kl={"log_every": None})
     calls = []
     original = module.policy_logits
 

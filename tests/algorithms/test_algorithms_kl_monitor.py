@@ -63,7 +63,7 @@ def test_kl_is_logged_every_n_steps(tmp_path, vary_reward):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(lora=True, kl={"log_every": 0}), r"kl\.log_every=0 is invalid: must be >= 1 or None"),
+    (dict(lora=True, kl={"log_every": 0}), r"kl\.log_every=0 is invalid: must be 'auto', an integer >= 1 or None"),
     (dict(lora=False, beta=0.0, kl={"log_every": 5}), r"kl\.log_every=5 is invalid.*lora=True or beta > 0"),
 ])
 def test_bad_kl_monitor_settings(kwargs, message):
