@@ -229,7 +229,69 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         return rollout
 
     def check_datamodule(self, datamodule: Any) -> None:
-        """Hook: raise on settings incompatible with the DataModule's (called before any sampling)."""
+        """Hook: raise on settings incompatible with the DataModule's (called before any sampling).
+
+        The base checks that prompt and completion budgets fit the policy's context; an override
+        adds its own checks and calls this one.
+
+        Args:
+            datamodule: the DataModule about to feed this module (``RolloutDataModule`` or a subclass).
+        """
+        self._check_context_length(datamodule)
+
+    def _check_context_length(self, datamodule: Any) -> None:
+        """Raise if ``max_prompt_length`` + a completion budget exceeds the policy's context length.
+
+        Past the context the positions run beyond what the model was built for: training goes on
+        silently on garbage (or fails deep in a kernel), so it is refused before any sampling.
+
+        Args:
+            datamodule: has ``encoder.max_prompt_length``, ``sampling.max_new_tokens`` and
+                ``val_sampling.max_new_tokens``.
+        """
+        limit = self._context_length()
+        if limit is None:
+            return
+        prompt = getattr(getattr(datamodule, "encoder", None), "max_prompt_length", None)
+        for name, budget in self._completion_budgets(datamodule):
+            total = budget + (prompt or 0)
+            if total <= limit:
+                continue
+            # Without prompt truncation (no max_prompt_length) the completion budget alone is known.
+            used = f"max_prompt_length={prompt} + {name}={budget} = {total}" if prompt else f"{name}={budget}"
+            raise ValueError(
+                f"{used} tokens exceeds the context length of policy {self.policy_spec.model!r} "
+                f"({limit} tokens, its config's max_position_embeddings): a prompt and its completion must fit "
+                f"in the context together; lower max_prompt_length or {name}"
+            )
+
+    def _context_length(self) -> int | None:
+        """The policy's context length: from the built policy, else from its config (no weights loaded)."""
+        from rftlab.models.loading import config_context_length, model_context_length
+
+        if self.policy is not None and getattr(self.policy, "config", None) is not None:
+            return config_context_length(self.policy.config)
+        # The DataModule checks before configure_model builds the policy: read the config, once.
+        cached = getattr(self, "_context_length_cache", None)
+        if cached is None or cached[0] != self.policy_spec.model:
+            cached = self._context_length_cache = (self.policy_spec.model, model_context_length(self.policy_spec.model))
+        return cached[1]
+
+    @staticmethod
+    def _completion_budgets(datamodule: Any) -> list[tuple[str, int]]:
+        """(parameter name, tokens) of the DataModule's training and validation completion budgets.
+
+        Args:
+            datamodule: has ``sampling`` and ``val_sampling`` (``SamplingParams``); either may be absent.
+        """
+        budgets: list[tuple[str, int]] = []
+        train = getattr(getattr(datamodule, "sampling", None), "max_new_tokens", None)
+        if train is not None:
+            budgets.append(("max_new_tokens", int(train)))
+        val = getattr(getattr(datamodule, "val_sampling", None), "max_new_tokens", None)
+        if val is not None and val != train:
+            budgets.append(("val_max_new_tokens", int(val)))
+        return budgets
 
     def shape_rewards(self, rollout: Rollout) -> Tensor:
         """Hook: the (N,) rewards the algorithm trains on, from the verifier totals (before dynamic sampling)."""

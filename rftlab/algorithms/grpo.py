@@ -113,6 +113,7 @@ class GRPO(RFTModule):
                      "(set its own ranges in loss.options)")
 
     def check_datamodule(self, datamodule: Any) -> None:
+        super().check_datamodule(datamodule)
         G = datamodule.num_generations
         need = getattr(self.estimator, "min_group_size", self.min_group_size)
         _require(G >= need, "num_generations", G,

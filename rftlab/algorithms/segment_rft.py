@@ -51,9 +51,14 @@ from rftlab.core import (
     whiten,
 )
 from rftlab.models.value_head import ValueHead, values_at
-from rftlab.rewards.critics import ArithmeticStepCritic, Critic
+from rftlab.rewards.critics import ArithmeticStepCritic, Critic, missing_columns
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.sampler import SamplingParams
+
+#: Rows of a lazily generated task checked for the critic's columns (each costs a generation;
+#: generated rows all have the same columns). In-memory lists are checked whole.
+COLUMN_CHECK_ROWS = 1000
+
 
 def token_char_offsets(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:
     """Character offsets of sampled tokens in their decoded text: token i starts at
@@ -134,6 +139,34 @@ class SegmentRFT(RFTModule):
     def configure_extra_modules(self) -> None:
         generator = torch.Generator().manual_seed(self.policy_spec.seed)
         self.value_head = ValueHead(self.policy.config.hidden_size, self.critic_options.head_init_scale, generator=generator)
+
+    # ---- setup checks ----------------------------------------------------------------------
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Also refuse a task whose rows lack a column the step critic reads, before any sampling."""
+        super().check_datamodule(datamodule)
+        self._check_critic_columns(datamodule.task, datamodule.train_rows)
+
+    def _check_critic_columns(self, task: Any, rows: Any) -> None:
+        """Raise if the training rows lack a column of ``step_critic.required_columns``.
+
+        Args:
+            task: the DataModule's task (named in the error).
+            rows: its training rows (dicts), the ones the critic will score.
+        """
+        if not isinstance(rows, (list, tuple)):
+            rows = [rows[i] for i in range(min(len(rows), COLUMN_CHECK_ROWS))]
+        missing = missing_columns(self.step_critic, rows)
+        if not missing:
+            return
+        critic = self.step_critic
+        lacking = ", ".join(f"{c!r} (absent from {n} of the {len(rows)} training rows checked)" for c, n in missing.items())
+        have = sorted({column for row in rows for column in row})
+        raise ValueError(
+            f"{type(self).__name__}'s step critic {critic.name!r} ({type(critic).__name__}) needs the task column(s) "
+            f"{lacking}, which task {getattr(task, 'name', type(task).__name__)!r} lacks; its rows have the columns "
+            f"{', '.join(map(repr, have))}. Use a task with these columns (WordProblems has them), point the critic "
+            f"at columns the task has, or give SegmentRFT a critic that needs none (a JudgeCritic)"
+        )
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         head = list(self.value_head.parameters())

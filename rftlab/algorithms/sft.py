@@ -54,6 +54,7 @@ class SFT(RFTModule):
         if not isinstance(datamodule, SFTDataModule):
             raise ValueError(f"SFT trains on reference solutions: use rftlab.SFTDataModule(task=...), "
                              f"not {type(datamodule).__name__} (which samples completions)")
+        super().check_datamodule(datamodule)  # prompt and answer budgets within the model's context
 
     def compute_loss(self, batch: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.policy_logits(batch)  # temperature 1: the model's own distribution

@@ -41,9 +41,12 @@ class Critic:
     segment last) and the task row of the problem (``answer`` and any reference columns), and
     returns ``Critique(G, S, P)`` with ``len(S) == len(P) == M``, all in [0, 1].
     ``num_unparsed`` counts chains that got neutral scores because the critic's output was unusable.
+    ``required_columns`` names the task columns ``score`` cannot do without; an algorithm checks them
+    against the task's rows before sampling (``missing_columns``).
     """
 
     name = "critic"
+    required_columns: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.num_unparsed = 0
@@ -56,6 +59,17 @@ class Critic:
     ) -> list[Critique]:
         """Score N chains (override to batch a model's forward passes)."""
         return [self.score(p, s, r) for p, s, r in zip(prompts, segments, references)]
+
+
+def missing_columns(critic: Critic, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The critic's required columns that some rows lack, each with the number of rows lacking it.
+
+    Args:
+        critic: the critic whose ``required_columns`` are checked.
+        rows: the task rows it will score (dicts).
+    """
+    counts = {column: sum(column not in row for row in rows) for column in critic.required_columns}
+    return {column: n for column, n in counts.items() if n}
 
 
 # ---------------------------------------------------------------- equations in a line
@@ -110,8 +124,9 @@ def find_equations(line: str, tolerance: float = 1e-6) -> list[Equation]:
     parses (so "Step 2: 5 + 3 = 8" reads "5 + 3", and "1. 5 + 3" reads "5 + 3"); the claimed value
     is the number right after it. Chains ("3 + 4 = 7 * 2 = 14") give one equation per ``=``.
 
-    >>> [(e.lhs, e.claimed, e.correct) for e in find_equations("5 + 3 = 8, then 8 x 2 = 15")]
-    [('5 + 3', 8.0, True), ('8 * 2', 15.0, False)]
+    Examples:
+        >>> [(e.lhs, e.claimed, e.correct) for e in find_equations("5 + 3 = 8, then 8 x 2 = 15")]
+        [('5 + 3', 8.0, True), ('8 * 2', 15.0, False)]
     """
     text = normalise_arithmetic(line)
     found: list[Equation] = []
@@ -171,8 +186,13 @@ class ArithmeticStepCritic(Critic):
             raise ValueError(f"tolerance={tolerance!r} is invalid: must be >= 0")
         self.answer_key, self.steps_key, self.tolerance = answer_key, steps_key, tolerance
 
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """The reference answer and the reference intermediate values: every score reads both."""
+        return (self.answer_key, self.steps_key)
+
     def score(self, prompt: str, segments: Sequence[str], reference: Mapping[str, Any]) -> Critique:
-        for key in (self.answer_key, self.steps_key):
+        for key in self.required_columns:
             if key not in reference:
                 raise KeyError(f"{self.name} needs the task column {key!r}; got {sorted(reference)}")
         if not segments:
