@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric
@@ -11,6 +13,21 @@ from torch import Tensor
 from rftlab.core import KL_ESTIMATORS, entropy_from_logits, kl_penalty, masked_mean
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
+
+
+def limited_batches(total: int, limit: int | float | None) -> int:
+    """How many of ``total`` validation batches ``Trainer(limit_val_batches=limit)`` runs: an int is a
+    count, a float a fraction (at least one batch when above 0), as in Lightning's own loop.
+
+    Args:
+        total: batches in the held-out stream.
+        limit: the Trainer's ``limit_val_batches`` (None: all).
+    """
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        return total if limit >= 1.0 else max(1, int(total * limit)) if limit > 0 else 0
+    return min(total, int(limit))
 
 
 class Monitoring:
@@ -46,8 +63,9 @@ class Monitoring:
         if not stream or self.trainer.limit_val_batches == 0:
             return
         metric = MeanMetric().to(self.device)
+        batches = limited_batches(len(stream), self.trainer.limit_val_batches)
         with torch.inference_mode():
-            for batch in stream:
+            for batch in itertools.islice(stream, batches):
                 metric.update(batch.correct.to(self.device))
         self.initial_val_accuracy = float(metric.compute())
         for logger in self.loggers:

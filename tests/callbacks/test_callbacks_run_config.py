@@ -78,3 +78,31 @@ def test_full_fine_tuning_at_beta_0_says_why_kl_is_absent(tmp_path, caplog):
 def test_bad_kl_log_every(value):
     with pytest.raises(ValueError, match=r"kl\.log_every="):
         GRPO(policy="tiny", lora=True, kl={"log_every": value})
+
+
+@pytest.mark.parametrize("limit, expected", [(1, 1), (2, 2), (0.5, 2), (1.0, 4), (100, 4)])
+def test_validation_before_training_honours_limit_val_batches(tmp_path, limit, expected):
+    # 8 held-out prompts in batches of 2: four batches; Lightning's own validation loop obeys
+    # limit_val_batches, and so must the evaluation before the first step.
+    module = GRPO(policy="tiny", lr=1e-2, lora=True)
+    dm = RolloutDataModule(task=Arithmetic(num_test=8), rewards={"parity": parity}, prompts_per_step=2,
+                           num_generations=2, max_new_tokens=2, val_batch_size=2, val_max_new_tokens=2)
+    served = []
+    original = dm.val_dataloader
+
+    class Counted:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __len__(self):
+            return len(self.stream)
+
+        def __iter__(self):
+            for batch in self.stream:
+                served.append(len(batch.correct))
+                yield batch
+
+    dm.val_dataloader = lambda: Counted(original())
+    fit_tiny(module, dm, 1, tmp_path, limit_val_batches=limit, val_check_interval=10**6,
+             check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    assert len(served) == expected and module.initial_val_accuracy is not None
