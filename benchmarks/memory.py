@@ -9,7 +9,7 @@ GRPO steps with the same settings, and reports:
                      (generation, scoring) and updates, after the model is loaded
   median_step_s      median wall time of one optimizer step (rollout + update), first step excluded
   ckpt_mb / ckpt_weights_mb  Lightning checkpoint with / without optimizer state
-Targets (issue 7): LoRA with beta > 0 at most 10% above beta 0 (no reference copy); QLoRA's peak
+Targets: LoRA with beta > 0 at most 10% above beta 0 (no reference copy); QLoRA's peak
 below LoRA fp32's; a LoRA checkpoint under 5% of the full model's size.
 
     nice -n 10 .venv/bin/python benchmarks/memory.py                         # all 18 configurations
@@ -163,7 +163,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, checked on whatever configurations ran."""
+    """The memory targets above, checked on whatever configurations ran."""
     by = {r["name"]: r for r in results if "error" not in r}
     out = []
     for base in ("lora_fp32", "lora_bf16", "qlora_nf4", "lora_fp32_gc", "lora_bf16_gc", "qlora_nf4_gc"):

@@ -1,4 +1,4 @@
-"""How GRPO's step time and memory grow with the group size G and the completion length (issue 10).
+"""How GRPO's step time and memory grow with the group size G and the completion length.
 
 Grid: G in (4, 8, 16) x max_new_tokens in (32, 64, 128), on SmolLM2-135M-Instruct (policy "default"),
 LoRA, bf16-mixed (or --precision 32-true), 1 prompt per step, beta 0, 2 threads, AdamW.

@@ -3,7 +3,7 @@
 It wires the policy (built from the ``policy`` group, run by ``rftlab.models.PolicyRuntime``) to the
 two protocol methods the RolloutDataModule calls (``generate`` and ``score_rollout``, see
 ``rftlab.rollout.protocol``), to optimisation and to held-out validation. A subclass implements
-``compute_advantages`` and ``compute_loss``; ``GRPO`` shows the pattern (README "Plug-in variants"
+``compute_advantages`` and ``compute_loss``; ``GRPO`` shows the pattern (the docs guide "Plug-in variants"
 lists the hooks a subclass may override).
 """
 

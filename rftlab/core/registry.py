@@ -39,7 +39,7 @@ class Registry(Generic[F]):
     @overload
     def register(self, name: str, fn: F, *, overwrite: bool = False) -> F: ...
 
-    def register(self, name: str, fn: F | None = None, *, overwrite: bool = False):
+    def register(self, name: str, fn: F | None = None, *, overwrite: bool = False) -> "Callable[[F], F] | F":
         """Register ``fn`` under ``name``; without ``fn``, return a decorator that does.
 
         Args:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +249,7 @@ def _finish(C: Tensor, r_answer: Tensor, params: SegmentRewardParams) -> Tensor:
     return torch.cat([R, (params.rho * r_answer).reshape(1)])
 
 
-def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | float, **params) -> Tensor:
+def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | float, **params: Any) -> Tensor:
     """Rewards R_1..R_{M+1} of one chain's segments (the slides, "Segment rewards").
 
     Thought segments k = 1..M::
@@ -295,7 +295,7 @@ def segment_rewards(G: Tensor | float, S: Tensor, P: Tensor, r_answer: Tensor | 
 
 
 def batch_segment_rewards(
-    G: Tensor, S: Sequence[Tensor], P: Sequence[Tensor], r_answer: Tensor, **params
+    G: Tensor, S: Sequence[Tensor], P: Sequence[Tensor], r_answer: Tensor, **params: Any
 ) -> tuple[Tensor, Tensor]:
     """``segment_rewards`` of N chains of different lengths, padded to (N, K), K = max(M_i) + 1.
 

@@ -57,7 +57,7 @@ class Rollout:
         sampler_logp: (N, T) float, log-probs of the sampled tokens as the sampler computed them
             (temperature-scaled, before top-p/top-k), 0 on padding; differs from the trainer's when
             the sampler runs another precision or engine (``forward.sampling_dtype``, vLLM). None
-            when the sampler does not report them (greedy decoding, the "hf" backend).
+            when the sampler does not report them (greedy decoding, the "vllm" backend).
         baseline_rewards: (N,) float, the reward of the greedy completion of each row's prompt,
             drawn by the DataModule when the algorithm asks for it (ReMax's baseline).
         ref_logp: (N, T) float, log-probs of the reference policy (when a KL term is used).

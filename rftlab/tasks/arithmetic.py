@@ -15,7 +15,7 @@ OPERATIONS: dict[str, Callable[[int, int], int]] = {
     "*": lambda a, b: a * b,
 }
 
-# Measured on SmolLM2-135M-Instruct (README, "Prompt design"): with this wording the untrained model
+# Measured on SmolLM2-135M-Instruct (docs: benchmarks, "Learning", "Prompt design"): with this wording the untrained model
 # ends its reply with a number often enough to earn reward, and the answer is read as the LAST
 # number of the reply, because the model tends to restate the question first ("15 + 43 = 58").
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."

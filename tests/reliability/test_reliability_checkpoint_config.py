@@ -12,19 +12,30 @@ from rftlab import GRPO, RolloutDataModule
 from rftlab.callbacks import ResumableCheckpoint
 from rftlab.tasks import Arithmetic
 
-# The README's resume block, verbatim but for the folder.
-README_CALLBACKS = """trainer:
-  callbacks:
-    - class_path: rftlab.callbacks.ResumableCheckpoint
-      init_args: {{dirpath: {dirpath}, every_n_train_steps: 10}}
-"""
+def guide_callbacks_yaml() -> str:
+    """The ResumableCheckpoint YAML of the checkpoints guide, as the page shows it (a format string
+    with its folder as ``{dirpath}``)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from docs_examples import ROOT, blocks
+
+    page = ROOT / "docs" / "guides" / "checkpoints-and-export.md"
+    [code] = [b.code for b in blocks(page) if b.language == "yaml" and "ResumableCheckpoint" in b.code]
+    folder = "runs/grpo_arithmetic/checkpoints"
+    assert folder in code, code
+    return code.replace("{", "{{").replace("}", "}}").replace(folder, "{dirpath}")
 
 
-def test_the_readme_resume_yaml_writes_last_ckpt(tmp_path, vary_reward):
+GUIDE_CALLBACKS = guide_callbacks_yaml()
+
+
+def test_the_guides_checkpoint_yaml_writes_last_ckpt(tmp_path, vary_reward):
     from rftlab.cli import main
 
     config = tmp_path / "run.yaml"
-    config.write_text(README_CALLBACKS.format(dirpath=tmp_path / "checkpoints") + f"""  max_steps: 2
+    config.write_text(GUIDE_CALLBACKS.format(dirpath=tmp_path / "checkpoints") + f"""  max_steps: 2
   default_root_dir: {tmp_path}
   logger: false
   enable_progress_bar: false
