@@ -11,6 +11,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rftlab.rewards.checks import check_finite
+
 # An optional sign, digits with optional thousands separators, an optional decimal part.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 EXTRACT_MODES = ("last", "first")
@@ -50,7 +52,7 @@ class NumericAnswer:
 
     Args:
         extract: which number of the completion is the answer: "last" or "first".
-        tolerance: relative tolerance (absolute below 1).
+        tolerance: relative tolerance (absolute below 1), finite and >= 0.
         answer_key: the task column holding the reference answer.
 
     >>> NumericAnswer()(["so it is 58"], answer=["58"])
@@ -62,8 +64,7 @@ class NumericAnswer:
     def __init__(self, extract: str = "last", tolerance: float = 1e-6, answer_key: str = "answer") -> None:
         if extract not in EXTRACT_MODES:
             raise ValueError(f"extract={extract!r}; valid: {', '.join(EXTRACT_MODES)}")
-        if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        check_finite(type(self).__name__, "tolerance", tolerance, ge=0)
         self.extract = extract
         self.tolerance = tolerance
         self.answer_key = answer_key

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rftlab.rewards.checks import MAX_SECONDS, check_finite
 from rftlab.rewards.pool import EXECUTORS, TIMEOUT, WithTimeout, call_per_sample, is_async
 
 RewardFn = Callable[..., Sequence[float | None]]
@@ -39,11 +40,18 @@ def _excerpt(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _check_scores(name: str, scores: Any, n: int, strict: bool = True) -> tuple[list[float], int]:
+def _check_scores(name: str, scores: Any, n: int, strict: bool = True, first: int = 0) -> tuple[list[float], int]:
     """Validate one function's output: N numbers or None, finite.
 
     Returns (floats with NaN for None, number of junk entries). Junk raises ``RewardError`` when
     ``strict``; otherwise each junk entry scores 0 and is counted (never a silent zero).
+
+    Args:
+        name: the reward's name, for the error.
+        scores: what the function returned.
+        n: how many scores it must return.
+        strict: raise on junk instead of scoring it 0.
+        first: the batch index of ``scores[0]`` (a per-sample call), so the error names the right sample.
     """
     if isinstance(scores, Tensor):
         scores = scores.tolist()
@@ -62,9 +70,9 @@ def _check_scores(name: str, scores: Any, n: int, strict: bool = True) -> tuple[
             out.append(math.nan)  # "does not apply": excluded from the weighted sum
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            problem = f"reward {name!r} returned {value!r} for sample {i}: not a number or None"
+            problem = f"reward {name!r} returned {value!r} for sample {first + i}: not a number or None"
         elif not math.isfinite(float(value)):
-            problem = f"reward {name!r} returned {value!r} for sample {i}: not finite"
+            problem = f"reward {name!r} returned {value!r} for sample {first + i}: not finite"
         else:
             out.append(float(value))
             continue
@@ -102,14 +110,19 @@ class RewardSet:
 
     Args:
         functions: a mapping name -> function, or a list of functions (named by ``reward_name``).
-        weights: one weight per function (default 1.0 each).
+        weights: one finite weight per function (default 1.0 each).
         on_error: "raise" stops training with an error naming the reward and the sample; "zero"
             scores the failing samples 0 and counts them in ``reward/<fn>/errors``.
-        timeout: seconds per sample for every function (None: no timeout). With a timeout, and for
-            ``async`` functions, a function is called once per sample, concurrently (see
-            ``rftlab.rewards.pool``); a function wrapped in ``WithTimeout`` keeps its own settings.
-        timeout_value: the score of a sample whose call timed out (counted in ``timeouts``).
+        timeout: seconds per sample for every function, in (0, ``checks.MAX_SECONDS``], or None for
+            no timeout. With a timeout, and for ``async`` functions, a function is called once per
+            sample, concurrently (see ``rftlab.rewards.pool``); a function wrapped in
+            ``WithTimeout`` keeps its own settings.
+        timeout_value: the score of a sample whose call timed out (finite; counted in ``timeouts``).
         executor: "thread" or "process", for the per-sample calls of ``timeout``.
+
+    A reward function's own scores that are NaN or infinite are junk, like a non-number: with
+    on_error="raise" an error names the reward and the sample; with "zero" the sample scores 0 and
+    is counted in ``errors``.
     """
 
     def __init__(
@@ -121,8 +134,9 @@ class RewardSet:
         timeout_value: float = 0.0,
         executor: str = "thread",
     ) -> None:
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f"reward timeout must be a number > 0 or None, got {timeout!r}")
+        owner = type(self).__name__
+        check_finite(owner, "timeout", timeout, gt=0, le=MAX_SECONDS, allow_none=True)
+        check_finite(owner, "timeout_value", timeout_value)
         if executor not in EXECUTORS:
             raise ValueError(f"reward executor={executor!r}; valid: {', '.join(EXECUTORS)}")
         if isinstance(functions, Mapping):
@@ -141,6 +155,8 @@ class RewardSet:
             weights = [1.0] * len(items)
         if len(weights) != len(items):
             raise ValueError(f"reward_weights: got {len(weights)} weights for {len(items)} reward functions {names}")
+        for i, weight in enumerate(weights):
+            check_finite(owner, f"weights[{i}]", weight)  # a NaN weight would drop its reward from nansum
         if on_error not in ON_ERROR:
             raise ValueError(f"reward on_error={on_error!r}; valid: {', '.join(ON_ERROR)}")
         self.names = names
@@ -196,8 +212,7 @@ class RewardSet:
     def _call_per_sample(
         self, name: str, policy: WithTimeout, completions: list[str], prompts: list[str], columns: dict[str, list]
     ) -> tuple[list[float], int, int]:
-        timeout = policy.timeout if policy.timeout != float("inf") else None
-        raws = call_per_sample(policy.fn, completions, {"prompts": prompts, **columns}, timeout,
+        raws = call_per_sample(policy.fn, completions, {"prompts": prompts, **columns}, policy.limit,
                                policy.executor, policy.max_workers)
         scores: list[float] = []
         n_errors = n_timeouts = 0
@@ -214,7 +229,7 @@ class RewardSet:
                 scores.append(0.0)
                 n_errors += 1
             else:
-                values, junk = _check_scores(name, raw, 1, strict=self.on_error == "raise")
+                values, junk = _check_scores(name, raw, 1, strict=self.on_error == "raise", first=i)
                 scores.extend(values)
                 n_errors += junk
         return scores, n_errors, n_timeouts
@@ -249,7 +264,7 @@ class RewardSet:
                 scores.append(0.0)
                 n_errors += 1
                 continue
-            values, junk = _check_scores(name, raw, 1, strict=self.on_error == "raise")
+            values, junk = _check_scores(name, raw, 1, strict=self.on_error == "raise", first=i)
             scores.extend(values)
             n_errors += junk
         return scores, n_errors

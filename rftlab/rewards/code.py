@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rftlab.rewards.sandbox import Sandbox, SandboxResult
+from rftlab.rewards.checks import check_finite
+from rftlab.rewards.sandbox import Sandbox, SandboxResult, check_limits
 
 # The first fenced block tagged python/py/python3; an unterminated block (a completion cut off by
 # the token budget) runs to the end of the text.
@@ -49,14 +50,15 @@ class CodeExecution:
     ``r_i = (1/|T_i|) sum_t 1[t passes] * 1[t fails with the stubs]``.
 
     Args:
-        timeout: wall seconds per sample (sandbox).
-        memory_mb: address-space limit per process, MiB.
-        max_processes: processes/threads per run.
-        max_output_bytes: output cap per run; more is a violation.
+        timeout: wall seconds per sample (sandbox), in (0, ``checks.MAX_SECONDS``].
+        memory_mb: address-space limit per process, MiB (finite, >= 64).
+        max_processes: processes/threads per run (finite, >= 1).
+        max_output_bytes: output cap per run (finite, >= 1); more is a violation.
         guard: score only tests that fail without the submitted code.
-        violation_value: the score of a run killed for timeout, output or CPU.
+        violation_value: the score of a run killed for timeout, output or CPU (finite).
         tests_key: the task column holding each sample's tests.
-        workers: concurrent sandboxes (default: 2 x CPU cores; runs mostly wait on processes).
+        workers: concurrent sandboxes, an integer >= 1 (default: 2 x CPU cores; runs mostly wait on
+            processes).
         python: sandbox interpreter (default: ``find_interpreter``).
         isolate: use namespaces where the OS allows.
         drop_privileges: run as a fresh unprivileged uid when the trainer is root.
@@ -82,8 +84,12 @@ class CodeExecution:
         isolate: bool = True,
         drop_privileges: bool = True,
     ) -> None:
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be an integer >= 1 or None, got {workers!r}")
+        owner = type(self).__name__
+        # Checked here too, so that the error names CodeExecution rather than the Sandbox it builds.
+        check_limits(owner, timeout, {"memory_mb": memory_mb, "max_processes": max_processes,
+                                      "max_output_bytes": max_output_bytes})
+        check_finite(owner, "violation_value", violation_value)
+        check_finite(owner, "workers", workers, integer=True, ge=1, allow_none=True)
         self.sandbox = Sandbox(timeout=timeout, memory_mb=memory_mb, max_processes=max_processes,
                                max_output_bytes=max_output_bytes, python=python, isolate=isolate,
                                drop_privileges=drop_privileges)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from rftlab.rewards.answers import extract_number, parse_number
+from rftlab.rewards.checks import check_finite
 from rftlab.rewards.expr import SafeExpression
 from rftlab.rewards.graders import _LocalJudge
 
@@ -175,15 +176,14 @@ class ArithmeticStepCritic(Critic):
     Args:
         answer_key: task column of the reference answer.
         steps_key: task column of the reference intermediate values (a list of numbers).
-        tolerance: relative/absolute tolerance of numeric comparisons.
+        tolerance: relative/absolute tolerance of numeric comparisons (finite, >= 0).
     """
 
     name = "arithmetic_steps"
 
     def __init__(self, answer_key: str = "answer", steps_key: str = "steps", tolerance: float = 1e-6) -> None:
         super().__init__()
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance={tolerance!r} is invalid: must be >= 0")
+        check_finite(type(self).__name__, "tolerance", tolerance, ge=0)
         self.answer_key, self.steps_key, self.tolerance = answer_key, steps_key, tolerance
 
     @property
@@ -324,15 +324,15 @@ class HFJudgeCritic(JudgeCritic):
 
     Args:
         model: a local model folder (Hugging Face causal LM with a chat template).
-        max_new_tokens: reply budget per chain (>= 1); the rubric's format needs ~12 tokens a step.
+        max_new_tokens: reply budget per chain (an integer >= 1); the rubric's format needs ~12
+            tokens a step.
         reference_key: see ``JudgeCritic``.
     """
 
     def __init__(self, model: str, max_new_tokens: int = 128, reference_key: str = "solution") -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model={model!r} is invalid: must be a local model folder")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
+        check_finite(type(self).__name__, "max_new_tokens", max_new_tokens, integer=True, ge=1)
         self.model, self.max_new_tokens = model, max_new_tokens
         self._judge = _LocalJudge(model, max_new_tokens)
         super().__init__(self._chat, reference_key=reference_key)

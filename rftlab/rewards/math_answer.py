@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rftlab.rewards.answers import _NUMBER
+from rftlab.rewards.checks import MAX_SECONDS, check_finite
 
 _ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+)", re.IGNORECASE)
 
@@ -80,8 +81,9 @@ class MathAnswer:
 
     Args:
         answer_key: the task column holding the reference answer.
-        tolerance: relative numeric tolerance (absolute below 1); None: math-verify's exact rules.
-        timeout: seconds per sample (> 0).
+        tolerance: relative numeric tolerance (absolute below 1), finite and >= 0; None: math-verify's
+            exact rules.
+        timeout: seconds per sample, in (0, ``checks.MAX_SECONDS``].
 
     >>> MathAnswer()([r"so \\boxed{\\frac{1}{2}}", "Answer: 0.5", "it is 2"], answer=["0.5"] * 3)  # doctest: +SKIP
     [1.0, 1.0, 0.0]
@@ -90,10 +92,8 @@ class MathAnswer:
     name = "math_answer"
 
     def __init__(self, answer_key: str = "answer", tolerance: float | None = None, timeout: float = 5.0) -> None:
-        if tolerance is not None and tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0 or None, got {tolerance}")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a number > 0, got {timeout!r}")
+        check_finite(type(self).__name__, "tolerance", tolerance, ge=0, allow_none=True)
+        check_finite(type(self).__name__, "timeout", timeout, gt=0, le=MAX_SECONDS)
         _load_math_verify()  # a missing dependency is a construction error, not a training error
         self.answer_key = answer_key
         self.tolerance = tolerance

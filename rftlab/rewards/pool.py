@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import multiprocessing
 import pickle
 import threading
@@ -21,6 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
+
+from rftlab.rewards.checks import MAX_SECONDS, check_finite
 
 EXECUTORS = ("thread", "process")
 
@@ -45,11 +48,14 @@ class WithTimeout:
 
     Args:
         fn: the reward function, sync or ``async``.
-        timeout: seconds per sample call (> 0).
-        timeout_value: the score of a timed-out sample.
+        timeout: seconds per sample call, in (0, ``checks.MAX_SECONDS``], or ``math.inf`` for no
+            limit (per-sample concurrent calls without a timeout, as ``RewardSet`` runs ``async``
+            functions).
+        timeout_value: the score of a timed-out sample (finite).
         executor: "thread" (default; the call keeps running after a timeout) or "process" (the
             worker is killed; ``fn`` must be picklable). Ignored for ``async`` functions.
-        max_workers: concurrent calls (default: one per sample for threads, CPU count for processes).
+        max_workers: concurrent calls, an integer >= 1 (default: one per sample for threads, CPU
+            count for processes).
         name: metric name (default: the wrapped function's).
     """
 
@@ -64,12 +70,12 @@ class WithTimeout:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a number > 0, got {timeout!r}")
+        owner = type(self).__name__
+        check_finite(owner, "timeout", timeout, gt=0, le=MAX_SECONDS, allow_inf=True)
+        check_finite(owner, "timeout_value", timeout_value)
         if executor not in EXECUTORS:
             raise ValueError(f"executor={executor!r}; valid: {', '.join(EXECUTORS)}")
-        if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1 or None, got {max_workers}")
+        check_finite(owner, "max_workers", max_workers, integer=True, ge=1, allow_none=True)
         self.fn = fn
         self.timeout = float(timeout)
         self.timeout_value = float(timeout_value)
@@ -82,9 +88,14 @@ class WithTimeout:
 
             self.name = reward_name(fn)
 
+    @property
+    def limit(self) -> float | None:
+        """The timeout as ``call_per_sample`` takes it: None for no limit (thread joins reject inf)."""
+        return None if self.timeout == math.inf else self.timeout
+
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[Any]:
         """Direct use outside RewardSet: per-sample calls, timeouts replaced by ``timeout_value``."""
-        results = call_per_sample(self.fn, list(completions), columns, self.timeout, self.executor, self.max_workers)
+        results = call_per_sample(self.fn, list(completions), columns, self.limit, self.executor, self.max_workers)
         out = []
         for r in results:
             if isinstance(r, BaseException):

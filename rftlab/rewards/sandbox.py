@@ -1,6 +1,8 @@
 """A process sandbox for untrusted model output (code rewards, ``python`` graders).
 
-Standard library only. Each run is a fresh process tree:
+Standard library only, and no other rftlab module than ``checks.py`` (standard library only too), so
+that this file with ``_sandbox_boot.py`` and ``checks.py`` beside it runs under a bare system Python.
+Each run is a fresh process tree:
 
 - ``python -I`` (isolated mode) with an empty environment, started in its own session;
 - new mount, network and pid namespaces where the OS allows (a user namespace too when the trainer
@@ -36,6 +38,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+try:
+    from rftlab.rewards.checks import MAX_SECONDS, check_finite
+except ModuleNotFoundError:  # loaded as a lone file beside checks.py, without rftlab (see the module docstring)
+    from checks import MAX_SECONDS, check_finite  # type: ignore[no-redef]
+
 BOOT = Path(__file__).with_name("_sandbox_boot.py")
 MODES = ("asserts", "grader", "script")
 INTERPRETER_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
@@ -43,6 +50,9 @@ INTERPRETER_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 # run's processes can be told apart from everything else on the machine by uid alone.
 UID_BASE, UID_SPAN = 1_000_000, 1 << 30
 _LIMIT_NAMES = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE")
+#: The least allowed value of each size limit of ``Sandbox``.
+MINIMUM_SIZES = {"memory_mb": 64, "max_processes": 1, "max_open_files": 16, "max_file_mb": 1, "disk_mb": 1,
+                 "max_output_bytes": 1}
 
 
 class SandboxError(RuntimeError):
@@ -64,6 +74,8 @@ class SandboxResult:
         stdout, stderr: the first ``max_output_bytes`` of output, decoded.
         seconds: wall time.
         network_isolated, filesystem_isolated, pid_isolated: what isolation the OS granted.
+        ipc_isolated: System V IPC objects of the run live in its own namespace and die with it.
+        keyring_isolated: the run has its own, empty session keyring, not the trainer's.
         uid: the uid the code ran as (None: the trainer's own).
     """
 
@@ -80,6 +92,8 @@ class SandboxResult:
     network_isolated: bool = False
     filesystem_isolated: bool = False
     pid_isolated: bool = False
+    ipc_isolated: bool = False
+    keyring_isolated: bool = False
     uid: int | None = None
 
 
@@ -123,22 +137,41 @@ def find_interpreter(python: str | None = None, uid: int | None = None) -> tuple
     )
 
 
+def check_limits(owner: str, timeout: float, sizes: dict[str, float]) -> None:
+    """Raise a ValueError naming the first invalid ``Sandbox`` limit (also for classes that build one).
+
+    Sizes are finite numbers (not bools) at least their ``MINIMUM_SIZES``; they are truncated to
+    integers. An infinite size is not "unlimited": ``setrlimit`` needs an integer.
+
+    Args:
+        owner: the class named in the error.
+        timeout: wall-clock seconds per run, in (0, ``checks.MAX_SECONDS``].
+        sizes: size limit name (a key of ``MINIMUM_SIZES``) -> value.
+    """
+    check_finite(owner, "timeout", timeout, gt=0, le=MAX_SECONDS)
+    for name, value in sizes.items():
+        check_finite(owner, name, value, ge=MINIMUM_SIZES[name])
+
+
 class Sandbox:
     """Runs untrusted Python in a separate, isolated, resource-limited process tree.
 
     Args:
-        timeout: wall-clock seconds per run (> 0); the process tree is killed after it.
+        timeout: wall-clock seconds per run, in (0, ``checks.MAX_SECONDS``]; the process tree is
+            killed after it.
         memory_mb: address-space limit per process, in MiB (>= 64).
-        cpu_seconds: CPU-time limit per process (default: ceil(timeout) + 1).
+        cpu_seconds: CPU-time limit per process, an integer >= 1 (default: ceil(timeout) + 1).
         max_processes: processes and threads the run may have at once (>= 1; a fork bomb stops here).
         max_open_files: open file descriptors per process (>= 16).
-        max_file_mb: largest file the code may write, in MiB.
-        disk_mb: size of the private tmpfs holding /work and /tmp, in MiB.
-        max_output_bytes: stdout + stderr kept; a run printing more is killed ("output_limit").
+        max_file_mb: largest file the code may write, in MiB (>= 1).
+        disk_mb: size of the private tmpfs holding /work and /tmp, in MiB (>= 1).
+        max_output_bytes: stdout + stderr kept (>= 1); a run printing more is killed ("output_limit").
         python: interpreter path (default: ``find_interpreter()``).
         isolate: use namespaces (mount, network, pid) where the OS allows.
         drop_privileges: when running as root, run the code as a fresh unprivileged uid. Turning it
             off runs untrusted code as root inside the namespaces: only for debugging.
+
+    Every limit is a finite number (none can be infinite, "unlimited"); see ``check_limits``.
     """
 
     def __init__(
@@ -155,14 +188,11 @@ class Sandbox:
         isolate: bool = True,
         drop_privileges: bool = True,
     ) -> None:
-        checks = [("timeout", timeout, 0), ("memory_mb", memory_mb, 64), ("max_processes", max_processes, 1),
-                  ("max_open_files", max_open_files, 16), ("max_file_mb", max_file_mb, 1), ("disk_mb", disk_mb, 1),
-                  ("max_output_bytes", max_output_bytes, 1)]
-        for name, value, low in checks:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low or (name == "timeout" and value <= 0):
-                raise ValueError(f"{name} must be a number {'> 0' if name == 'timeout' else '>= ' + str(low)}, got {value!r}")
-        if cpu_seconds is not None and (not isinstance(cpu_seconds, int) or cpu_seconds < 1):
-            raise ValueError(f"cpu_seconds must be an integer >= 1 or None, got {cpu_seconds!r}")
+        owner = type(self).__name__
+        check_limits(owner, timeout, {"memory_mb": memory_mb, "max_processes": max_processes,
+                                      "max_open_files": max_open_files, "max_file_mb": max_file_mb,
+                                      "disk_mb": disk_mb, "max_output_bytes": max_output_bytes})
+        check_finite(owner, "cpu_seconds", cpu_seconds, integer=True, ge=1, allow_none=True)
         if python is not None and not os.path.exists(python):
             raise ValueError(f"python={python!r} does not exist")
         self.timeout = float(timeout)
@@ -328,6 +358,8 @@ def _parse_report(data: bytes, result: SandboxResult) -> bool:
     result.network_isolated = bool(status.get("network_isolated"))
     result.filesystem_isolated = bool(status.get("filesystem_isolated"))
     result.pid_isolated = bool(status.get("pid_isolated"))
+    result.ipc_isolated = bool(status.get("ipc_isolated"))
+    result.keyring_isolated = bool(status.get("keyring_isolated"))
     if report is None:
         return False
     result.error = report.get("error")

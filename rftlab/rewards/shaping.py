@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rftlab.rewards.checks import check_finite
+
 UNITS = ("chars", "words", "tokens")
 
 
@@ -41,8 +43,8 @@ class LengthPenalty:
     Formula: ``r = -coef * max(0, L - max_length) / max_length`` with ``L`` the completion length.
 
     Args:
-        max_length: the length allowed without penalty (>= 1).
-        coef: the penalty per ``max_length`` of excess (>= 0).
+        max_length: the length allowed without penalty (an integer >= 1).
+        coef: the penalty per ``max_length`` of excess (finite, >= 0).
         unit: "chars", "words" or "tokens".
         tokenizer: for unit="tokens".
         name: the metric name.
@@ -53,10 +55,8 @@ class LengthPenalty:
 
     def __init__(self, max_length: int, coef: float = 1.0, unit: str = "words", tokenizer: Any = None,
                  name: str = "length_penalty") -> None:
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
-        if coef < 0:
-            raise ValueError(f"coef must be >= 0, got {coef}")
+        check_finite(type(self).__name__, "max_length", max_length, integer=True, ge=1)
+        check_finite(type(self).__name__, "coef", coef, ge=0)
         self.length = _Length(unit, tokenizer)
         self.max_length, self.coef, self.name = max_length, float(coef), name
 
@@ -84,8 +84,8 @@ class SoftOverlong:
     """DAPO's soft overlong penalty as a reward (see ``soft_overlong``).
 
     Args:
-        max_len: L_max, the hard length budget.
-        cache_len: L_cache, the width of the linear zone (0 < cache_len < max_len).
+        max_len: L_max, the hard length budget (an integer >= 2).
+        cache_len: L_cache, the width of the linear zone (an integer, 0 < cache_len < max_len).
         unit: "chars", "words" or "tokens" (DAPO counts tokens: pass the policy's tokenizer).
         tokenizer: for unit="tokens".
         name: the metric name.
@@ -96,8 +96,9 @@ class SoftOverlong:
 
     def __init__(self, max_len: int, cache_len: int, unit: str = "tokens", tokenizer: Any = None,
                  name: str = "overlong") -> None:
-        if not (isinstance(max_len, int) and isinstance(cache_len, int) and 0 < cache_len < max_len):
-            raise ValueError(f"need integers 0 < cache_len < max_len, got cache_len={cache_len!r}, max_len={max_len!r}")
+        owner = type(self).__name__
+        check_finite(owner, "max_len", max_len, integer=True, ge=2)
+        check_finite(owner, "cache_len", cache_len, integer=True, ge=1, le=max_len - 1)
         self.length = _Length(unit, tokenizer)
         self.max_len, self.cache_len, self.name = max_len, cache_len, name
 
@@ -114,8 +115,8 @@ class RepetitionPenalty:
         r = (1 - |set(G)| / |G|) * max_penalty       (0 when the text has fewer than n words)
 
     Args:
-        ngram_size: n (>= 1).
-        max_penalty: the penalty of a fully repeated text (<= 0).
+        ngram_size: n (an integer >= 1).
+        max_penalty: the penalty of a fully repeated text (finite, <= 0).
         name: the metric name.
 
     >>> RepetitionPenalty(ngram_size=2, max_penalty=-1.0)(["a b a b a", "a b c d"])
@@ -123,10 +124,8 @@ class RepetitionPenalty:
     """
 
     def __init__(self, ngram_size: int = 3, max_penalty: float = -1.0, name: str = "repetition_penalty") -> None:
-        if not isinstance(ngram_size, int) or ngram_size < 1:
-            raise ValueError(f"ngram_size must be an integer >= 1, got {ngram_size!r}")
-        if max_penalty > 0:
-            raise ValueError(f"max_penalty must be <= 0, got {max_penalty}")
+        check_finite(type(self).__name__, "ngram_size", ngram_size, integer=True, ge=1)
+        check_finite(type(self).__name__, "max_penalty", max_penalty, le=0)
         self.ngram_size, self.max_penalty, self.name = ngram_size, float(max_penalty), name
 
     def __call__(self, completions: Sequence[str], **_: Any) -> list[float]:

@@ -248,7 +248,7 @@ def test_unprivileged_trainer_gets_user_namespaces(tmp_path):
     try:
         os.chmod(work, 0o755)
         source = Path(__file__).resolve().parents[2] / "rftlab" / "rewards"
-        for name in ("sandbox.py", "_sandbox_boot.py"):
+        for name in ("sandbox.py", "_sandbox_boot.py", "checks.py"):
             shutil.copy(source / name, work)
         driver = Path(work) / "driver.py"
         driver.write_text(textwrap.dedent("""
