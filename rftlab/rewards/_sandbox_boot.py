@@ -3,7 +3,8 @@
 Standard library only: it runs under the sandbox interpreter (e.g. Debian's /usr/bin/python3), not
 the trainer's environment. It reads one JSON job from stdin, then, in this order:
 
-1. new namespaces: user (only when not root), mount, network (no interfaces but a down loopback), pid;
+1. new namespaces: user (only when not root), mount, network (no interfaces but a down loopback),
+   IPC (System V objects die with the run), pid; and a new, empty session keyring;
 2. a fresh root on a size-capped tmpfs: /usr (and any interpreter prefix) bound read-only, /dev with
    null/zero/random/urandom, a writable /work (the cwd) and /tmp, nothing else; ``pivot_root`` into
    it and detach the old root, so no host file is reachable, readable or writable;
@@ -27,10 +28,13 @@ import signal
 import sys
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWIPC = 0x08000000
+KEYCTL_JOIN_SESSION_KEYRING = 1
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # syscall numbers (asm/unistd.h); glibc has no wrapper
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -60,6 +64,13 @@ def _enter_user_namespace() -> bool:
         with open(path, "w") as f:
             f.write(text)
     return True
+
+
+def _new_session_keyring() -> bool:
+    """Join a new, empty session keyring: the trainer's (login secrets, tokens) is no longer the
+    job's, so ``KEY_SPEC_SESSION_KEYRING`` reaches nothing of the host."""
+    call = _SYS_KEYCTL.get(os.uname().machine)
+    return call is not None and _libc.syscall(call, KEYCTL_JOIN_SESSION_KEYRING, None) >= 0
 
 
 def _bind(source: str, target: str, readonly: bool) -> None:
@@ -202,7 +213,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     status = {"network_isolated": False, "filesystem_isolated": False, "pid_isolated": False,
-              "user_namespace": False, "uid": spec.get("uid")}
+              "ipc_isolated": False, "keyring_isolated": False, "user_namespace": False, "uid": spec.get("uid")}
     if spec["isolate"]:
         if os.geteuid() != 0:
             try:
@@ -210,6 +221,10 @@ def main() -> None:
             except OSError:
                 status["user_namespace"] = False
         status["network_isolated"] = _unshare(CLONE_NEWNET)
+        # System V shared memory, semaphores and message queues of a private IPC namespace are
+        # destroyed with it: nothing the job creates outlives the run or is seen by the host.
+        status["ipc_isolated"] = _unshare(CLONE_NEWIPC)
+        status["keyring_isolated"] = _new_session_keyring()
         if _unshare(CLONE_NEWNS):
             try:
                 uid = spec["uid"] if spec.get("uid") is not None else 0
