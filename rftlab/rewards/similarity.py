@@ -114,4 +114,6 @@ def cosine(candidate: str, reference: str, embedder: Callable[[list[str]], Seque
     u, v = embedder([candidate, reference])
     dot = sum(x * y for x, y in zip(u, v))
     norm = math.sqrt(sum(x * x for x in u)) * math.sqrt(sum(y * y for y in v))
-    return max(0.0, min(1.0, dot / norm)) if norm else 0.0
+    value = dot / norm if norm else 0.0
+    # min(1.0, nan) is 1.0: a NaN from an embedder must score the minimum, not the maximum.
+    return max(0.0, min(1.0, value)) if math.isfinite(value) else 0.0

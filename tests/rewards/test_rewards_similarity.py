@@ -89,3 +89,11 @@ def test_cosine_with_an_embedder():
     embed = lambda texts: [vectors[t] for t in texts]  # noqa: E731
     assert cosine("a", "b", embed) == pytest.approx(1 / math.sqrt(2))
     assert cosine("a", "c", embed) == 0.0  # negative similarity clipped to 0
+
+
+def test_cosine_of_a_nan_embedding_scores_the_minimum():
+    # min(1.0, nan) is 1.0 in Python: a broken embedder must not hand out full reward.
+    from rftlab.rewards.similarity import cosine
+
+    assert cosine("a", "b", lambda texts: [[float("nan"), 1.0], [1.0, 1.0]]) == 0.0
+    assert cosine("a", "b", lambda texts: [[1.0, 0.0], [1.0, 0.0]]) == 1.0
