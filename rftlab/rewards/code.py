@@ -98,6 +98,8 @@ class CodeExecution:
         self.tests_key = tests_key
         self.workers = workers or 2 * (os.cpu_count() or 1)
         self.last_results: list[SandboxResult] = []
+        #: Runs whose report the harness cannot have written (forged by the code): scored as failures.
+        self.malformed_reports = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "last_results": []}  # pickled into workers without old results
@@ -118,6 +120,7 @@ class CodeExecution:
             with ThreadPoolExecutor(min(self.workers, len(jobs))) as pool:
                 results = list(pool.map(lambda job: self.run(*job), jobs))
         self.last_results = results
+        self.malformed_reports += sum(r.violation == "malformed_report" for r in results)
         return [self.score(result, len(t)) for result, t in zip(results, tests)]
 
     def run(self, completion: str, tests: list[str]) -> SandboxResult:
@@ -133,4 +136,5 @@ class CodeExecution:
         passed = result.passed
         if self.guard and result.guard_passed is not None:
             passed = [p and not g for p, g in zip(passed, result.guard_passed)]
-        return sum(passed) / n_tests
+        # The sandbox already refuses a report with more verdicts than tests; bound it here too.
+        return min(1.0, max(0.0, sum(passed) / n_tests))

@@ -69,7 +69,8 @@ class SandboxResult:
         guard_passed: per test, whether it passed with the submission's functions stubbed out.
         value: the grader's return value (grader mode).
         error: the submission's or grader's exception, if one was raised ("SystemExit: 0" ...).
-        violation: "timeout", "output_limit", "cpu_limit", "crashed" or None.
+        violation: "timeout", "output_limit", "cpu_limit", "crashed", "malformed_report" (a report
+            the harness cannot have written: forged by the code, or damaged) or None.
         returncode: exit code of the sandbox process (128 + signal when killed).
         stdout, stderr: the first ``max_output_bytes`` of output, decoded.
         seconds: wall time.
@@ -283,8 +284,10 @@ class Sandbox:
         result.returncode = proc.returncode
         result.stdout = outputs["stdout"].decode(errors="replace")
         result.stderr = outputs["stderr"].decode(errors="replace")
-        reported = _parse_report(outputs["result"], result)
-        if violation is None and not reported:
+        reported = _parse_report(outputs["result"], result, len(spec["tests"] or []) if spec["mode"] == "asserts" else None)
+        if violation is None and reported == "malformed":
+            violation = "malformed_report"
+        elif violation is None and reported == "missing":
             violation = "cpu_limit" if proc.returncode == 128 + signal.SIGXCPU else "crashed"
         result.violation = violation
         if uid is not None and (violation is not None or not result.pid_isolated):
@@ -340,37 +343,84 @@ def _binds(prefix: str) -> list[str]:
     return binds
 
 
-def _parse_report(data: bytes, result: SandboxResult) -> bool:
-    """Fill ``result`` from the result pipe; False when the job never reported."""
+def _report_problem(report: dict[str, Any], n_tests: int | None) -> str | None:
+    """Why a job's report cannot be the harness's (None when it is well-formed).
+
+    The submission runs in the process that writes the report, so the report is checked like any
+    untrusted input: one verdict per test, booleans only, a finite number as a grader's value.
+
+    Args:
+        report: the decoded report line.
+        n_tests: how many tests ran (asserts mode), None otherwise.
+    """
+    if not isinstance(report.get("stage"), str) or not isinstance(report.get("error"), (str, type(None))):
+        return "stage and error must be a string and a string or null"
+    if report["stage"] != "done":
+        return None
+    for key in ("passed", "guard_passed"):
+        if key not in report:
+            continue
+        verdicts = report[key]
+        if not isinstance(verdicts, list) or not all(isinstance(v, bool) for v in verdicts):
+            return f"{key} must be a list of booleans"
+        if n_tests is not None and len(verdicts) != n_tests:
+            return f"{key} has {len(verdicts)} verdicts for {n_tests} tests"
+    value = report.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        return "value must be a finite number"
+    return None
+
+
+def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None) -> str:
+    """Fill ``result`` from the result pipe: "ok", "missing" (the job never reported) or "malformed"
+    (a report the harness cannot have written: more than one, or one that fails ``_report_problem``).
+
+    Args:
+        data: every byte the job wrote to the result pipe.
+        result: filled in place.
+        n_tests: how many tests ran (asserts mode), None otherwise.
+    """
     status: dict[str, Any] = {}
-    report: dict[str, Any] | None = None
+    reports: list[dict[str, Any]] = []
+    malformed: str | None = None
     for line in data.decode(errors="replace").splitlines():
         try:
             obj = json.loads(line)
         except ValueError:
+            malformed = malformed or "a line that is not JSON"
             continue
         if not isinstance(obj, dict):
+            malformed = malformed or "a line that is not a JSON object"
             continue
-        if "status" in obj and not status:
-            status = obj["status"]
+        if "status" in obj and not status and not reports:
+            status = obj["status"] if isinstance(obj["status"], dict) else {}  # written before the job starts
         elif "stage" in obj:
-            report = obj  # the harness reports last; see the module docstring of _sandbox_boot
+            reports.append(obj)
+        else:
+            malformed = malformed or "a line that is neither status nor report"
     result.network_isolated = bool(status.get("network_isolated"))
     result.filesystem_isolated = bool(status.get("filesystem_isolated"))
     result.pid_isolated = bool(status.get("pid_isolated"))
     result.ipc_isolated = bool(status.get("ipc_isolated"))
     result.keyring_isolated = bool(status.get("keyring_isolated"))
-    if report is None:
-        return False
+    if not reports and malformed is None:
+        return "missing"
+    if len(reports) > 1:
+        malformed = f"{len(reports)} reports (the harness writes one)"
+    malformed = malformed or _report_problem(reports[0], n_tests)
+    if malformed is not None:
+        result.error = f"malformed report: {malformed}"
+        return "malformed"
+    report = reports[0]
     result.error = report.get("error")
-    if report.get("stage") == "done":
+    if report["stage"] == "done":
         result.completed = True
-        result.passed = [bool(p) for p in report.get("passed", [])]
+        result.passed = list(report.get("passed", []))
         if "guard_passed" in report:
-            result.guard_passed = [bool(p) for p in report["guard_passed"]]
+            result.guard_passed = list(report["guard_passed"])
         if report.get("value") is not None:
             result.value = float(report["value"])
-    return True
+    return "ok"
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

@@ -1,0 +1,87 @@
+"""The parent checks every report it reads from the sandbox: a forged or malformed one is a failure.
+
+The submission runs in the process that writes the report, so it can write one of its own to the
+result pipe (its number is in ``sys.argv``). Whatever it writes, the score stays in [0, 1], the
+reward never raises, the forgery is counted, and the next honest sample still scores right.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rftlab.rewards import CodeExecution, RewardSet
+from rftlab.rewards.sandbox import SandboxResult, _parse_report
+
+ADD = "def add(a, b):\n    return a + b\n"
+TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return CodeExecution(timeout=2.0, memory_mb=256, max_processes=8, max_output_bytes=4096)
+
+
+def _forge(report: str, then_exit: bool = True) -> str:
+    return textwrap.dedent(f"""
+        import os, sys
+        os.write(int(sys.argv[1]), ({report!r} + "\\n").encode())
+        {"os._exit(0)" if then_exit else ""}
+    """) + ADD
+
+
+@pytest.mark.parametrize("report, then_exit", [
+    ('{"stage": "done", "passed": [' + ", ".join(["true"] * 20) + '], "error": null}', True),  # 20 passes for 2 tests
+    ('{"stage": "done", "passed": "yes", "error": null}', True),                             # not a list
+    ('{"stage": "done", "passed": [1, 2], "error": null}', True),                            # not booleans
+    ('{"stage": "done", "passed": [true, true], "guard_passed": "no", "error": null}', True),
+    ('{"stage": "done", "passed": [true, true], "error": null}', False),                     # then the real one
+])
+def test_a_forged_report_is_a_counted_failure(reward, report, then_exit):
+    before = reward.malformed_reports
+    score = reward([_forge(report, then_exit)], tests=[TESTS])[0]
+    assert 0.0 <= score <= 1.0
+    assert score == 0.0 and reward.last_results[0].violation == "malformed_report"
+    assert reward.malformed_reports == before + 1
+    assert reward([ADD], tests=[TESTS])[0] == 1.0
+
+
+@pytest.mark.parametrize("value", ["1e999", '"1.0"', "true", "[1]"])
+def test_a_grader_value_that_is_not_a_finite_number_is_malformed(value):
+    result = SandboxResult()
+    data = ('{"status": {}}\n{"stage": "done", "value": ' + value + ', "error": null}\n').encode()
+    assert _parse_report(data, result) == "malformed"
+    assert result.value is None and not result.completed
+
+
+def test_through_the_reward_set_nothing_raises(reward):
+    rewards = RewardSet({"code": reward})
+    result = rewards.score([_forge('{"stage": "done", "passed": {"a": 1}}')], ["p"], [{"tests": TESTS}])
+    assert float(result.total[0]) == 0.0 and not any(result.errors.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))), max_size=4))
+def test_no_report_bytes_break_the_parser(lines):
+    # Arbitrary lines on the result pipe: a result that is either a failure or a well-formed report.
+    result = SandboxResult()
+    data = ('{"status": {"network_isolated": true}}\n' + "\n".join(lines)).encode("utf-8", "replace")
+    _parse_report(data, result, n_tests=2)
+    assert result.passed == [] or (len(result.passed) == 2 and all(isinstance(p, bool) for p in result.passed))
+    assert result.value is None or math.isfinite(result.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([
+    "import os, sys\n", "os.write(int(sys.argv[1]), b'{\"stage\": \"done\", \"passed\": [true, true, true]}\\n')\n",
+    "os.write(int(sys.argv[1]), b'\\xff\\xfe not json\\n')\n", "os._exit(0)\n", "raise SystemExit(3)\n",
+    "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n", "print('x' * 10)\n",
+    "import builtins\nbuiltins.AssertionError = ValueError\n", "1/0\n",
+]), max_size=6).map("".join) | st.text(max_size=120))
+def test_no_submission_string_scores_outside_0_1_or_raises(reward, submission):
+    score = reward([submission], tests=[TESTS])[0]
+    assert 0.0 <= score <= 1.0
