@@ -136,6 +136,7 @@ def _job(spec: dict, result_fd: int, fs_isolated: bool) -> None:
 def _run_harness(spec: dict, result_fd: int) -> None:
     """Execute the submission and the checks; write one JSON result line to ``result_fd``."""
     write, me, dumps = os.write, os.getpid(), json.dumps  # private references: the code may patch os
+    plain = _plain_encoder()  # built before the submission runs, from the builtins as they are now
 
     def report(result: dict) -> None:
         if os.getpid() == me:  # a process forked by the submission does not speak for the run
@@ -151,6 +152,11 @@ def _run_harness(spec: dict, result_fd: int) -> None:
         report({"stage": "done"})
     elif spec["mode"] == "grader":
         _run_grader(spec, namespace, report)
+    elif spec["mode"] == "values":
+        result = {"stage": "done", "values": _evaluate(spec["tests"], namespace, plain)}
+        if spec.get("guard"):
+            result["guard_values"] = _evaluate(spec["tests"], _no_op(namespace), plain)
+        report(result)
     else:
         passed = _run_tests(spec["tests"], namespace)
         result = {"stage": "done", "passed": passed}
@@ -169,6 +175,56 @@ def _run_tests(tests: list[str], namespace: dict) -> list[bool]:
         except BaseException:  # noqa: BLE001 - a test that raises anything, SystemExit included, fails
             passed.append(False)
     return passed
+
+
+def _plain_encoder():
+    """A function turning a value into tagged JSON data, or None when it is not plain data.
+
+    Only exact built-in types cross (no subclasses, no objects with their own ``__eq__``): the
+    trainer decodes them into fresh values of its own and compares there, so nothing the
+    submission defines takes part in deciding a test.
+    """
+    kind, scalars = type, (type(None), bool, int, float, str)
+    is_finite_float = lambda x: x == x and x not in (float("inf"), float("-inf"))  # noqa: E731
+
+    def encode(value, budget=[0], depth=0):  # noqa: B006 - a counter shared by one call tree
+        budget[0] += 1
+        if budget[0] > 10_000 or depth > 20:
+            return None
+        t = kind(value)
+        if t in scalars:
+            if t is float and not is_finite_float(value):
+                return {"float": repr(value)}
+            if t is int and abs(value) > 2 ** 63:
+                return {"int": str(value)}
+            return {"v": value}
+        if t is list or t is tuple:
+            items = [encode(v, budget, depth + 1) for v in value]
+            return None if None in items else {t.__name__: items}
+        if t is dict:
+            if not all(kind(k) is str for k in value):
+                return None
+            items = {k: encode(v, budget, depth + 1) for k, v in value.items()}
+            return None if None in items.values() else {"dict": items}
+        return None
+
+    def run(value):
+        return encode(value, [0])
+
+    return run
+
+
+def _evaluate(expressions: list[str], namespace: dict, plain) -> list:
+    """Each expression's value as tagged plain data, or {"error": ...} (raised, or not plain data)."""
+    out = []
+    for expression in expressions:
+        scope = dict(namespace)
+        try:
+            value = plain(eval(compile(expression, "test.py", "eval"), scope))
+            out.append(value if value is not None else {"error": "not plain data"})
+        except BaseException as err:  # noqa: BLE001 - an expression that raises anything fails
+            out.append({"error": str(type(err).__name__)[:100]})
+    return out
 
 
 def _no_op(namespace: dict) -> dict:

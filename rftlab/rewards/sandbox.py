@@ -44,7 +44,7 @@ except ModuleNotFoundError:  # loaded as a lone file beside checks.py, without r
     from checks import MAX_SECONDS, check_finite  # type: ignore[no-redef]
 
 BOOT = Path(__file__).with_name("_sandbox_boot.py")
-MODES = ("asserts", "grader", "script")
+MODES = ("asserts", "values", "grader", "script")
 INTERPRETER_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 # Unique per-run uids are drawn from this range (well above any distribution's user range), so a
 # run's processes can be told apart from everything else on the machine by uid alone.
@@ -75,6 +75,8 @@ class SandboxResult:
         stdout, stderr: the first ``max_output_bytes`` of output, decoded.
         seconds: wall time.
         network_isolated, filesystem_isolated, pid_isolated: what isolation the OS granted.
+        values, guard_values: "values" mode: each expression's value, decoded by the trainer from
+            plain data (``FAILED`` where it raised or was not plain data).
         ipc_isolated: System V IPC objects of the run live in its own namespace and die with it.
         keyring_isolated: the run has its own, empty session keyring, not the trainer's.
         uid: the uid the code ran as (None: the trainer's own).
@@ -95,6 +97,8 @@ class SandboxResult:
     pid_isolated: bool = False
     ipc_isolated: bool = False
     keyring_isolated: bool = False
+    values: list[Any] | None = None
+    guard_values: list[Any] | None = None
     uid: int | None = None
 
 
@@ -221,8 +225,10 @@ class Sandbox:
         item: Any = None,
     ) -> SandboxResult:
         """Run ``code``; then, by ``mode``: "asserts" runs each of ``tests`` (Python statements) in
-        the code's namespace; "grader" calls the code's ``grade(sample, item)``; "script" nothing.
-        ``guard`` (asserts mode) re-runs the tests with the code's functions stubbed out."""
+        the code's namespace; "values" evaluates each of ``tests`` (Python expressions) there and
+        returns their values as plain data (``SandboxResult.values``) for the trainer to judge;
+        "grader" calls the code's ``grade(sample, item)``; "script" nothing. ``guard`` (asserts
+        and values modes) re-runs the tests with the code's functions stubbed out."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; valid: {', '.join(MODES)}")
         uid = UID_BASE + secrets.randbelow(UID_SPAN) if (self.drop_privileges and os.geteuid() == 0) else None
@@ -284,7 +290,9 @@ class Sandbox:
         result.returncode = proc.returncode
         result.stdout = outputs["stdout"].decode(errors="replace")
         result.stderr = outputs["stderr"].decode(errors="replace")
-        reported = _parse_report(outputs["result"], result, len(spec["tests"] or []) if spec["mode"] == "asserts" else None)
+        counted = spec["mode"] in ("asserts", "values")
+        required = {"asserts": "passed", "values": "values"}.get(spec["mode"])
+        reported = _parse_report(outputs["result"], result, len(spec["tests"] or []) if counted else None, required)
         if violation is None and reported == "malformed":
             violation = "malformed_report"
         elif violation is None and reported == "missing":
@@ -343,7 +351,45 @@ def _binds(prefix: str) -> list[str]:
     return binds
 
 
-def _report_problem(report: dict[str, Any], n_tests: int | None) -> str | None:
+#: An expression that raised, or returned something that is not plain data.
+FAILED = object()
+#: A value that the harness cannot have encoded.
+MALFORMED = object()
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def decode_plain(obj: Any, depth: int = 0) -> Any:
+    """A value of the "values" mode, rebuilt from its tagged JSON by the trainer: fresh built-in
+    objects only, so comparing them runs none of the submission's code. ``FAILED`` for
+    ``{"error": ...}``, ``MALFORMED`` for anything the harness does not write.
+
+    Args:
+        obj: one tagged value (``{"v": 3}``, ``{"tuple": [...]}``, ``{"float": "nan"}`` ...).
+        depth: nesting so far (bounded).
+    """
+    if not isinstance(obj, dict) or len(obj) != 1 or depth > 21:
+        return MALFORMED
+    (tag, data), = obj.items()
+    if tag == "error":
+        return FAILED if isinstance(data, str) else MALFORMED
+    if tag == "v":
+        return data if type(data) in _SCALARS and (type(data) is not float or math.isfinite(data)) else MALFORMED
+    if tag == "float":
+        return float(data) if data in ("nan", "inf", "-inf") else MALFORMED
+    if tag == "int":
+        return int(data) if isinstance(data, str) and data.lstrip("-").isdigit() and len(data) < 5000 else MALFORMED
+    if tag in ("list", "tuple") and isinstance(data, list):
+        items = [decode_plain(v, depth + 1) for v in data]
+        if any(v is MALFORMED for v in items):
+            return MALFORMED
+        return items if tag == "list" else tuple(items)
+    if tag == "dict" and isinstance(data, dict):
+        items = {k: decode_plain(v, depth + 1) for k, v in data.items()}
+        return MALFORMED if any(v is MALFORMED for v in items.values()) else items
+    return MALFORMED
+
+
+def _report_problem(report: dict[str, Any], n_tests: int | None, required: str | None = None) -> str | None:
     """Why a job's report cannot be the harness's (None when it is well-formed).
 
     The submission runs in the process that writes the report, so the report is checked like any
@@ -352,11 +398,14 @@ def _report_problem(report: dict[str, Any], n_tests: int | None) -> str | None:
     Args:
         report: the decoded report line.
         n_tests: how many tests ran (asserts mode), None otherwise.
+        required: the key a finished report of this mode must hold ("passed", "values").
     """
     if not isinstance(report.get("stage"), str) or not isinstance(report.get("error"), (str, type(None))):
         return "stage and error must be a string and a string or null"
     if report["stage"] != "done":
         return None
+    if required is not None and required not in report:
+        return f"a finished run reports {required}"
     for key in ("passed", "guard_passed"):
         if key not in report:
             continue
@@ -365,13 +414,19 @@ def _report_problem(report: dict[str, Any], n_tests: int | None) -> str | None:
             return f"{key} must be a list of booleans"
         if n_tests is not None and len(verdicts) != n_tests:
             return f"{key} has {len(verdicts)} verdicts for {n_tests} tests"
+    for key in ("values", "guard_values"):
+        if key in report:
+            if not isinstance(report[key], list) or (n_tests is not None and len(report[key]) != n_tests):
+                return f"{key} must be a list of one value per expression"
+            if any(decode_plain(v) is MALFORMED for v in report[key]):
+                return f"{key} holds a value that is not tagged plain data"
     value = report.get("value")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
         return "value must be a finite number"
     return None
 
 
-def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None) -> str:
+def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None, required: str | None = None) -> str:
     """Fill ``result`` from the result pipe: "ok", "missing" (the job never reported) or "malformed"
     (a report the harness cannot have written: more than one, or one that fails ``_report_problem``).
 
@@ -379,6 +434,7 @@ def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None
         data: every byte the job wrote to the result pipe.
         result: filled in place.
         n_tests: how many tests ran (asserts mode), None otherwise.
+        required: the key a finished report must hold ("passed" in asserts mode, "values").
     """
     status: dict[str, Any] = {}
     reports: list[dict[str, Any]] = []
@@ -407,7 +463,7 @@ def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None
         return "missing"
     if len(reports) > 1:
         malformed = f"{len(reports)} reports (the harness writes one)"
-    malformed = malformed or _report_problem(reports[0], n_tests)
+    malformed = malformed or _report_problem(reports[0], n_tests, required)
     if malformed is not None:
         result.error = f"malformed report: {malformed}"
         return "malformed"
@@ -420,6 +476,9 @@ def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None
             result.guard_passed = list(report["guard_passed"])
         if report.get("value") is not None:
             result.value = float(report["value"])
+        for key in ("values", "guard_values"):
+            if key in report:
+                setattr(result, key, [decode_plain(v) for v in report[key]])
     return "ok"
 
 
