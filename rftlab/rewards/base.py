@@ -95,6 +95,9 @@ class RewardResult:
         seconds: per function, wall time spent scoring.
         timeouts: per function, how many samples overran their timeout and got the timeout value
             (logged as ``reward/<fn>/timeouts``).
+        counts: per function, what its own counters (``fn.counters``) rose by during this call, when
+            non-zero (logged as ``reward/<fn>/count/<counter>``: forged sandbox reports, completions
+            missing a field a grader reads, unusable judge replies).
     """
 
     total: Tensor
@@ -103,6 +106,7 @@ class RewardResult:
     errors: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     timeouts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class RewardSet:
@@ -178,10 +182,12 @@ class RewardSet:
         errors: dict[str, int] = {}
         seconds: dict[str, float] = {}
         timeouts: dict[str, int] = {}
+        counts: dict[str, dict[str, int]] = {}
         for j, (name, fn) in enumerate(zip(self.names, self.functions)):
             start = time.perf_counter()
             policy = self._timeout_policy(fn)
             own_before = _own_timeouts(fn)
+            counters_before = reward_counters(fn)
             if policy is None:
                 scores, n_errors = self._call(name, fn, completions, prompts, columns)
             else:
@@ -191,13 +197,16 @@ class RewardSet:
                 # `timeouts`; add what this call counted. Calls in a process pool count in the
                 # workers' copies, which this process does not see.
                 timeouts[name] = timeouts.get(name, 0) + _own_timeouts(fn) - own_before
+            rose = {k: v - counters_before.get(k, 0) for k, v in reward_counters(fn).items()}
+            if any(d > 0 for d in rose.values()):
+                counts[name] = {k: d for k, d in rose.items() if d > 0}
             seconds[name] = time.perf_counter() - start
             per_fn[:, j] = torch.tensor(scores, dtype=torch.float32)
             errors[name] = n_errors
         weights = torch.tensor(self.weights, dtype=torch.float32)
         total = torch.nansum(per_fn * weights, dim=1)
         return RewardResult(total=total, per_fn=per_fn, names=list(self.names), errors=errors, seconds=seconds,
-                            timeouts=timeouts)
+                            timeouts=timeouts, counts=counts)
 
     def _timeout_policy(self, fn: RewardFn) -> WithTimeout | None:
         """How to call ``fn``: None for one plain batch call, else per sample with these settings."""
@@ -268,6 +277,24 @@ class RewardSet:
             scores.extend(values)
             n_errors += junk
         return scores, n_errors
+
+
+def reward_counters(fn: Any) -> dict[str, int]:
+    """The counters a reward function keeps itself: the integer attributes named in its ``counters``
+    (``CodeExecution``: ``malformed_reports``; graders: ``missing_fields``, ``unparsed``).
+
+    Calls in a process pool count in the workers' copies, which this process does not see.
+
+    Args:
+        fn: the reward function (``WithTimeout`` is unwrapped).
+    """
+    inner = fn.fn if isinstance(fn, WithTimeout) else fn
+    out = {}
+    for name in getattr(inner, "counters", ()) or ():
+        value = getattr(inner, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def _own_timeouts(fn: Any) -> int | None:

@@ -126,6 +126,9 @@ class CodeExecution:
 
     name = "code_execution"
 
+    #: Counters ``RewardSet`` logs as ``reward/<fn>/count/<name>`` when they rise.
+    counters = ("malformed_reports",)
+
     def __init__(
         self,
         timeout: float = 5.0,

@@ -310,6 +310,8 @@ class Grader:
     range: Interval = UNBOUNDED
     missing_fields = 0
     unparsed = 0
+    #: Counters ``RewardSet`` logs as ``reward/<fn>/count/<name>`` when they rise.
+    counters = ("missing_fields", "unparsed")
 
     def grade(self, sample: Mapping[str, Any], item: Mapping[str, Any]) -> float:
         raise NotImplementedError

@@ -543,7 +543,9 @@ class RolloutDataModule(L.LightningDataModule):
         # Algorithm-specific shaping (e.g. DAPO's overlong penalty) happens before dynamic sampling
         # looks at the group variance, so the filter sees the rewards the advantages will use.
         rollout.rewards = module.shape_rewards(rollout)
-        return rollout, {"reward_errors": dict(scored.errors), "reward_timeouts": dict(getattr(scored, "timeouts", {}))}
+        counts = {f"{fn}/{counter}": n for fn, rose in getattr(scored, "counts", {}).items() for counter, n in rose.items()}
+        return rollout, {"reward_errors": dict(scored.errors), "reward_timeouts": dict(getattr(scored, "timeouts", {})),
+                         "reward_counts": counts}
 
     def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float],
                          errors: dict[str, dict[str, int]]) -> dict[str, float]:
@@ -571,6 +573,10 @@ class RolloutDataModule(L.LightningDataModule):
                 count = errors.get(kind, {}).get(name, 0)
                 if count:
                     metrics[f"reward/{name}/{suffix}"] = float(count)
+            for key, count in errors.get("reward_counts", {}).items():
+                fn, _, counter = key.rpartition("/")
+                if fn == name and count:
+                    metrics[f"reward/{name}/count/{counter}"] = float(count)
         return metrics
 
 

@@ -62,7 +62,7 @@ def reduce_metrics(metrics: dict[str, float], weight: float) -> dict[str, float]
     out: dict[str, float] = {}
     for key in sorted({k for m, _ in everyone for k in m}):
         pairs = [(m[key], w) for m, w in everyone if key in m]
-        if key.endswith(SUMMED_SUFFIXES):
+        if key.endswith(SUMMED_SUFFIXES) or "/count/" in key:  # counts add up over processes
             out[key] = float(sum(v for v, _ in pairs))
             continue
         finite = [(v, w) for v, w in pairs if not math.isnan(v)]
