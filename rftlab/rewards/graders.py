@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import ast
 import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rftlab.rewards.checks import check_finite
 from rftlab.rewards.expr import ExpressionError, SafeExpression
 from rftlab.rewards.sandbox import Sandbox
 from rftlab.rewards.similarity import bleu, cosine, fuzzy_ratio, rouge_l, rouge_n
@@ -155,20 +155,9 @@ def make_sample(completion: str) -> dict[str, Any]:
 
 
 # ---- numbers and ranges --------------------------------------------------------------------------------
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _finite(owner: str, keyword: str, value: Any) -> float:
-    """``value`` as a float; ValueError naming ``owner`` and ``keyword`` unless a finite number.
-
-    Args:
-        owner: the class named in the error.
-        keyword: the parameter named in the error.
-        value: the value given.
-    """
-    if not _is_real(value) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {keyword}={value!r} is invalid: must be a finite number")
+    """``value`` as a float once ``check_finite`` accepted it (a finite number, not a bool)."""
+    check_finite(owner, keyword, value)
     return float(value)
 
 
