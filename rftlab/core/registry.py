@@ -16,6 +16,7 @@ after which ``aggregate(..., mode="my-agg")`` (and any config that names ``"my-a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from typing import Generic, TypeVar, overload
 
 F = TypeVar("F", bound=Callable)
@@ -170,10 +171,21 @@ def check_plugin_options(
 def takes_input(fn: Callable, name: str) -> bool:
     """Whether a registered piece names the keyword input ``name`` (or takes any keyword).
 
+    Cached per piece: ``call_plugin`` asks it for every supplied input at every loss and advantage
+    call (an unhashable callable, such as an ``eq=True`` dataclass instance, is inspected each time).
+
     Args:
         fn: the registered function.
         name: the input an algorithm may supply (``"kl"``, ``"eps_high"``, ...).
     """
+    try:
+        return _takes_input(fn, name)
+    except TypeError:  # unhashable: no cache entry possible
+        return _takes_input.__wrapped__(fn, name)
+
+
+@lru_cache(maxsize=None)
+def _takes_input(fn: Callable, name: str) -> bool:
     import inspect
 
     params = inspect.signature(fn).parameters

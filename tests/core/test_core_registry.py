@@ -123,3 +123,23 @@ def test_public_names():
                  "aggregate", "kl_penalty", "gae", "whiten", "value_loss", "explained_variance",
                  "overlong_penalty", "Registry", "AGGREGATIONS", "ADVANTAGE_SCALES", "KL_ESTIMATORS"]:
         assert name in core.__all__ and hasattr(core, name)
+
+
+def test_takes_input_reads_the_signature_of_plain_and_unhashable_callables():
+    from dataclasses import dataclass
+
+    from rftlab.core.registry import takes_input
+
+    @dataclass
+    class Piece:  # eq=True makes instances unhashable: no cache entry, same answer
+        scale: float = 1.0
+
+        def __call__(self, logp, kl=None):
+            return logp
+
+    def plain(logp, eps_high=0.2):
+        return logp
+
+    assert takes_input(Piece(), "kl") and not takes_input(Piece(), "eps_high")
+    assert takes_input(plain, "eps_high") and not takes_input(plain, "kl")
+    assert takes_input(lambda logp, **kw: logp, "anything")
