@@ -18,7 +18,8 @@ def jsonable(value: Any, depth: int = 0) -> Any:
 
     Args:
         value: any option value.
-        depth: how deep inside other values this one is (objects deeper than 3 levels become their repr).
+        depth: how deep inside other values this one is (objects deeper than 3 levels become
+            their class path, "<module.Class>").
     """
     if value is None or isinstance(value, (bool, int, float)):
         return value

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -356,6 +357,7 @@ FAILED = object()
 #: A value that the harness cannot have encoded.
 MALFORMED = object()
 _SCALARS = (type(None), bool, int, float, str)
+_INTEGER = re.compile(r"-?[0-9]{1,4000}")
 
 
 def decode_plain(obj: Any, depth: int = 0) -> Any:
@@ -377,7 +379,8 @@ def decode_plain(obj: Any, depth: int = 0) -> Any:
     if tag == "float":
         return float(data) if data in ("nan", "inf", "-inf") else MALFORMED
     if tag == "int":
-        return int(data) if isinstance(data, str) and data.lstrip("-").isdigit() and len(data) < 5000 else MALFORMED
+        # ASCII digits only: str.isdigit also accepts "²", which int() then refuses with a ValueError.
+        return int(data) if isinstance(data, str) and _INTEGER.fullmatch(data) else MALFORMED
     if tag in ("list", "tuple") and isinstance(data, list):
         items = [decode_plain(v, depth + 1) for v in data]
         if any(v is MALFORMED for v in items):

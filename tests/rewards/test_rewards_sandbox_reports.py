@@ -85,3 +85,25 @@ def test_no_report_bytes_break_the_parser(lines):
 def test_no_submission_string_scores_outside_0_1_or_raises(reward, submission):
     score = reward([submission], tests=[TESTS])[0]
     assert 0.0 <= score <= 1.0
+
+
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                     max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_JSON, st.dictionaries(st.sampled_from(["v", "int", "float", "list", "tuple", "dict", "error"]), _JSON,
+                                        min_size=1, max_size=1)))
+def test_decode_plain_never_raises(obj):
+    # A forged "values" report is decoded in the trainer: whatever it holds, decoding must not raise.
+    from rftlab.rewards.sandbox import decode_plain
+
+    decode_plain(obj)
+
+
+@pytest.mark.parametrize("digits", ["--5", "²", "٣", "1_000", " 5", ""])
+def test_a_forged_big_integer_is_malformed_not_a_crash(digits):
+    from rftlab.rewards.sandbox import MALFORMED, decode_plain
+
+    assert decode_plain({"int": digits}) is MALFORMED
