@@ -78,6 +78,8 @@ class Monitoring:
 
     def say_why_kl_is_absent(self) -> None:
         """At fit start: a run at beta 0 that cannot log ``kl`` says so once, and how to get it."""
+        if getattr(self, "trains_on_references", False):
+            return  # SFT: no policy drifts from a reference by sampling; kl means nothing there
         if self.beta == 0 and self.kl_options.monitor_every(self.policy_spec.lora) is None:
             rank_zero_info("kl is not logged: at beta=0 full fine-tuning keeps no reference policy; "
                            "lora=True gets it every kl.log_every steps for two no-grad forwards, beta > 0 every step")

@@ -180,3 +180,11 @@ def test_rftlab_fit_runs_the_sft_config(tmp_path, monkeypatch):
     ])
     assert isinstance(cli.model, SFT) and cli.trainer.global_step == 2
     assert "loss/nll" in cli.trainer.callback_metrics
+
+
+def test_sft_does_not_say_why_kl_is_absent(tmp_path, caplog):
+    # The message is for RL runs at beta 0; SFT has no sampled policy drifting from a reference.
+    module = _sft(lr=1e-2)
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        fit_tiny(module, _data(), 1, tmp_path)
+    assert not [r for r in caplog.records if "kl is not logged" in r.getMessage()]
