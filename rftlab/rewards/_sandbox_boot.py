@@ -187,7 +187,7 @@ def _plain_encoder():
     kind, scalars = type, (type(None), bool, int, float, str)
     is_finite_float = lambda x: x == x and x not in (float("inf"), float("-inf"))  # noqa: E731
 
-    def encode(value, budget=[0], depth=0):  # noqa: B006 - a counter shared by one call tree
+    def encode(value, budget, depth=0):  # budget: [items so far], shared by one call tree
         budget[0] += 1
         if budget[0] > 10_000 or depth > 20:
             return None
