@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 from collections.abc import Sequence
@@ -10,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rftlab.rewards.checks import check_finite
-from rftlab.rewards.sandbox import FAILED, Sandbox, SandboxResult, check_limits
+from rftlab.rewards.sandbox import Sandbox, SandboxResult, check_limits
 
 # The first fenced block tagged python/py/python3; an unterminated block (a completion cut off by
 # the token budget) runs to the end of the text.
@@ -29,67 +28,12 @@ def extract_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-def split_test(test: str) -> tuple[str, Any, str] | None:
-    """``assert <expression> == <literal>`` (or ``is True/False/None``) -> (the expression's
-    source, the literal's value, "==" or "is").
-
-    Such a test is judged by the trainer: only the expression runs in the sandbox, its value comes
-    back as plain data, and the expected value never enters the sandbox, so the submission can
-    neither read it nor take part in the comparison. Any other test gives None (run as an assert).
-
-    Args:
-        test: one test statement.
-    """
-    try:
-        tree = ast.parse(test)
-    except SyntaxError:
-        return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or tree.body[0].msg is not None:
-        return None
-    check = tree.body[0].test
-    if not (isinstance(check, ast.Compare) and len(check.ops) == 1 and isinstance(check.ops[0], (ast.Eq, ast.Is))):
-        return None
-    try:
-        expected = ast.literal_eval(check.comparators[0])
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
-    if isinstance(check.ops[0], ast.Is):
-        if expected not in (True, False, None) or type(expected) not in (bool, type(None)):
-            return None
-        return ast.unparse(check.left), expected, "is"
-    return ast.unparse(check.left), expected, "=="
-
-
 def _as_tests(value: Any, index: int) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, Sequence) and all(isinstance(t, str) for t in value):
         return list(value)
     raise ValueError(f"tests[{index}] must be a list of Python assert statements, got {type(value).__name__}")
-
-
-def _holds(value: Any, check: tuple[Any, str]) -> bool:
-    # Both sides are built by the trainer (decode_plain, literal_eval): comparing runs no submitted code.
-    expected, op = check
-    if value is FAILED:
-        return False
-    try:
-        return value is expected if op == "is" else bool(value == expected)
-    except Exception:  # noqa: BLE001 - plain data compares without raising; stay closed if not
-        return False
-
-
-def judge_values(result: SandboxResult, checks: list[tuple[Any, str]]) -> None:
-    """Fill ``result.passed`` (and ``guard_passed``) by comparing the returned values with the tests'.
-
-    Args:
-        result: a "values" mode result (its ``values`` decoded from plain data).
-        checks: per test, (expected value, "==" or "is"), in order.
-    """
-    if result.completed and result.values is not None:
-        result.passed = [_holds(v, c) for v, c in zip(result.values, checks)]
-        if result.guard_values is not None:
-            result.guard_passed = [_holds(v, c) for v, c in zip(result.guard_values, checks)]
 
 
 class CodeExecution:
@@ -183,17 +127,7 @@ class CodeExecution:
         return [self.score(result, len(t)) for result, t in zip(results, tests)]
 
     def run(self, completion: str, tests: list[str]) -> SandboxResult:
-        """Run one completion's code and tests in the sandbox.
-
-        When every test is ``assert <expression> == <literal>`` (``split_test``), the sandbox only
-        evaluates the expressions and the trainer compares their plain-data values with the
-        expected ones, which never enter the sandbox; other tests run as asserts inside it.
-        """
-        split = [split_test(t) for t in tests]
-        if tests and all(s is not None for s in split):
-            result = self.sandbox.run(extract_code(completion), [s[0] for s in split], mode="values", guard=self.guard)
-            judge_values(result, [(s[1], s[2]) for s in split])
-            return result
+        """Run one completion's code and tests in the sandbox (the tests in its judge process)."""
         return self.sandbox.run(extract_code(completion), tests, mode="asserts", guard=self.guard)
 
     def score(self, result: SandboxResult, n_tests: int) -> float:

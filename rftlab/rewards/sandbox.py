@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import secrets
 import selectors
 import shutil
@@ -45,7 +44,7 @@ except ModuleNotFoundError:  # loaded as a lone file beside checks.py, without r
     from checks import MAX_SECONDS, check_finite  # type: ignore[no-redef]
 
 BOOT = Path(__file__).with_name("_sandbox_boot.py")
-MODES = ("asserts", "values", "grader", "script")
+MODES = ("asserts", "grader", "script")
 INTERPRETER_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 # Unique per-run uids are drawn from this range (well above any distribution's user range), so a
 # run's processes can be told apart from everything else on the machine by uid alone.
@@ -70,14 +69,13 @@ class SandboxResult:
         guard_passed: per test, whether it passed with the submission's functions stubbed out.
         value: the grader's return value (grader mode).
         error: the submission's or grader's exception, if one was raised ("SystemExit: 0" ...).
-        violation: "timeout", "output_limit", "cpu_limit", "crashed", "malformed_report" (a report
-            the harness cannot have written: forged by the code, or damaged) or None.
+        violation: "timeout", "output_limit", "cpu_limit", "crashed", "malformed_report" (the code
+            answered the judge with something its harness cannot have written, or a report is
+            damaged) or None.
         returncode: exit code of the sandbox process (128 + signal when killed).
         stdout, stderr: the first ``max_output_bytes`` of output, decoded.
         seconds: wall time.
         network_isolated, filesystem_isolated, pid_isolated: what isolation the OS granted.
-        values, guard_values: "values" mode: each expression's value, decoded by the trainer from
-            plain data (``FAILED`` where it raised or was not plain data).
         ipc_isolated: System V IPC objects of the run live in its own namespace and die with it.
         keyring_isolated: the run has its own, empty session keyring, not the trainer's.
         uid: the uid the code ran as (None: the trainer's own).
@@ -98,8 +96,6 @@ class SandboxResult:
     pid_isolated: bool = False
     ipc_isolated: bool = False
     keyring_isolated: bool = False
-    values: list[Any] | None = None
-    guard_values: list[Any] | None = None
     uid: int | None = None
 
 
@@ -225,11 +221,13 @@ class Sandbox:
         sample: Any = None,
         item: Any = None,
     ) -> SandboxResult:
-        """Run ``code``; then, by ``mode``: "asserts" runs each of ``tests`` (Python statements) in
-        the code's namespace; "values" evaluates each of ``tests`` (Python expressions) there and
-        returns their values as plain data (``SandboxResult.values``) for the trainer to judge;
-        "grader" calls the code's ``grade(sample, item)``; "script" nothing. ``guard`` (asserts
-        and values modes) re-runs the tests with the code's functions stubbed out."""
+        """Run ``code``; then, by ``mode``: "asserts" runs each of ``tests`` (Python statements)
+        against the code's names, "grader" calls the code's ``grade(sample, item)``, "script"
+        nothing. ``guard`` (asserts mode) re-runs the tests with the code's functions and classes
+        stubbed out.
+
+        The tests run in a separate judge process that the code cannot reach; the code's names
+        are handles there, and every call crosses as plain data (see ``_sandbox_boot``)."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; valid: {', '.join(MODES)}")
         uid = UID_BASE + secrets.randbelow(UID_SPAN) if (self.drop_privileges and os.geteuid() == 0) else None
@@ -243,12 +241,12 @@ class Sandbox:
             if uid is not None:
                 os.chown(work, uid, uid)
             spec = {
-                "code": code, "tests": list(tests or []), "mode": mode, "guard": guard,
+                "code": code, "mode": mode, "guard": guard,
                 "sample": sample, "item": item, "uid": uid, "gid": uid, "isolate": self.isolate,
                 "root": os.path.join(tmp, "root"), "workdir": work, "disk_mb": self.disk_mb,
                 "binds": _binds(prefix), "limits": self._limits(uid),
             }
-            return self._execute(python, spec, uid)
+            return self._execute(python, spec, list(tests or []), uid)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -261,7 +259,7 @@ class Sandbox:
         values = (self.cpu_seconds, self.memory_mb << 20, self.max_open_files, self.max_file_mb << 20, nproc, 0)
         return dict(zip(_LIMIT_NAMES, values))
 
-    def _execute(self, python: str, spec: dict, uid: int | None) -> SandboxResult:
+    def _execute(self, python: str, spec: dict, tests: list[str], uid: int | None) -> SandboxResult:
         start = time.perf_counter()
         read_fd, write_fd = os.pipe()
         try:
@@ -276,8 +274,11 @@ class Sandbox:
         finally:
             os.close(write_fd)
         result = SandboxResult(uid=uid)
+        # The spec, prefixed by its length, then the tests: the bootstrap reads the tests only after
+        # it has forked the job, so they are never in the job's memory.
+        header = json.dumps(spec).encode()
         try:
-            proc.stdin.write(json.dumps(spec).encode())
+            proc.stdin.write(b"%15d\n" % len(header) + header + json.dumps(tests).encode())
             proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -291,9 +292,9 @@ class Sandbox:
         result.returncode = proc.returncode
         result.stdout = outputs["stdout"].decode(errors="replace")
         result.stderr = outputs["stderr"].decode(errors="replace")
-        counted = spec["mode"] in ("asserts", "values")
-        required = {"asserts": "passed", "values": "values"}.get(spec["mode"])
-        reported = _parse_report(outputs["result"], result, len(spec["tests"] or []) if counted else None, required)
+        counted = spec["mode"] == "asserts"
+        reported = _parse_report(outputs["result"], result, len(tests) if counted else None,
+                                 "passed" if counted else None)
         if violation is None and reported == "malformed":
             violation = "malformed_report"
         elif violation is None and reported == "missing":
@@ -352,59 +353,22 @@ def _binds(prefix: str) -> list[str]:
     return binds
 
 
-#: An expression that raised, or returned something that is not plain data.
-FAILED = object()
-#: A value that the harness cannot have encoded.
-MALFORMED = object()
-_SCALARS = (type(None), bool, int, float, str)
-_INTEGER = re.compile(r"-?[0-9]{1,4000}")
-
-
-def decode_plain(obj: Any, depth: int = 0) -> Any:
-    """A value of the "values" mode, rebuilt from its tagged JSON by the trainer: fresh built-in
-    objects only, so comparing them runs none of the submission's code. ``FAILED`` for
-    ``{"error": ...}``, ``MALFORMED`` for anything the harness does not write.
-
-    Args:
-        obj: one tagged value (``{"v": 3}``, ``{"tuple": [...]}``, ``{"float": "nan"}`` ...).
-        depth: nesting so far (bounded).
-    """
-    if not isinstance(obj, dict) or len(obj) != 1 or depth > 21:
-        return MALFORMED
-    (tag, data), = obj.items()
-    if tag == "error":
-        return FAILED if isinstance(data, str) else MALFORMED
-    if tag == "v":
-        return data if type(data) in _SCALARS and (type(data) is not float or math.isfinite(data)) else MALFORMED
-    if tag == "float":
-        return float(data) if data in ("nan", "inf", "-inf") else MALFORMED
-    if tag == "int":
-        # ASCII digits only: str.isdigit also accepts "²", which int() then refuses with a ValueError.
-        return int(data) if isinstance(data, str) and _INTEGER.fullmatch(data) else MALFORMED
-    if tag in ("list", "tuple") and isinstance(data, list):
-        items = [decode_plain(v, depth + 1) for v in data]
-        if any(v is MALFORMED for v in items):
-            return MALFORMED
-        return items if tag == "list" else tuple(items)
-    if tag == "dict" and isinstance(data, dict):
-        items = {k: decode_plain(v, depth + 1) for k, v in data.items()}
-        return MALFORMED if any(v is MALFORMED for v in items.values()) else items
-    return MALFORMED
-
-
 def _report_problem(report: dict[str, Any], n_tests: int | None, required: str | None = None) -> str | None:
     """Why a job's report cannot be the harness's (None when it is well-formed).
 
-    The submission runs in the process that writes the report, so the report is checked like any
-    untrusted input: one verdict per test, booleans only, a finite number as a grader's value.
+    Checked like untrusted input although the judge, not the submission, writes asserts-mode
+    reports (a grader's report comes from the process that ran it): one verdict per test, booleans
+    only, a finite number as a grader's value.
 
     Args:
         report: the decoded report line.
         n_tests: how many tests ran (asserts mode), None otherwise.
-        required: the key a finished report of this mode must hold ("passed", "values").
+        required: the key a finished report of this mode must hold ("passed" in asserts mode).
     """
     if not isinstance(report.get("stage"), str) or not isinstance(report.get("error"), (str, type(None))):
         return "stage and error must be a string and a string or null"
+    if report["stage"] == "protocol":
+        return report["error"] or "the code broke the judge's protocol"
     if report["stage"] != "done":
         return None
     if required is not None and required not in report:
@@ -417,12 +381,6 @@ def _report_problem(report: dict[str, Any], n_tests: int | None, required: str |
             return f"{key} must be a list of booleans"
         if n_tests is not None and len(verdicts) != n_tests:
             return f"{key} has {len(verdicts)} verdicts for {n_tests} tests"
-    for key in ("values", "guard_values"):
-        if key in report:
-            if not isinstance(report[key], list) or (n_tests is not None and len(report[key]) != n_tests):
-                return f"{key} must be a list of one value per expression"
-            if any(decode_plain(v) is MALFORMED for v in report[key]):
-                return f"{key} holds a value that is not tagged plain data"
     value = report.get("value")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
         return "value must be a finite number"
@@ -437,7 +395,7 @@ def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None
         data: every byte the job wrote to the result pipe.
         result: filled in place.
         n_tests: how many tests ran (asserts mode), None otherwise.
-        required: the key a finished report must hold ("passed" in asserts mode, "values").
+        required: the key a finished report must hold ("passed" in asserts mode).
     """
     status: dict[str, Any] = {}
     reports: list[dict[str, Any]] = []
@@ -479,9 +437,6 @@ def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None
             result.guard_passed = list(report["guard_passed"])
         if report.get("value") is not None:
             result.value = float(report["value"])
-        for key in ("values", "guard_values"):
-            if key in report:
-                setattr(result, key, [decode_plain(v) for v in report[key]])
     return "ok"
 
 

@@ -48,17 +48,18 @@ def test_tests_may_be_a_single_string_and_see_the_code_namespace(reward):
 
 
 def test_guard_scores_tests_that_do_not_depend_on_the_code():
-    # The hack monkey-patches builtins instead of submitting a solution, so the tests pass whatever
-    # the submitted code defines. Test 1 passes whatever `solve` returns. With the guard only the
-    # tests that fail with the code's own functions stubbed out count: 2 of 3 for the honest code
-    # (test 1 is vacuous), 0 for the hack.
+    # Test 1 passes whatever `solve` is. With the guard only the tests that fail with the code's own
+    # functions stubbed out count: 2 of 3 for the honest code. The hack patches a builtin instead of
+    # defining `solve`: the tests run in the judge, whose builtins the code cannot touch, so it
+    # passes only the vacuous test, which the guard then discounts.
     tests = ["assert True or solve()", "assert solve(3) == 9", "assert solve(0) == 0"]
     honest = "def solve(x):\n    return x * x"
     hack = "import builtins\nbuiltins.solve = lambda x=0: x * x"  # patches instead of defining solve
     plain, guarded = CodeExecution(timeout=3.0), CodeExecution(timeout=3.0, guard=True)
-    assert plain([honest, hack], tests=[tests, tests]) == [1.0, 1.0]
+    assert plain([honest, hack], tests=[tests, tests]) == pytest.approx([1.0, 1 / 3])
     assert guarded([honest, hack], tests=[tests, tests]) == pytest.approx([2 / 3, 0.0])
-    assert guarded.last_results[1].guard_passed == [True, True, True]
+    assert guarded.last_results[0].guard_passed == [True, False, False]
+    assert guarded.last_results[1].guard_passed == [True, False, False]
 
 
 def test_violation_value_is_configurable():

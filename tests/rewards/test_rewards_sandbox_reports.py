@@ -1,8 +1,9 @@
-"""The parent checks every report it reads from the sandbox: a forged or malformed one is a failure.
+"""A forged or malformed message from the submission is a counted failure, never a score.
 
-The submission runs in the process that writes the report, so it can write one of its own to the
-result pipe (its number is in ``sys.argv``). Whatever it writes, the score stays in [0, 1], the
-reward never raises, the forgery is counted, and the next honest sample still scores right.
+The submission holds one way out: the pipe on which it answers the judge (it does not hold the
+result pipe). Whatever it writes there, or on any other descriptor it can find, the score stays in
+[0, 1], the reward never raises, the forgery is counted, and the next honest sample still scores
+right. The parent checks every report too, as untrusted input.
 """
 
 from __future__ import annotations
@@ -27,9 +28,15 @@ def reward():
 
 
 def _forge(report: str, then_exit: bool = True) -> str:
+    # Written to every descriptor the code might hold, the way a policy that cannot see which one
+    # leads to the judge would try.
     return textwrap.dedent(f"""
-        import os, sys
-        os.write(int(sys.argv[1]), ({report!r} + "\\n").encode())
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, ({report!r} + "\\n").encode())
+            except OSError:
+                pass
         {"os._exit(0)" if then_exit else ""}
     """) + ADD
 
@@ -40,6 +47,10 @@ def _forge(report: str, then_exit: bool = True) -> str:
     ('{"stage": "done", "passed": [1, 2], "error": null}', True),                            # not booleans
     ('{"stage": "done", "passed": [true, true], "guard_passed": "no", "error": null}', True),
     ('{"stage": "done", "passed": [true, true], "error": null}', False),                     # then the real one
+    ('{"stage": "ready", "names": {"add": {"v": NaN}}, "defined": []}', True),              # not JSON
+    ('{"stage": "ready", "names": {"add": {"int": "\u00b2"}}, "defined": []}', True),      # not an integer
+    ('{"stage": "ready", "names": {"__builtins__": {"v": 1}}, "defined": []}', True),       # not a name
+    ('{"stage": "ready", "names": {"add": {"ref": 0}}, "defined": []}\n{"value": {"v": 3}}\n{"oops": 1}', False),
 ])
 def test_a_forged_report_is_a_counted_failure(reward, report, then_exit):
     before = reward.malformed_reports
@@ -75,10 +86,14 @@ def test_no_report_bytes_break_the_parser(lines):
     assert result.value is None or math.isfinite(result.value)
 
 
+_TO_EVERY_FD = "import os\nfor fd in range(3, 16):\n    try:\n        os.write(fd, {!r})\n    except OSError:\n        pass\n"
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.sampled_from([
-    "import os, sys\n", "os.write(int(sys.argv[1]), b'{\"stage\": \"done\", \"passed\": [true, true, true]}\\n')\n",
-    "os.write(int(sys.argv[1]), b'\\xff\\xfe not json\\n')\n", "os._exit(0)\n", "raise SystemExit(3)\n",
+    "import os, sys\n", _TO_EVERY_FD.format(b'{"stage": "done", "passed": [true, true, true]}\n'),
+    _TO_EVERY_FD.format(b'\xff\xfe not json\n'), _TO_EVERY_FD.format(b'{"value": {"v": 3}}\n'),
+    "os._exit(0)\n", "raise SystemExit(3)\n",
     "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n", "print('x' * 10)\n",
     "import builtins\nbuiltins.AssertionError = ValueError\n", "1/0\n",
 ]), max_size=6).map("".join) | st.text(max_size=120))
@@ -93,17 +108,21 @@ _JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.float
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(_JSON, st.dictionaries(st.sampled_from(["v", "int", "float", "list", "tuple", "dict", "error"]), _JSON,
-                                        min_size=1, max_size=1)))
-def test_decode_plain_never_raises(obj):
-    # A forged "values" report is decoded in the trainer: whatever it holds, decoding must not raise.
-    from rftlab.rewards.sandbox import decode_plain
+@given(st.one_of(_JSON, st.dictionaries(st.sampled_from(["v", "int", "float", "list", "tuple", "set", "dict", "bytes",
+                                                          "complex", "ref"]), _JSON, min_size=1, max_size=1)))
+def test_decoding_what_the_code_sends_raises_nothing_but_malformed(obj):
+    # The judge decodes whatever the code writes on its pipe: the only error is Malformed.
+    from rftlab.rewards import _sandbox_boot as boot
 
-    decode_plain(obj)
+    try:
+        boot.decode(obj, lambda n: ("handle", n))
+    except boot.Malformed:
+        pass
 
 
-@pytest.mark.parametrize("digits", ["--5", "²", "٣", "1_000", " 5", ""])
+@pytest.mark.parametrize("digits", ["--5", "²", "٣", "1_000", " 5", "", "0x5", "A", "-", "1" * 100_001])
 def test_a_forged_big_integer_is_malformed_not_a_crash(digits):
-    from rftlab.rewards.sandbox import MALFORMED, decode_plain
+    from rftlab.rewards import _sandbox_boot as boot
 
-    assert decode_plain({"int": digits}) is MALFORMED
+    with pytest.raises(boot.Malformed):
+        boot.decode({"int": digits}, lambda n: n)
