@@ -126,13 +126,83 @@ def _build_root(root: str, binds: list[str], disk_mb: int, uid: int, gid: int) -
     os.rmdir("/.old_root")
 
 
+# A seccomp filter (through libseccomp, which resolves the syscall numbers of this architecture)
+# refuses what would let the job hold memory outside its address-space limit, or leave its
+# namespaces: memory files and System V objects (not counted by RLIMIT_AS), new namespaces and
+# mounts (a tmpfs of its own would have no size cap), io_uring, userfaultfd, bigger pipes, and
+# reaching into other processes or the kernel's key store.
+_DENIED = (
+    "memfd_create", "memfd_secret", "shmget", "msgget", "semget",
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "fsopen", "fsmount", "fsconfig",
+    "open_tree", "move_mount", "mount_setattr",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd", "bpf", "perf_event_open",
+    "ptrace", "process_vm_readv", "process_vm_writev", "add_key", "request_key", "keyctl",
+    "kexec_load", "init_module", "finit_module", "swapon",
+)
+#: clone() flags that make a namespace (CLONE_NEWTIME, NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET).
+_NAMESPACE_FLAGS = (0x80, 0x20000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+_F_SETPIPE_SZ = 1031
+_SCMP_ACT_ALLOW, _SCMP_CMP_EQ, _SCMP_CMP_MASKED_EQ = 0x7FFF0000, 4, 7
+_EPERM, _ENOSYS = 1, 38
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+def _errno_action(code: int) -> int:
+    return 0x00050000 | code  # SCMP_ACT_ERRNO(code)
+
+
+def _seccomp_filter():
+    """The job's filter, built but not loaded (a libseccomp context), or None without libseccomp.
+
+    Built before the private root hides the library; loaded by the job with ``_load_filter``.
+    """
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        return None
+
+    def rule(action: int, name: str, *compares: tuple) -> bool:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:
+            return True  # not a syscall of this architecture or libseccomp version: nothing to refuse
+        args = (_ArgCmp * max(1, len(compares)))(*[_ArgCmp(*c) for c in compares])
+        return lib.seccomp_rule_add_array(ctx, action, number, len(compares), args) == 0
+
+    ok = all(rule(_errno_action(_EPERM), name) for name in _DENIED)
+    # glibc falls back from clone3 to clone on ENOSYS; clone's flags can then be checked.
+    ok = ok and rule(_errno_action(_ENOSYS), "clone3")
+    ok = ok and all(rule(_errno_action(_EPERM), "clone", (0, _SCMP_CMP_MASKED_EQ, flag, flag))
+                    for flag in _NAMESPACE_FLAGS)
+    ok = ok and rule(_errno_action(_EPERM), "fcntl", (1, _SCMP_CMP_EQ, _F_SETPIPE_SZ, 0))
+    return (lib, ctx) if ok else None
+
+
+def _load_filter(prepared) -> None:
+    lib, ctx = prepared
+    if lib.seccomp_load(ctx) != 0:
+        raise OSError("seccomp_load failed")
+
+
 def _set_limits(limits: dict) -> None:
     for name, value in limits.items():
         which = getattr(resource, name)
         resource.setrlimit(which, (value, value))
 
 
-def _job(spec: dict, channel: "Channel", fs_isolated: bool) -> None:
+def _job(spec: dict, channel: "Channel", fs_isolated: bool, seccomp) -> None:
     os.chdir("/work" if fs_isolated else spec["workdir"])
     _set_limits(spec["limits"])
     if spec.get("uid") is not None:
@@ -140,6 +210,8 @@ def _job(spec: dict, channel: "Channel", fs_isolated: bool) -> None:
         os.setgid(spec["gid"])
         os.setuid(spec["uid"])  # from here on no privilege is left; the uid is unique to this run
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
+    if seccomp is not None:
+        _load_filter(seccomp)  # a failure raises: no run without the filter the status promised
     _serve(spec, channel)
 
 
@@ -684,7 +756,10 @@ def main() -> None:
     spec = json.loads(_read_exactly(0, int(_read_exactly(0, 16))))
     devnull = os.open(os.devnull, os.O_RDONLY)
     status = {"network_isolated": False, "filesystem_isolated": False, "pid_isolated": False,
-              "ipc_isolated": False, "keyring_isolated": False, "user_namespace": False, "uid": spec.get("uid")}
+              "ipc_isolated": False, "keyring_isolated": False, "user_namespace": False, "uid": spec.get("uid"),
+              "seccomp": False}
+    seccomp = _seccomp_filter() if spec["isolate"] else None
+    status["seccomp"] = seccomp is not None
     if spec["isolate"]:
         if os.geteuid() != 0:
             try:
@@ -716,7 +791,7 @@ def main() -> None:
         os.dup2(devnull, 0)
         code = 0
         try:
-            _job(spec, Channel(requests_in, answers_out), status["filesystem_isolated"])
+            _job(spec, Channel(requests_in, answers_out), status["filesystem_isolated"], seccomp)
         except BaseException:  # noqa: BLE001 - the job's failure is reported by its missing result
             code = 1
         _flush()

@@ -44,6 +44,13 @@ class CodeExecution:
     time, output or CPU scores ``violation_value``; code that raises (``SystemExit`` included)
     before the tests run passes none of them.
 
+    The tests (Python statements of any form: ``assert f(2) == 4``, a HumanEval ``check(f)``...)
+    run in the sandbox's judge process, not beside the code: the code's names are handles there,
+    arguments and results cross as plain data, and comparisons run on the judge's own values. A
+    value that is not plain data (an instance of the code's class) stays a handle: its methods,
+    attributes, items, ``len`` and iteration work, but it never equals plain data, and it is always
+    true. A function cannot be passed as an argument (that test fails).
+
     With ``guard=True`` (anti-reward-hacking, after the Triton RFT case study) every function and
     class the code defines is replaced by a stub returning None and the tests run again; a test that
     still passes does not depend on the submitted code and earns nothing:
@@ -60,7 +67,7 @@ class CodeExecution:
         workers: concurrent sandboxes, an integer >= 1 (default: 2 x CPU cores; runs mostly wait on
             processes).
         python: sandbox interpreter (default: ``find_interpreter``).
-        isolate: use namespaces where the OS allows.
+        isolate: use namespaces and the seccomp filter where the OS allows.
         drop_privileges: run as a fresh unprivileged uid when the trainer is root.
 
     >>> reward = CodeExecution()  # doctest: +SKIP

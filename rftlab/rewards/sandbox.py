@@ -5,11 +5,16 @@ that this file with ``_sandbox_boot.py`` and ``checks.py`` beside it runs under 
 Each run is a fresh process tree:
 
 - ``python -I`` (isolated mode) with an empty environment, started in its own session;
-- new mount, network and pid namespaces where the OS allows (a user namespace too when the trainer
-  is not root): the code sees a private root on a size-capped tmpfs holding only /usr (read-only),
-  /dev/{null,zero,random,urandom}, its working dir /work and /tmp; no host file (no /etc/passwd,
-  no project file, no home) and no network interface but a down loopback;
+- new mount, network, IPC and pid namespaces where the OS allows (a user namespace too when the
+  trainer is not root) and a new session keyring: the code sees a private root on a size-capped
+  tmpfs holding only /usr (read-only), /dev/{null,zero,random,urandom}, its working dir /work and
+  /tmp; no host file (no /etc/passwd, no project file, no home) and no network interface but a
+  down loopback;
 - resource limits (``setrlimit``): CPU seconds, address space, open files, file size, processes;
+- a seccomp filter (libseccomp, where installed) refusing memory that the address-space limit
+  does not count (memory files, System V objects), new namespaces and mounts, io_uring, ptrace and
+  the key store;
+- the tests run in a separate judge process the code cannot reach; only plain data crosses;
 - when the trainer runs as root (as CI does) the code runs as an unprivileged uid/gid unique to
   the run, so concurrent runs cannot signal or read each other, and leftovers are found by uid;
 - a wall-clock timeout after which the whole process tree is killed, and capped output.
@@ -78,6 +83,8 @@ class SandboxResult:
         network_isolated, filesystem_isolated, pid_isolated: what isolation the OS granted.
         ipc_isolated: System V IPC objects of the run live in its own namespace and die with it.
         keyring_isolated: the run has its own, empty session keyring, not the trainer's.
+        seccomp: a seccomp filter refused memory outside the address-space limit (memory files,
+            System V objects), new namespaces and mounts, io_uring and the like to the code.
         uid: the uid the code ran as (None: the trainer's own).
     """
 
@@ -96,6 +103,7 @@ class SandboxResult:
     pid_isolated: bool = False
     ipc_isolated: bool = False
     keyring_isolated: bool = False
+    seccomp: bool = False
     uid: int | None = None
 
 
@@ -169,7 +177,7 @@ class Sandbox:
         disk_mb: size of the private tmpfs holding /work and /tmp, in MiB (>= 1).
         max_output_bytes: stdout + stderr kept (>= 1); a run printing more is killed ("output_limit").
         python: interpreter path (default: ``find_interpreter()``).
-        isolate: use namespaces (mount, network, pid) where the OS allows.
+        isolate: use namespaces (mount, network, IPC, pid) and the seccomp filter where the OS allows.
         drop_privileges: when running as root, run the code as a fresh unprivileged uid. Turning it
             off runs untrusted code as root inside the namespaces: only for debugging.
 
@@ -420,6 +428,7 @@ def _parse_report(data: bytes, result: SandboxResult, n_tests: int | None = None
     result.pid_isolated = bool(status.get("pid_isolated"))
     result.ipc_isolated = bool(status.get("ipc_isolated"))
     result.keyring_isolated = bool(status.get("keyring_isolated"))
+    result.seccomp = bool(status.get("seccomp"))
     if not reports and malformed is None:
         return "missing"
     if len(reports) > 1:

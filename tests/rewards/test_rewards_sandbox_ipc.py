@@ -103,3 +103,24 @@ def test_the_trainers_keys_are_out_of_reach(reward, how):
     finally:
         libc.syscall(keyctl, 3, key)  # KEYCTL_REVOKE: leave no secret behind
     _honest_still_scores(reward)
+
+
+def test_a_key_in_the_run_uids_own_keyring_is_refused(reward):
+    # The user keyring of a uid outlives every process of that uid; a key added there by a sample
+    # would stay in the kernel after it. The sandbox's seccomp filter refuses the key calls.
+    if not reward.sandbox.run("x = 1").seccomp:
+        pytest.skip("libseccomp is not installed here: the sandbox reports seccomp=False")
+    call = {"x86_64": 248, "aarch64": 217}.get(os.uname().machine)
+    if call is None:
+        pytest.skip("add_key syscall number unknown on this architecture")
+    attack = f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        key = libc.syscall({call}, b"user", b"left-behind", b"x" * 1000, 1000, -4)  # KEY_SPEC_USER_KEYRING
+        errno = ctypes.get_errno()
+        def add(a, b):
+            return (key, errno)
+    """
+    reward([textwrap.dedent(attack)], tests=[["assert add(1, 2) == (-1, 1)"]])
+    assert reward.last_results[0].passed == [True], reward.last_results[0]
+    _honest_still_scores(reward)
