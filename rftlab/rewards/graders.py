@@ -9,7 +9,7 @@
 - ``python``: ``source`` defining ``grade(sample, item) -> float``, run in the sandbox;
 - ``score_model``: a local Hugging Face causal LM (``model`` is a local folder or a model of the local
   Hugging Face cache) or ``judge=`` a callable, prompted with ``input`` messages; the first number
-  of its reply, clipped to ``range``;
+  of its reply, which must lie within ``range``;
 - ``multi``: named ``graders`` combined by ``calculate_output``, a formula evaluated by a safe
   parser (``rftlab.rewards.expr``), never ``eval``.
 
@@ -54,7 +54,10 @@ _SEGMENT = r"[^\s.{}]+"
 _PLACEHOLDER = re.compile(rf"sample\.output_text|sample\.output_json(?:\.{_SEGMENT})+|item(?:\.{_SEGMENT})+")
 # A whole decimal token: not glued to a word, a sign, or other digits by "." or "," ("Qwen2.5",
 # "1.2.3", "3,5", "5th" are no scores); ASCII digits only, as float() would read other scripts' too.
-_SCORE = re.compile(r"(?<![\w.,+\-\u2212])[-+]?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?(?![\w]|[.,][0-9])")
+# A whole decimal number: not glued to a word, another number, a sign or a fraction bar ("7/10"
+# says nothing of the scale it is on, so it is not read as 7, nor as 10).
+_SCORE = re.compile(r"(?<![\w.,+\-\u2212/])[-+]?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                    r"(?![\w]|[.,][0-9]|\s*/\s*[.0-9])")
 # What the hub accepts as a model id; anything else given as ``model`` can only be a folder.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?")
 
@@ -184,12 +187,16 @@ def _clamp(value: float, bounds: Interval) -> float:
 def parse_score(reply: Any) -> float | None:
     """The first whole decimal number of a judge's reply, or None when it has no finite one.
 
-    >>> parse_score("Score: .5"), parse_score("1e-3"), parse_score("7/10")
+    >>> parse_score("Score: .5"), parse_score("1e-3"), parse_score("I say 7.")
     (0.5, 0.001, 7.0)
     >>> parse_score("version 1.2.3") is None, parse_score("3,5") is None, parse_score("1e999") is None
     (True, True, True)
+    >>> parse_score("7/10") is None, parse_score("1 / 2") is None
+    (True, True)
     """
     match = _SCORE.search(reply) if isinstance(reply, str) else None
+    if match and reply[:match.start()].rstrip().endswith("/"):
+        match = None  # the denominator of "1 / 2" (the regex's lookbehind cannot skip the spaces)
     value = float(match.group()) if match else math.nan
     return value if math.isfinite(value) else None
 
@@ -292,7 +299,8 @@ class Grader:
         range: ``(low, high)``, the bounds of every score (unbounded for a python grader).
         missing_fields: samples scored the minimum because the completion lacked a field a
             template reads (``{{sample.output_json.answer}}`` without JSON or without ``answer``).
-        unparsed: judge replies that held no usable number and scored the range's low end.
+        unparsed: judge replies that held no usable number (none, a fraction, or one outside the
+            range) and scored the range's low end.
     """
 
     name = "grader"
@@ -436,9 +444,10 @@ def _jsonable(value: Any) -> Any:
 
 class ScoreModel(Grader):
     """A local language model as judge: renders ``input`` (chat messages), generates greedily, and
-    scores the first whole decimal number of the reply (``parse_score``), clipped to ``range``. A
-    reply without one scores ``range[0]`` (counted in ``unparsed``); so does a completion lacking a
-    field a template reads (counted in ``missing_fields``, and never shown to the judge).
+    scores the first whole decimal number of the reply (``parse_score``). A reply without one, or
+    with one outside ``range`` (a judge off its scale), scores ``range[0]`` (counted in
+    ``unparsed``); so does a completion lacking a field a template reads (counted in
+    ``missing_fields``, and never shown to the judge).
 
     Args:
         input: chat messages ``[{"role", "content"}]`` with templates.
@@ -483,12 +492,12 @@ class ScoreModel(Grader):
         return replies
 
     def parse(self, reply: Any) -> float:
-        """The reply's score (``parse_score``) clipped to the range, or the range's low end (counted)."""
+        """The reply's score (``parse_score``) when within the range, else the range's low end (counted)."""
         value = parse_score(reply)
-        if value is None:
+        if value is None or not self.range[0] <= value <= self.range[1]:
             self.unparsed += 1
             return self.range[0]
-        return _clamp(value, self.range)
+        return value
 
 
 def _check_messages(messages: Any) -> None:

@@ -81,14 +81,15 @@ def test_score_model_with_a_judge_callable():
 
     def judge(conversations):
         seen.extend(conversations)
-        return ["Score: 7", "I give it 12/10", "no idea"]
+        return ["Score: 7", "I give it 12", "no idea"]
 
     config = {"type": "score_model", "name": "judge", "range": [0, 10],
               "input": [{"role": "system", "content": "Rate 0-10."},
                         {"role": "user", "content": "Q: {{item.question}} A: {{sample.output_text}}"}]}
     grader = from_openai_grader(config, judge=judge)
-    # first number of each reply, clipped to [0, 10]; no number -> the range's low end
-    assert grader(["a1", "a2", "a3"], question=["q1", "q2", "q3"]) == [7.0, 10.0, 0.0]
+    # first number of each reply; outside [0, 10] or no number -> the range's low end, counted
+    assert grader(["a1", "a2", "a3"], question=["q1", "q2", "q3"]) == [7.0, 0.0, 0.0]
+    assert grader.unparsed == 2
     assert seen[0][1] == {"role": "user", "content": "Q: q1 A: a1"}
 
 
@@ -262,9 +263,7 @@ def test_missing_json_fields_in_similarity_judge_and_multi_graders():
     "reply, expected",
     [
         (".5", 0.5), ("1e-3", 0.001), ("0.75", 0.75), ("Score: 0.75.", 0.75), ("**0.2**", 0.2), ("+.25", 0.25),
-        ("-3", 0.0),  # below the range: its low end
-        ("7", 1.0), ("I give it 12/10", 1.0),  # above: its high end
-        ("Qwen2.5 rates it 0.3", 0.3),  # a number glued to a word is not a score
+        ("1", 1.0), ("0", 0.0), ("Qwen2.5 rates it 0.3", 0.3),  # a number glued to a word is not a score
     ],
 )
 def test_judge_replies_are_parsed_as_whole_decimal_numbers(reply, expected):
@@ -274,7 +273,9 @@ def test_judge_replies_are_parsed_as_whole_decimal_numbers(reply, expected):
 
 
 @pytest.mark.parametrize(
-    "reply", ["", "no idea", "nan", "inf", "1e999", "1.2.3", "3,5", "1e", "5th", "0x1F", "\u22125", "\uff17", None],
+    "reply", ["", "no idea", "nan", "inf", "1e999", "1.2.3", "3,5", "1e", "5th", "0x1F", "\u22125", "\uff17", None,
+              # off the scale: a fraction is ambiguous, a number outside the range is not clipped into it
+              "1/2", "7 / 10", "I give it 12/10", "7", "-3", "0.1"],
 )
 def test_unusable_judge_replies_score_the_minimum_and_are_counted(reply):
     # Before: ".5" was read as 5 and "1e999" as 1, both clipped to a silent 1.0.
