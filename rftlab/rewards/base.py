@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from rftlab.rewards.checks import MAX_SECONDS, check_finite
-from rftlab.rewards.pool import EXECUTORS, TIMEOUT, WithTimeout, call_per_sample, is_async
+from rftlab.rewards.pool import EXECUTORS, TIMEOUT, WithTimeout, call_per_sample, is_async, own_counters
 
 RewardFn = Callable[..., Sequence[float | None]]
 ON_ERROR = ("raise", "zero")
@@ -188,16 +188,18 @@ class RewardSet:
             policy = self._timeout_policy(fn)
             own_before = _own_timeouts(fn)
             counters_before = reward_counters(fn)
+            in_workers: dict[str, int] = {}  # what fn's copies in worker processes counted
             if policy is None:
                 scores, n_errors = self._call(name, fn, completions, prompts, columns)
             else:
-                scores, n_errors, timeouts[name] = self._call_per_sample(name, policy, completions, prompts, columns)
-            if own_before is not None:
+                scores, n_errors, timeouts[name] = self._call_per_sample(name, policy, completions, prompts,
+                                                                         columns, in_workers)
+            if own_before is not None or "timeouts" in in_workers:
                 # A function that times itself out (MathAnswer off the main thread) counts in its own
-                # `timeouts`; add what this call counted. Calls in a process pool count in the
-                # workers' copies, which this process does not see.
-                timeouts[name] = timeouts.get(name, 0) + _own_timeouts(fn) - own_before
-            rose = {k: v - counters_before.get(k, 0) for k, v in reward_counters(fn).items()}
+                # `timeouts`; add what this call counted, here and in worker processes.
+                here = _own_timeouts(fn) - own_before if own_before is not None else 0
+                timeouts[name] = timeouts.get(name, 0) + here + in_workers.pop("timeouts", 0)
+            rose = {k: v - counters_before.get(k, 0) + in_workers.pop(k, 0) for k, v in reward_counters(fn).items()}
             if any(d > 0 for d in rose.values()):
                 counts[name] = {k: d for k, d in rose.items() if d > 0}
             seconds[name] = time.perf_counter() - start
@@ -219,10 +221,11 @@ class RewardSet:
         return None
 
     def _call_per_sample(
-        self, name: str, policy: WithTimeout, completions: list[str], prompts: list[str], columns: dict[str, list]
+        self, name: str, policy: WithTimeout, completions: list[str], prompts: list[str], columns: dict[str, list],
+        worker_counts: dict[str, int] | None = None,
     ) -> tuple[list[float], int, int]:
         raws = call_per_sample(policy.fn, completions, {"prompts": prompts, **columns}, policy.limit,
-                               policy.executor, policy.max_workers)
+                               policy.executor, policy.max_workers, worker_counts)
         scores: list[float] = []
         n_errors = n_timeouts = 0
         for i, raw in enumerate(raws):
@@ -283,18 +286,14 @@ def reward_counters(fn: Any) -> dict[str, int]:
     """The counters a reward function keeps itself: the integer attributes named in its ``counters``
     (``CodeExecution``: ``malformed_reports``; graders: ``missing_fields``, ``unparsed``).
 
-    Calls in a process pool count in the workers' copies, which this process does not see.
+    Calls in a process pool count in the workers' copies: ``RewardSet`` adds what they counted to
+    ``RewardResult.counts``, but these attributes of ``fn`` do not include it.
 
     Args:
         fn: the reward function (``WithTimeout`` is unwrapped).
     """
     inner = fn.fn if isinstance(fn, WithTimeout) else fn
-    out = {}
-    for name in getattr(inner, "counters", ()) or ():
-        value = getattr(inner, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            out[name] = value
-    return out
+    return {k: v for k, v in own_counters(inner).items() if k != "timeouts"}
 
 
 def _own_timeouts(fn: Any) -> int | None:

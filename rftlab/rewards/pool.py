@@ -108,6 +108,29 @@ def _one(fn: Callable[..., Any], completion: str, columns: dict[str, Any]) -> An
     return fn([completion], **columns)
 
 
+def own_counters(fn: Any) -> dict[str, int]:
+    """The integer counters ``fn`` keeps itself: the attributes named in its ``counters``, and
+    ``timeouts`` when it counts its own (``MathAnswer``).
+
+    Args:
+        fn: a reward function (not a ``WithTimeout``).
+    """
+    out = {}
+    for name in [*(getattr(fn, "counters", ()) or ()), "timeouts"]:
+        value = getattr(fn, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def _counting_call(fn: Callable[..., Any], completions: list[str], columns: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    """Run in a worker process: ``fn``'s result and what its own counters rose by, which the
+    worker's copy of ``fn`` would otherwise keep to itself."""
+    before = own_counters(fn)
+    result = fn(completions, **columns)
+    return result, {k: v - before.get(k, 0) for k, v in own_counters(fn).items() if v != before.get(k, 0)}
+
+
 def call_per_sample(
     fn: Callable[..., Any],
     completions: list[str],
@@ -115,17 +138,28 @@ def call_per_sample(
     timeout: float | None,
     executor: str = "thread",
     max_workers: int | None = None,
+    worker_counts: dict[str, int] | None = None,
 ) -> list[Any]:
     """Call ``fn([completion_i], **column_i)`` for every sample.
 
     Returns per sample: the raw return value (a 1-element list, unchecked), the exception it
     raised, or ``TIMEOUT``.
+
+    Args:
+        fn: the reward function.
+        completions: one per sample.
+        columns: task column -> one value per sample.
+        timeout: seconds per call, or None.
+        executor: "thread" or "process".
+        max_workers: concurrent calls (None: the executor's default).
+        worker_counts: filled with what ``fn``'s own counters (``own_counters``) rose by in worker
+            processes, which this process's ``fn`` does not see (calls that timed out are lost).
     """
     per_sample = [{k: [v[i]] for k, v in columns.items()} for i in range(len(completions))]
     if is_async(fn):
         return _run_async(fn, completions, per_sample, timeout)
     if executor == "process":
-        return _run_processes(fn, completions, per_sample, timeout, max_workers)
+        return _run_processes(fn, completions, per_sample, timeout, max_workers, worker_counts)
     return _run_threads(fn, completions, per_sample, timeout, max_workers)
 
 
@@ -186,22 +220,28 @@ def _kill_pool(max_workers: int) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _run_processes(fn, completions, per_sample, timeout, max_workers) -> list[Any]:
+def _run_processes(fn, completions, per_sample, timeout, max_workers, worker_counts=None) -> list[Any]:
     import os
 
     workers = max_workers or os.cpu_count() or 1
     pool = _process_pool(workers)
     key = (id(pool), id(fn))
+    # A plain function is submitted itself (not a wrapper from this module): a worker then imports
+    # only ``fn``'s module, not rftlab and torch. One that keeps counters goes through
+    # ``_counting_call``, so that what it counted in the worker comes back.
+    counting = bool(own_counters(fn))
     if key not in _WARMED:
         # Starting a spawned worker and unpickling ``fn`` (which imports its module) takes
         # seconds; that must not count against the first calls' timeouts. Each worker unpickles
-        # ``fn`` once here, with no timeout.
-        wait([pool.submit(pickle.loads, pickle.dumps(fn)) for _ in range(workers)])
+        # ``fn`` (and ``_counting_call``) once here, with no timeout.
+        payload = pickle.dumps((_counting_call, fn) if counting else fn)
+        wait([pool.submit(pickle.loads, payload) for _ in range(workers)])
         _WARMED.add(key)
     start = time.monotonic()
-    # ``fn`` itself is submitted (not a wrapper from this module): a worker then imports only
-    # ``fn``'s module, not rftlab and torch.
-    futures: list[Future] = [pool.submit(fn, [c], **cols) for c, cols in zip(completions, per_sample)]
+    if counting:
+        futures: list[Future] = [pool.submit(_counting_call, fn, [c], cols) for c, cols in zip(completions, per_sample)]
+    else:
+        futures = [pool.submit(fn, [c], **cols) for c, cols in zip(completions, per_sample)]
     # Call i starts at the latest when the calls ahead of it in its worker's queue have used their
     # whole timeout, so its deadline is its queue slot's end.
     deadlines = [None if timeout is None else start + timeout * (1 + i // workers) for i in range(len(futures))]
@@ -221,6 +261,12 @@ def _run_processes(fn, completions, per_sample, timeout, max_workers) -> list[An
             results.append(TIMEOUT)
         elif future.exception() is not None:
             results.append(future.exception())
+        elif counting:
+            value, rose = future.result()
+            results.append(value)
+            for key, delta in rose.items():
+                if worker_counts is not None:
+                    worker_counts[key] = worker_counts.get(key, 0) + delta
         else:
             results.append(future.result())
     if any(r is TIMEOUT for r in results):

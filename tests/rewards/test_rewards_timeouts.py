@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from reward_helpers_slow import async_sleepy, sleepy
+from reward_helpers_slow import CountsOdd, async_sleepy, sleepy
 
 from rftlab.rewards import RewardError, RewardSet, WithTimeout
 
@@ -64,6 +64,16 @@ def test_process_executor_kills_a_hung_call():
     assert result.timeouts == {"slow": 1}
     again = rewards.score(["1"], ["p"], [{}])  # a fresh pool replaced the killed one
     assert again.total.tolist() == [1.0] and again.timeouts == {"slow": 0}
+
+
+def test_counters_kept_in_worker_processes_reach_the_result():
+    # The workers' copies of the function count; their counts come back with the scores.
+    counting = CountsOdd()
+    rewards = RewardSet({"c": WithTimeout(counting, timeout=30.0, executor="process", max_workers=2)})
+    result = rewards.score(["a", "bb", "ccc", "dddd", "e"], ["p"] * 5, [{}] * 5)
+    assert result.total.tolist() == [1.0] * 5
+    assert result.counts == {"c": {"odd": 3}}
+    assert counting.odd == 0  # this process's copy did not run
 
 
 def test_errors_in_per_sample_calls_follow_on_error():
