@@ -1,4 +1,5 @@
-"""Sandbox bootstrap: run by ``rftlab.rewards.sandbox`` as ``python -I _sandbox_boot.py RESULT_FD``.
+"""Sandbox bootstrap: ``rftlab.rewards.sandbox`` starts ``python -I`` importing it and calling
+``main()`` with RESULT_FD as the last argument.
 
 Standard library only: it runs under the sandbox interpreter (e.g. Debian's /usr/bin/python3), not
 the trainer's environment. It reads the job's spec from stdin (the tests come after it and are read
@@ -749,7 +750,7 @@ def _read_to_end(fd: int) -> bytes:
 
 
 def main() -> None:
-    result_fd = int(sys.argv[1])
+    result_fd = int(sys.argv[-1])
     # The job is a fork of this process: nothing it must not see may be in this process's memory
     # before the fork. So only the spec is read now (its length comes first); the tests follow on
     # stdin and are read by the judge after the fork.

@@ -108,13 +108,14 @@ ATTACKS = {
                 frame = frame.f_back
             return None
     """,
-    # Replace the process's own harness module so that every answer is a comparison that succeeds.
+    # Replace the harness module of its process so that every answer is a comparison that succeeds.
     "replace the harness module": """
         import sys
-        harness = sys.modules["__main__"]
-        for name in dir(harness):
-            if name.startswith("_") and callable(getattr(harness, name)) and not name.startswith("__"):
-                setattr(harness, name, lambda *a, **k: {"value": {"v": True}, "args": [], "kwargs": {}})
+        for harness in [m for m in list(sys.modules.values()) if hasattr(m, "_answer")]:
+            for name in dir(harness):
+                if name.startswith("_") and callable(getattr(harness, name)) and not name.startswith("__"):
+                    setattr(harness, name, lambda *a, **k: {"value": {"v": True}, "args": [], "kwargs": {}})
+        assert harness, "no harness module found"
         def add(a, b):
             return None
     """,
