@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,8 @@ from rftlab.models.hf import stop_token_ids
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.optim import check_optimizer, optimizer_with_warmup
 from rftlab.models.runtime import ForwardOptions, PolicyRuntime
-from rftlab.rollout.distributed import reduce_metrics
+from rftlab.models.sharding import shard_model
+from rftlab.rollout.distributed import max_over_ranks, reduce_metrics
 from rftlab.rollout.rollout import Rollout
 from rftlab.rollout.sampler import SamplingParams, sample_completions
 
@@ -96,6 +98,7 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
                  f"None with policy.quantization={self.policy_spec.quantization!r} (a quantized base has no weights to copy)")
         self.save_hyperparameters()
         self.policy: torch.nn.Module | None = None
+        self.sharded = False  # set by shard() under ModelParallelStrategy (FSDP2)
         self.ref_policy: torch.nn.Module | None = None
         self.runtime = PolicyRuntime(self.forward_options, self.policy_spec.reference_placement)
         self.faults = NonFiniteGuard(self.optim_options.max_nonfinite_steps)
@@ -144,6 +147,42 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         self.configure_extra_modules()
         # Checkpoints keep only what trains (adapter, heads): frozen base weights come from `policy`.
         self.strict_loading = not self.policy_spec.lora and self.ref_policy is None
+        mesh = self._data_parallel_mesh()
+        if mesh is not None:
+            self.shard(mesh)
+
+    def _data_parallel_mesh(self) -> Any:
+        """The strategy's data-parallel device mesh under ``ModelParallelStrategy`` (FSDP2), else None."""
+        trainer = self._trainer
+        mesh = getattr(trainer.strategy, "_device_mesh", None) if trainer is not None else None
+        if mesh is None:
+            return None
+        if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"ModelParallelStrategy: tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported; rftlab "
+                "shards with FSDP2 over data_parallel_size only (tensor_parallel_size=1)"
+            )
+        return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+
+    def shard(self, mesh: Any) -> None:
+        """Shard every model this module holds with FSDP2 (``rftlab.models.sharding``).
+
+        The policy and a full reference copy layer by layer; subclasses shard their own modules
+        (``shard_extra_modules``). Every trainable weight must be in a unit: FSDP2 averages only the
+        gradients of sharded weights.
+
+        Args:
+            mesh: the 1-D data-parallel device mesh.
+        """
+        shard_model(self.policy, mesh)
+        if self.ref_policy is not None and self.ref_policy is not self.policy:
+            shard_model(self.ref_policy, mesh)
+        self.shard_extra_modules(mesh)
+        #: Sharded weights: every forward is a collective, so processes sample and score in lockstep.
+        self.sharded = True
+
+    def shard_extra_modules(self, mesh: Any) -> None:
+        """Hook: shard the modules ``configure_extra_modules`` added (critics, value heads)."""
 
     def _policy_device(self) -> torch.device:
         # The strategy's device when attached to a Trainer (the module may still be on the CPU).
@@ -174,7 +213,8 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         model = self.runtime.sampling_model(self.policy, self.global_step if self._trainer is not None else None)
         with self.precision_context(), self.runtime.kernels(model, sampling=True):
             return sample_completions(model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
-                                      params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, logprobs=True)
+                                      params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, logprobs=True,
+                                      lockstep=self.sharded)
 
     def precision_context(self) -> Any:
         """The Trainer's precision context (autocast under ``*-mixed``), cached weight casts, oneDNN linears."""
@@ -189,16 +229,31 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
     def batched_logprobs(self, rollout: Rollout, reference: bool = False) -> Tensor:
         """Log-probs of the rollout's completions, in chunks of ``forward.logprob_batch_size``, no grad."""
         out = []
-        step = self.forward_options.logprob_batch_size
         was_training = self.policy.training
         self.policy.eval()  # no dropout: the log-probs of the distribution that sampled
         try:
-            for i in range(0, len(rollout), step):
-                mb = rollout.select(torch.arange(i, min(i + step, len(rollout))), trim=False)
-                out.append(selective_log_softmax(self.policy_logits(mb, reference=reference), mb.completion_ids).float())
+            for mb, real in self.rollout_chunks(rollout):
+                logits = self.policy_logits(mb, reference=reference)
+                if real:
+                    out.append(selective_log_softmax(logits, mb.completion_ids).float())
         finally:
             self.policy.train(was_training)
         return torch.cat(out)
+
+    def rollout_chunks(self, rollout: Rollout) -> Iterator[tuple[Rollout, bool]]:
+        """The rollout in consecutive chunks of ``forward.logprob_batch_size`` rows, each with True.
+
+        Under sharded weights every forward is a collective, and a rollout's size can differ across
+        processes (dynamic sampling), so placeholder chunks follow (the first chunk again, with
+        False: run the forward, drop its output) until every process has run as many.
+        """
+        step = self.forward_options.logprob_batch_size
+        starts = range(0, len(rollout), step)
+        for i in starts:
+            yield rollout.select(torch.arange(i, min(i + step, len(rollout))), trim=False), True
+        if self.sharded:
+            for _ in range(max_over_ranks(len(starts)) - len(starts)):
+                yield rollout.select(torch.arange(min(step, len(rollout))), trim=False), False
 
     # ---- scoring a rollout (protocol) ------------------------------------------------------
     def score_rollout(self, rollout: Rollout) -> Rollout:

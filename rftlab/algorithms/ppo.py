@@ -32,6 +32,7 @@ from rftlab.core import (
 from rftlab.models.build import build_policy
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.policy import adapter_active, add_adapter
+from rftlab.models.sharding import shard_model, shard_module
 from rftlab.models.value_head import ValueHead, completion_state_values, token_values
 from rftlab.rollout.rollout import Rollout
 
@@ -125,6 +126,12 @@ class PPO(GRPO):
         generator = torch.Generator().manual_seed(spec.seed)
         self.value_head = ValueHead(trunk.config.hidden_size, crit.head_init_scale, generator=generator)
 
+    def shard_extra_modules(self, mesh: Any) -> None:
+        """The critic model (layer by layer, when separate) and the value head (one unit)."""
+        if self.critic is not None:
+            shard_model(self.critic, mesh)
+        shard_module(self.value_head, mesh)
+
     def critic_parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parameters of the critic alone (head, separate model, or critic adapter)."""
         params = list(self.value_head.parameters())
@@ -177,11 +184,11 @@ class PPO(GRPO):
         for m in modules:
             m.eval()  # no dropout: the distribution (and critic) that sampled
         logps, values = [], []
-        step = self.forward_options.logprob_batch_size
         try:
-            for i in range(0, len(rollout), step):
-                mb = rollout.select(torch.arange(i, min(i + step, len(rollout))), trim=False)
+            for mb, real in self.rollout_chunks(rollout):
                 logits, vals = self.policy_and_values(mb, logits=need_logp)
+                if not real:
+                    continue
                 if need_logp:
                     logps.append(selective_log_softmax(logits, mb.completion_ids).float())
                 values.append(vals.float())

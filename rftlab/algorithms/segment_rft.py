@@ -50,6 +50,7 @@ from rftlab.core import (
     split_segments,
     whiten,
 )
+from rftlab.models.sharding import shard_module
 from rftlab.models.value_head import ValueHead, values_at
 from rftlab.rewards.critics import ArithmeticStepCritic, Critic, missing_columns
 from rftlab.rollout.rollout import Rollout
@@ -139,6 +140,10 @@ class SegmentRFT(RFTModule):
     def configure_extra_modules(self) -> None:
         generator = torch.Generator().manual_seed(self.policy_spec.seed)
         self.value_head = ValueHead(self.policy.config.hidden_size, self.critic_options.head_init_scale, generator=generator)
+
+    def shard_extra_modules(self, mesh: Any) -> None:
+        """The value head, as one unit (the policy is sharded by ``shard``)."""
+        shard_module(self.value_head, mesh)
 
     # ---- setup checks ----------------------------------------------------------------------
     def check_datamodule(self, datamodule: Any) -> None:
@@ -236,14 +241,15 @@ class SegmentRFT(RFTModule):
             for m in modules:
                 m.eval()  # no dropout: the distribution that sampled
             with self.rollout_policy():
-                step = self.forward_options.logprob_batch_size
-                for i in range(0, len(rollout), step):
-                    mb = rollout.select(torch.arange(i, min(i + step, len(rollout))), trim=False)
+                for mb, real in self.rollout_chunks(rollout):
                     out = self.runtime.forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                                mb.completion_mask, mb.temperature, logits=need_logp, hidden=True)
+                    state = self.value_head(out.hidden).float()  # a collective too when sharded
+                    if not real:
+                        continue
                     if need_logp:
                         logps.append(selective_log_softmax(out.logits, mb.completion_ids).float())
-                    states.append(self.value_head(out.hidden).float())
+                    states.append(state)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)

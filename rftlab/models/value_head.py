@@ -52,12 +52,20 @@ class ValueHead(nn.Module):
         if not (init_scale >= 0 and math.isfinite(init_scale)):
             raise ValueError(f"init_scale={init_scale!r} is invalid: must be a finite number >= 0")
         self.weight = nn.Parameter(torch.randn(hidden_size, generator=generator) * (init_scale / math.sqrt(hidden_size)))
-        self.bias = nn.Parameter(torch.zeros(()))
+        # Shape (1,), not a scalar: FSDP2 cannot shard a 0-d parameter.
+        self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden: Tensor) -> Tensor:
         """(..., H) hidden states -> (...) float32 values."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return hidden.float() @ self.weight.float() + self.bias.float()
+            return hidden.float() @ self.weight.float() + self.bias.float()[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Checkpoints written before the bias became shape (1,) hold a scalar.
+        bias = state_dict.get(prefix + "bias")
+        if isinstance(bias, Tensor) and bias.dim() == 0:
+            state_dict[prefix + "bias"] = bias.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Keep float32 through module.to(dtype) / .half() / Lightning's "bf16-true" conversion.

@@ -429,8 +429,15 @@ class RolloutDataModule(L.LightningDataModule):
         start = time.perf_counter()
         timing = {"generate": 0.0, "reward": 0.0}
         errors: dict[str, dict[str, int]] = {}  # reward_errors / reward_timeouts, per function
-        while n_groups < self.prompts_per_step and rounds < self.max_gen_batches:
+        lockstep = getattr(module, "sharded", False)
+        while rounds < self.max_gen_batches and (
+                any_rank(n_groups < self.prompts_per_step) if lockstep else n_groups < self.prompts_per_step):
             rounds += 1
+            if n_groups >= self.prompts_per_step:
+                # Sharded weights: another process needs more rounds, and every forward is a
+                # collective, so this one samples along (a placeholder round, then dropped).
+                self._placeholder_round(module, G)
+                continue
             # Each round samples a full batch of prompts (as verl does); surplus valid groups are
             # dropped rather than carried into the next step, which keeps every rollout on-policy.
             part, faults = self._sample_round(module, self.prompts_per_step, G, rounds, timing)
@@ -485,6 +492,17 @@ class RolloutDataModule(L.LightningDataModule):
         metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
         self.rollouts_built += 1
         return rollout
+
+    def _placeholder_round(self, module: RolloutModule, G: int) -> None:
+        """Sample (and drop) a round of one prompt, to keep sharded processes' forwards in step.
+
+        It reads the first train prompt without moving this process's prompt stream, under a fixed
+        seed inside ``fork_rng``, so it changes nothing a run without it would see.
+        """
+        prompts, prompt_ids, prompt_mask = self.encoder.encode([self.train_rows[0]["prompt"]], module.tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._step_seed("placeholder"))
+            module.generate(prompt_ids, prompt_mask, G, self.sampling)
 
     def _sample_round(self, module: RolloutModule, n_prompts: int, G: int, round_index: int,
                       timing: dict) -> tuple[Rollout, dict[str, dict[str, int]]]:

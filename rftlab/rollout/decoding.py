@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rftlab.models.hf import position_ids_from_mask
+from rftlab.rollout.distributed import any_rank
 from rftlab.rollout.sampler import SamplingParams
 
 
@@ -115,6 +116,7 @@ def decode(
     eos_token_ids: list[int],
     pad_token_id: int,
     logprobs: bool = False,
+    lockstep: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """Sample ``num_generations`` continuations of each prompt; returns (B*G, T) tokens.
 
@@ -132,6 +134,9 @@ def decode(
         pad_token_id: filler after EOS.
         logprobs: also return the (B*G, T) float32 log-probs of the sampled tokens (``sample_next``;
             0 after the EOS, None when greedy).
+        lockstep: the weights are sharded over processes (FSDP2), so each forward is a collective:
+            a process whose rows are all finished keeps running forwards (on one placeholder row,
+            without sampling, so its random stream is untouched) until every process is done.
     """
     from transformers import DynamicCache
 
@@ -155,14 +160,26 @@ def decode(
     rows = torch.arange(N, device=device)  # which output rows are still being decoded
     eos = torch.tensor(eos_token_ids, device=device)
     length = 0
+    placeholder = False  # lockstep: this process is done and only keeps the others company
     for step in range(params.max_new_tokens):
-        token, logp = sample_next(logits, params, logprobs=record)
-        tokens[rows, step] = token
-        if record:
-            token_logps[rows, step] = logp
-        length = step + 1
-        running = ~torch.isin(token, eos)
-        if step == params.max_new_tokens - 1 or not running.any():
+        if placeholder:
+            token, running = token[:1], torch.zeros(1, dtype=torch.bool, device=device)
+        else:
+            token, logp = sample_next(logits, params, logprobs=record)
+            tokens[rows, step] = token
+            if record:
+                token_logps[rows, step] = logp
+            length = step + 1
+            running = ~torch.isin(token, eos)
+        if step == params.max_new_tokens - 1:
+            break
+        if lockstep:
+            if not any_rank(bool(running.any())):
+                break
+            if not running.any():
+                placeholder, running = True, torch.zeros_like(running)
+                running[0] = True  # one row keeps the forwards going; its tokens are not recorded
+        elif not running.any():
             break
         if not running.all():
             # Drop finished rows from the batch and from the cache: later steps cost only what runs.

@@ -46,6 +46,15 @@ def any_rank(flag: bool) -> bool:
     return any(gather_objects(bool(flag)))
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over all processes (``value`` in a single process).
+
+    Args:
+        value: this process's count; every process must call this at the same point.
+    """
+    return max(gather_objects(int(value)))
+
+
 def reduce_metrics(metrics: dict[str, float], weight: float) -> dict[str, float]:
     """Step metrics combined over processes: totals summed, the rest a weighted mean.
 

@@ -160,6 +160,7 @@ def sample_completions(
     eos_token_ids: list[int],
     pad_token_id: int,
     logprobs: bool = False,
+    lockstep: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Sample ``num_generations`` completions per prompt with the KV cache.
 
@@ -174,6 +175,8 @@ def sample_completions(
         logprobs: also return the sampler's log-probs of the sampled tokens (temperature-scaled,
             before top-p/top-k; 0 on padding): the rftlab and hf backends report them; greedy
             decoding and the vLLM backend give None.
+        lockstep: the weights are sharded over processes (FSDP2): every process runs each decoding
+            step until all of them are done (the rftlab and hf backends).
 
     Returns:
         (completion_ids, completion_mask, truncated): (B*G, T), (B*G, T), (B*G,); with ``logprobs``
@@ -185,7 +188,8 @@ def sample_completions(
         from rftlab.rollout.decoding import decode
 
         with sampling_mode(model):
-            out = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id, logprobs=logprobs)
+            out = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id, logprobs=logprobs,
+                         lockstep=lockstep)
         completion_ids, token_logps = out if logprobs else (out, None)
     elif params.backend == "vllm":
         from rftlab.rollout.vllm_backend import vllm_generate
@@ -193,7 +197,7 @@ def sample_completions(
         completion_ids = vllm_generate(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id)
     else:
         completion_ids, token_logps = _hf_generate(model, prompt_ids, prompt_mask, num_generations, params, stops,
-                                                   pad_token_id, logprobs)
+                                                   pad_token_id, logprobs, lockstep)
     mask, truncated = completion_mask_from_eos(completion_ids, stops)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
     if not logprobs:
@@ -212,6 +216,7 @@ def _hf_generate(
     eos_token_ids: list[int],
     pad_token_id: int,
     logprobs: bool = False,
+    lockstep: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Completion tokens from transformers' ``generate`` (the reference backend), and their log-probs.
 
@@ -229,7 +234,8 @@ def _hf_generate(
     try:
         with sampling_mode(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                 return_dict_in_generate=record, output_logits=record)
+                                 return_dict_in_generate=record, output_logits=record,
+                                 **({"synced_gpus": True} if lockstep else {}))
     finally:
         lm.generation_config = saved_config
     if not record:

@@ -168,3 +168,10 @@ def test_adapter_switches_leave_trainable_parameters_and_the_active_adapter_alon
     assert _trainable_names(model) == before
     assert torch.equal(policy, again)
     assert not torch.allclose(policy, critic) and not torch.allclose(policy, base)
+
+
+def test_a_checkpoint_with_a_scalar_bias_still_loads():
+    # The bias became shape (1,) (FSDP2 cannot shard a 0-d parameter); older checkpoints hold a scalar.
+    head = ValueHead(4, init_scale=0.0)
+    head.load_state_dict({"weight": torch.ones(4), "bias": torch.tensor(0.25)})
+    assert head.bias.shape == (1,) and head(torch.zeros(4)).item() == 0.25

@@ -1,0 +1,98 @@
+"""FSDP2 sharding of the policy and its companions (``torch.distributed.fsdp.fully_shard``).
+
+Lightning's ``ModelParallelStrategy`` sets up a device mesh and calls the module's
+``configure_model``; ``RFTModule`` then shards every model it holds with ``shard_model``: each
+decoder layer is its own unit (its weights are gathered just before it runs and freed after), the
+rest of the model (embeddings, final norm, head) the root unit. This is the layout of TorchTitan,
+verl's FSDP2 workers and NeMo-RL's DTensor path, here on CPU processes with gloo as on GPUs with
+NCCL.
+
+Every process must then run each forward together: the decode loop runs in lockstep
+(``decode(lockstep=True)``), and the number of forward passes per rollout is agreed across
+processes (see ``rftlab.rollout.distributed``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (a PEFT wrapper's base model, or ``model``).
+
+    The root unit must be the module whose ``forward`` runs at every step: ``generate`` of a PEFT
+    model calls its base model directly, so sharding the wrapper would leave the root weights
+    sharded when they are used.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers causal LM, by the classes it declares it must not
+    split (``_no_split_modules``, e.g. ``LlamaDecoderLayer``).
+
+    Raises a ``ValueError`` naming the model class and the classes looked for when none is found.
+
+    Args:
+        model: a causal LM (or a PEFT wrapper around one).
+    """
+    base = causal_lm(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"cannot shard {type(base).__name__}: no decoder layer found (looked for the classes of its "
+            f"_no_split_modules: {sorted(names) or 'none declared'}); FSDP2 sharding needs a transformers "
+            "causal LM whose layer class is declared there"
+        )
+    return layers
+
+
+def shard_model(
+    model: nn.Module,
+    mesh: Any,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard ``model`` in place over ``mesh``: each decoder layer a unit, the rest the root.
+
+    Args:
+        model: a causal LM (or a PEFT wrapper: its base model is sharded, adapters included).
+        mesh: a 1-D device mesh (the data-parallel dimension of the strategy's mesh).
+        param_dtype: dtype the gathered weights compute in (None: as stored).
+        reduce_dtype: dtype gradients are reduced in (None: as computed).
+        reshard_after_forward: free gathered weights after each unit's forward (less memory, one
+            more gather in backward).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(causal_lm(model), mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def shard_module(module: nn.Module, mesh: Any) -> None:
+    """Shard a small module (a value head) as one unit, so that its gradients are averaged too.
+
+    Args:
+        module: any module whose ``forward`` is called directly.
+        mesh: the data-parallel device mesh.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=mesh)
+
+
+def is_sharded(module: nn.Module | None) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` or one of its submodules."""
+    if module is None:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())

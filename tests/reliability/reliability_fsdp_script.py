@@ -1,0 +1,106 @@
+"""Two CPU processes (gloo) train with FSDP2 (``ModelParallelStrategy``) and with DDP; each writes
+what it ended with.
+
+    python reliability_fsdp_script.py OUT_DIR
+
+Lightning re-runs this script for rank 1. For each case it writes
+``OUT_DIR/<case>_<strategy>_rank<r>.pt``: the global step, whether the module was sharded, and the
+final trainable weights (gathered whole from the shards).
+
+- grpo-lora, ppo-lora, grpo-full (full fine-tuning with a KL term: a sharded reference copy), each
+  with rftlab's own sampler, under FSDP2 and under DDP: same steps, same weights;
+- dapo-uneven (FSDP2 only): dynamic sampling where rank 1 needs more generation rounds than rank 0,
+  so rank 0 runs placeholder rounds; it must not deadlock, and both ranks take the same steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from rftlab import DAPO, GRPO, PPO, RolloutDataModule
+from rftlab.tasks import Arithmetic
+
+G = 2
+CASES = ("grpo-lora", "ppo-lora", "grpo-full", "dapo-uneven")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def alternating(completions: list[str], **_: Any) -> list[float]:
+    """0, 1, 0, 1, ...: every group of 2 has variance."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+class UnevenReward:
+    """Rank 0: variance in every group. Rank 1: variance only in the first group, on every other call."""
+
+    __name__ = "uneven"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completions: list[str], **_: Any) -> list[float]:
+        self.calls += 1
+        if rank() == 0:
+            return alternating(completions)
+        varied = self.calls % 2 == 1
+        return [float(i % 2) if varied and i < G else 1.0 for i in range(len(completions))]
+
+
+def build(case: str) -> tuple[L.LightningModule, RolloutDataModule]:
+    log = {"validate_at_start": False}
+    data: dict[str, Any] = {"task": Arithmetic(num_test=0), "prompts_per_step": 2, "num_generations": G,
+                            "max_new_tokens": 6}
+    if case == "grpo-lora":
+        module = GRPO(policy="tiny", lr=1e-2, lora=True, log=log)
+    elif case == "ppo-lora":
+        module = PPO(policy="tiny", lr=1e-2, lora=True, log=log)
+    elif case == "grpo-full":
+        module = GRPO(policy="tiny", lr=1e-3, lora=False, beta=0.04, log=log)
+    else:
+        module = DAPO(policy="tiny", lr=1e-2, lora=True, log=log)
+        return module, RolloutDataModule(rewards={"uneven": UnevenReward()}, max_gen_batches=3, num_minibatches=2, **data)
+    return module, RolloutDataModule(rewards={"alternating": alternating}, **data)
+
+
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights, each gathered whole (a collective under FSDP2: every rank calls it)."""
+    out = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            value = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = value.detach().clone()
+    return out
+
+
+def run(case: str, strategy_name: str, out: Path) -> None:
+    torch.manual_seed(0)  # the LoRA adapters start from the global generator: the same start for both strategies
+    module, dm = build(case)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "fsdp" else "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    torch.save({"global_step": trainer.global_step, "sharded": module.sharded, "weights": full_weights(module)},
+               out / f"{case}_{strategy_name}_rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # two processes share the machine's cores
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for case in CASES:
+        for strategy_name in ("fsdp", "ddp") if case != "dapo-uneven" else ("fsdp",):
+            run(case, strategy_name, out)
+
+
+if __name__ == "__main__":
+    main()
