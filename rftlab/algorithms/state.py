@@ -76,11 +76,14 @@ class ModuleState:
         # Option groups as plain mappings: the checkpoint loads with torch.load(weights_only=True)
         # and without rftlab's classes; the constructors take the mappings back.
         checkpoint["hyper_parameters"] = plain_options(checkpoint.get("hyper_parameters", {}))
-        if not self.strict_loading:  # only what trains (adapter, heads): frozen weights come from `policy`
+        # Only what trains (adapter, heads): frozen weights come from `policy`. Not when sharded:
+        # a distributed checkpoint is loaded by asking for every key of the module's state.
+        if not self.strict_loading and not getattr(self, "sharded", False):
             keep = trainable_state_keys(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = restore_resume_state(self, checkpoint.get(CHECKPOINT_KEY))
-        if self.policy is not None:
+        # A sharded checkpoint's weights were loaded by the strategy, which hands no state_dict here.
+        if self.policy is not None and "state_dict" in checkpoint:
             check_trainable_weights(self, checkpoint["state_dict"])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rftlab.algorithms.base import RFTModule
+from rftlab.models.export import load_lightning_checkpoint
 from rftlab.models.migration import migrate_hparams
 from rftlab.rollout.datamodule import RolloutDataModule
 from rftlab.rollout.evaluation import score_answers
@@ -175,14 +176,12 @@ def load_policy(checkpoint: str | Path, map_location: str = "cpu") -> RFTModule:
     the checkpoint must hold every trainable policy weight (full weights or the LoRA adapter).
 
     Args:
-        checkpoint: path of a ``.ckpt`` file saved by ``Trainer.fit`` (e.g. ModelCheckpoint).
+        checkpoint: a ``.ckpt`` file saved by ``Trainer.fit`` (e.g. ModelCheckpoint), or a sharded
+            checkpoint folder (``ModelParallelStrategy``).
         map_location: device to load tensors onto.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={str(checkpoint)!r} is not a file")
-    # weights_only=False: Lightning checkpoints carry hyper-parameters (plain Python objects).
-    data = torch.load(path, map_location=map_location, weights_only=False)
+    data = load_lightning_checkpoint(path, map_location)  # a .ckpt file or a sharded checkpoint folder
     hparams = migrate_hparams(dict(data.get("hyper_parameters", {})))
     # The policy alone: what generating needs (the algorithm's KL and critic options do not matter).
     module = RFTModule(**{k: v for k, v in hparams.items() if k in ("policy", "lora", "forward")})

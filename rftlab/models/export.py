@@ -46,17 +46,46 @@ class CheckpointPolicy(NamedTuple):
     checkpoint: dict[str, Any]
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a distributed checkpoint folder (``ModelParallelStrategy``: one shard
+    file per process, ``.metadata`` and Lightning's ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def load_lightning_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A Lightning checkpoint as one dict: a ``.ckpt`` file, or a sharded checkpoint folder whose
+    shards are gathered into whole tensors here, in one process and without a process group.
+
+    Args:
+        path: the ``.ckpt`` file or the distributed checkpoint folder.
+        map_location: as ``torch.load``.
+    """
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        data = torch.load(path / "meta.pt", map_location=map_location, weights_only=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            whole = Path(tmp) / "whole.pt"
+            dcp_to_torch_save(path, whole)
+            data["state_dict"] = torch.load(whole, map_location=map_location, weights_only=False)["state_dict"]
+        return data
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint={str(path)!r} is neither a file nor a sharded checkpoint folder")
+    # weights_only=False: Lightning checkpoints carry hyper-parameters (plain Python objects).
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint written by an rftlab algorithm (on CPU); clear errors otherwise.
 
     Args:
-        path: the ``.ckpt`` file.
+        path: the ``.ckpt`` file, or a sharded checkpoint folder (``ModelParallelStrategy``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
-    # weights_only=False: Lightning checkpoints carry hyper-parameters (plain Python objects).
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = load_lightning_checkpoint(path)
     if not isinstance(data, dict) or "state_dict" not in data or "policy" not in data.get("hyper_parameters", {}):
         raise ValueError(f"checkpoint {str(path)!r} was not written by an rftlab algorithm "
                          "(no state_dict, or no 'policy' hyper-parameter)")

@@ -156,7 +156,7 @@ def test_bad_export_requests(tmp_path, trained_full):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not written by an rftlab algorithm"):
         export_checkpoint(tmp_path / "other.ckpt", tmp_path / "b")
-    with pytest.raises(FileNotFoundError, match="is not a file"):
+    with pytest.raises(FileNotFoundError, match="is neither a file nor a sharded checkpoint folder"):
         export_checkpoint(tmp_path / "missing.ckpt", tmp_path / "c")
 
 

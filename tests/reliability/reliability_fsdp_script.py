@@ -11,6 +11,9 @@ final trainable weights (gathered whole from the shards).
   with rftlab's own sampler, under FSDP2 and under DDP: same steps, same weights;
 - dapo-uneven (FSDP2 only): dynamic sampling where rank 1 needs more generation rounds than rank 0,
   so rank 0 runs placeholder rounds; it must not deadlock, and both ranks take the same steps.
+- resume (FSDP2): grpo-lora for 2 steps, a sharded checkpoint, then resumed to 3 steps, written as
+  ``resume_fsdp_rank<r>.pt``, to compare with the uninterrupted 3 steps of grpo-lora; the final
+  sharded checkpoint of grpo-lora is kept as ``grpo-lora.ckpt`` (a folder) for one-process loading.
 """
 
 from __future__ import annotations
@@ -81,16 +84,20 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(case: str, strategy_name: str, out: Path) -> None:
+def run(case: str, strategy_name: str, out: Path, steps: int = 3, resume: Path | None = None,
+        save: Path | None = None, name: str | None = None) -> None:
     torch.manual_seed(0)  # the LoRA adapters start from the global generator: the same start for both strategies
     module, dm = build(case)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "fsdp" else "ddp"
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
-    torch.save({"global_step": trainer.global_step, "sharded": module.sharded, "weights": full_weights(module)},
-               out / f"{case}_{strategy_name}_rank{trainer.global_rank}.pt")
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if save is not None:
+        trainer.save_checkpoint(save)  # every process writes its shard
+    if name is not None:
+        torch.save({"global_step": trainer.global_step, "sharded": module.sharded, "weights": full_weights(module)},
+                   out / f"{name}_rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
@@ -99,7 +106,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for case in CASES:
         for strategy_name in ("fsdp", "ddp") if case != "dapo-uneven" else ("fsdp",):
-            run(case, strategy_name, out)
+            save = out / "grpo-lora.ckpt" if (case, strategy_name) == ("grpo-lora", "fsdp") else None
+            run(case, strategy_name, out, save=save, name=f"{case}_{strategy_name}")
+    run("grpo-lora", "fsdp", out, steps=2, save=out / "half.ckpt")
+    run("grpo-lora", "fsdp", out, steps=3, resume=out / "half.ckpt", name="resume_fsdp")
 
 
 if __name__ == "__main__":
