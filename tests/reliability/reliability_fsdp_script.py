@@ -2,6 +2,10 @@
 what it ended with.
 
     python reliability_fsdp_script.py OUT_DIR
+    NODE_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python reliability_fsdp_script.py OUT_DIR --node
+
+The second form is one of 2 "nodes" of 1 process each (``num_nodes=2``, as a cluster launches one
+process per node): it trains grpo-lora under FSDP2 and writes ``nodes_fsdp_rank<r>.pt``.
 
 Lightning re-runs this script for rank 1. For each case it writes
 ``OUT_DIR/<case>_<strategy>_rank<r>.pt``: the global step, whether the module was sharded, and the
@@ -85,11 +89,11 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run(case: str, strategy_name: str, out: Path, steps: int = 3, resume: Path | None = None,
-        save: Path | None = None, name: str | None = None) -> None:
+        save: Path | None = None, name: str | None = None, nodes: int = 1) -> None:
     torch.manual_seed(0)  # the LoRA adapters start from the global generator: the same start for both strategies
     module, dm = build(case)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "fsdp" else "ddp"
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2 // nodes, num_nodes=nodes, strategy=strategy, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
@@ -104,6 +108,9 @@ def main() -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
+    if "--node" in sys.argv:
+        run("grpo-lora", "fsdp", out, name="nodes_fsdp", nodes=2)
+        return
     for case in CASES:
         for strategy_name in ("fsdp", "ddp") if case != "dapo-uneven" else ("fsdp",):
             save = out / "grpo-lora.ckpt" if (case, strategy_name) == ("grpo-lora", "fsdp") else None

@@ -111,3 +111,27 @@ def test_tensor_parallel_meshes_are_refused():
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(_device_mesh=Mesh()))
     with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported"):
         module._data_parallel_mesh()
+
+
+def test_two_nodes_of_one_process_match_one_node_of_two(runs, tmp_path):
+    # As a cluster runs it: one process per node, started by hand with NODE_RANK and the address of
+    # node 0 (num_nodes=2, devices=1); the run must be the 2-process one, bit for bit.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        env = {**subprocess_env(), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env.pop("LOCAL_RANK", None)
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "--node"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    nodes = [torch.load(tmp_path / f"nodes_fsdp_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one_node = runs("grpo-lora", "fsdp")[0]["weights"]
+    assert [n["global_step"] for n in nodes] == [3, 3] and nodes[0]["sharded"]
+    for name, value in one_node.items():
+        assert torch.equal(nodes[0]["weights"][name], value), name
