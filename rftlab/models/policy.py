@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from rftlab.models.hf import hf_model, is_checkpointing, position_ids_from_mask
 from rftlab.models.packing import (PACKING, attention_pair_cost, is_prefix_mask, pack_groups, packable, packed_states,
                                    packing_pays)
+from rftlab.models.sharding import root_is_sharded
 
 
 def apply_lora(
@@ -247,6 +248,10 @@ def _packs(model: nn.Module, prompt_mask: Tensor, completion_mask: Tensor, group
     if packing not in PACKING:
         raise ValueError(f"packing={packing!r} is invalid: must be one of {', '.join(PACKING)}")
     if packing == "never" or groups == len(group) or not packable(model) or not is_prefix_mask(completion_mask):
+        return False
+    if root_is_sharded(model):
+        # Packed rows run the backbone and the head separately, outside the root unit's forward,
+        # whose hooks gather the sharded embeddings and head (FSDP2).
         return False
     if not prompt_mask.any(-1).all():  # a completion's first token is predicted from its prompt's last
         return False

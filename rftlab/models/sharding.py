@@ -14,6 +14,7 @@ processes (see ``rftlab.rollout.distributed``).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -89,6 +90,13 @@ def shard_module(module: nn.Module, mesh: Any) -> None:
     fully_shard(module, mesh=mesh)
 
 
+def root_is_sharded(model: nn.Module) -> bool:
+    """Whether the causal LM inside ``model`` is an FSDP2 root unit (``shard_model`` was applied)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(causal_lm(model), FSDPModule)
+
+
 def is_sharded(module: nn.Module | None) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or one of its submodules."""
     if module is None:
@@ -96,3 +104,38 @@ def is_sharded(module: nn.Module | None) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _model_parallel_strategy() -> type:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class FSDP2Strategy(_model_parallel_strategy()):  # type: ignore[misc]
+    """Lightning's ``ModelParallelStrategy`` with every process in the data-parallel dimension.
+
+    ``ModelParallelStrategy(data_parallel_size="auto")`` puts the processes of a node in the
+    tensor-parallel dimension, which rftlab does not use; this strategy shards over all of them
+    (``data_parallel_size`` = nodes x processes per node, ``tensor_parallel_size`` = 1), so a config
+    needs no sizes and follows ``--trainer.devices`` and ``--trainer.num_nodes``.
+
+    Args:
+        save_distributed_checkpoint: write checkpoints as folders of shards (True) or gather one
+            full file on rank 0 (False).
+        process_group_backend: "gloo" on CPUs, "nccl" on GPUs (default: chosen by the device).
+        timeout: how long a collective may wait for the other processes.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout: timedelta | None = None) -> None:
+        from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

@@ -328,7 +328,10 @@ class RolloutDataModule(L.LightningDataModule):
                 "give the task test rows or set limit_val_batches=0"
             )
         strategy = type(trainer.strategy).__name__
-        sharded = "FSDP" in strategy or (
+        # ModelParallelStrategy (FSDP2, rftlab.models.FSDP2Strategy) runs rftlab's loop in lockstep;
+        # FSDP1 and ZeRO stage 3 shard weights without it.
+        lockstep = any(c.__name__ == "ModelParallelStrategy" for c in type(trainer.strategy).__mro__)
+        sharded = ("FSDP" in strategy and not lockstep) or (
             "DeepSpeed" in strategy and (getattr(trainer.strategy, "config", None) or {}).get("zero_optimization", {}).get("stage") == 3)
         if sharded and self.sampling.backend == "rftlab":
             raise ValueError(
@@ -336,7 +339,7 @@ class RolloutDataModule(L.LightningDataModule):
                 "each decoding step together (synced_gpus), and rftlab's loop stops as soon as its own rows finish; "
                 "use sampler_backend='hf' (transformers' generate keeps sharded processes in lockstep)"
             )
-        if self.sampling.backend == "vllm" and (sharded or trainer.world_size > 1):
+        if self.sampling.backend == "vllm" and (sharded or lockstep or trainer.world_size > 1):
             # Each process would build its own engine and push unsharded weights it does not hold.
             raise ValueError(
                 f"sampler_backend='vllm' supports one process on one GPU, got {strategy} with world_size="

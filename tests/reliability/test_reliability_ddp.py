@@ -118,15 +118,24 @@ def test_sharded_strategies_refuse_the_rftlab_sampler(strategy, attrs):
     dm.check_trainer(_fake_trainer("DeepSpeedStrategy", config={"zero_optimization": {"stage": 2}}), "fit")
 
 
-def test_the_gpu_recipes_parse_and_sample_in_lockstep(tmp_path, monkeypatch):
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from rftlab.cli import make_cli
-
-    monkeypatch.chdir(tmp_path)
-    fsdp = make_cli(["--config", str(CONFIGS / "grpo_fsdp.yaml"), "--trainer.logger", "false"], run=False, trainer=False)
-    strategy = fsdp.config_init.trainer.strategy
-    assert isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" in strategy.kwargs
-    assert fsdp.datamodule.sampling.backend == "hf"
-    deepspeed = make_cli(["--config", str(CONFIGS / "grpo_deepspeed.yaml"), "--trainer.logger", "false"], run=False, trainer=False)
-    assert deepspeed.config_init.trainer.strategy == "deepspeed_stage_2"
+def test_the_fsdp_recipe_trains_on_two_cpu_processes_and_exports(tmp_path):
+    # configs/grpo_fsdp.yaml as written (FSDP2, full fine-tuning, a sharded reference, rftlab's own
+    # sampler in lockstep), with CPU and tiny-model overrides: it trains, writes a sharded
+    # checkpoint folder, and rftlab export turns that folder into a transformers model.
+    env = subprocess_env()
+    env.pop("LOCAL_RANK", None)
+    cli = [sys.executable, "-m", "rftlab.cli"]
+    fit = subprocess.run(cli + [
+        "fit", "--config", str(CONFIGS / "grpo_fsdp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.logger", "false",
+        "--model.init_args.policy", "tiny", "--model.init_args.log.validate_at_start", "false",
+        "--data.init_args.prompts_per_step", "1", "--data.init_args.num_generations", "2",
+        "--data.init_args.max_new_tokens", "4", "--data.init_args.task.init_args.num_test", "4",
+    ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    folder = tmp_path / "checkpoints" / "last.ckpt"
+    assert folder.is_dir() and (folder / ".metadata").is_file()
+    export = subprocess.run(cli + ["export", "--ckpt", str(folder), "--out", str(tmp_path / "exported")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
