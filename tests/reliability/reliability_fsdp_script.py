@@ -11,8 +11,9 @@ Lightning re-runs this script for rank 1. For each case it writes
 ``OUT_DIR/<case>_<strategy>_rank<r>.pt``: the global step, whether the module was sharded, and the
 final trainable weights (gathered whole from the shards).
 
-- grpo-lora, ppo-lora, grpo-full (full fine-tuning with a KL term: a sharded reference copy), each
-  with rftlab's own sampler, under FSDP2 and under DDP: same steps, same weights;
+- grpo-lora, ppo-lora, grpo-full (full fine-tuning with a KL term: a sharded reference copy, and
+  activation checkpointing), segment-lora (SegmentRFT's value head), each with rftlab's own sampler,
+  under FSDP2 and under DDP: same steps, same weights;
 - dapo-uneven (FSDP2 only): dynamic sampling where rank 1 needs more generation rounds than rank 0,
   so rank 0 runs placeholder rounds; it must not deadlock, and both ranks take the same steps.
 - resume (FSDP2): grpo-lora for 2 steps, a sharded checkpoint, then resumed to 3 steps, written as
@@ -30,11 +31,11 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from rftlab import DAPO, GRPO, PPO, RolloutDataModule
-from rftlab.tasks import Arithmetic
+from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
+from rftlab.tasks import Arithmetic, WordProblems
 
 G = 2
-CASES = ("grpo-lora", "ppo-lora", "grpo-full", "dapo-uneven")
+CASES = ("grpo-lora", "ppo-lora", "grpo-full", "segment-lora", "dapo-uneven")
 
 
 def rank() -> int:
@@ -71,7 +72,11 @@ def build(case: str) -> tuple[L.LightningModule, RolloutDataModule]:
     elif case == "ppo-lora":
         module = PPO(policy="tiny", lr=1e-2, lora=True, log=log)
     elif case == "grpo-full":
-        module = GRPO(policy="tiny", lr=1e-3, lora=False, beta=0.04, log=log)
+        # with activation checkpointing inside the FSDP2 units
+        module = GRPO(policy={"model": "tiny", "gradient_checkpointing": True}, lr=1e-3, lora=False, beta=0.04, log=log)
+    elif case == "segment-lora":
+        module = SegmentRFT(policy="tiny", lr=1e-2, lora=True, log=log)
+        return module, RolloutDataModule(**{**data, "task": WordProblems(num_test=0)})
     else:
         module = DAPO(policy="tiny", lr=1e-2, lora=True, log=log)
         return module, RolloutDataModule(rewards={"uneven": UnevenReward()}, max_gen_batches=3, num_minibatches=2, **data)
