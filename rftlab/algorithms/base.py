@@ -174,12 +174,18 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         Args:
             mesh: the 1-D data-parallel device mesh.
         """
-        shard_model(self.policy, mesh)
+        options = self.sharding_options()
+        shard_model(self.policy, mesh, **options)
         if self.ref_policy is not None and self.ref_policy is not self.policy:
-            shard_model(self.ref_policy, mesh)
+            shard_model(self.ref_policy, mesh, **options)
         self.shard_extra_modules(mesh)
         #: Sharded weights: every forward is a collective, so processes sample and score in lockstep.
         self.sharded = True
+
+    def sharding_options(self) -> dict[str, Any]:
+        """``shard_model``'s options from the strategy (``FSDP2Strategy``'s mixed precision), or none."""
+        trainer = self._trainer
+        return dict(getattr(trainer.strategy, "sharding", None) or {}) if trainer is not None else {}
 
     def shard_extra_modules(self, mesh: Any) -> None:
         """Hook: shard the modules ``configure_extra_modules`` added (critics, value heads)."""

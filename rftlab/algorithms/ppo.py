@@ -129,7 +129,7 @@ class PPO(GRPO):
     def shard_extra_modules(self, mesh: Any) -> None:
         """The critic model (layer by layer, when separate) and the value head (one unit)."""
         if self.critic is not None:
-            shard_model(self.critic, mesh)
+            shard_model(self.critic, mesh, **self.sharding_options())
         shard_module(self.value_head, mesh)
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:

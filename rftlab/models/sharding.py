@@ -15,10 +15,13 @@ processes (see ``rftlab.rollout.distributed``).
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+
+DtypeName = Literal["float32", "bfloat16", "float16"]
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -121,16 +124,30 @@ class FSDP2Strategy(_model_parallel_strategy()):  # type: ignore[misc]
     needs no sizes and follows ``--trainer.devices`` and ``--trainer.num_nodes``.
 
     Args:
+        param_dtype: dtype the gathered weights compute in, "float32", "bfloat16" or "float16"
+            (None: as stored; the Trainer's ``*-mixed`` precision still autocasts).
+        reduce_dtype: dtype gradients are reduced in (None: as computed).
+        reshard_after_forward: free each gathered layer after its forward (less memory; it is
+            gathered again for backward).
         save_distributed_checkpoint: write checkpoints as folders of shards (True) or gather one
             full file on rank 0 (False).
         process_group_backend: "gloo" on CPUs, "nccl" on GPUs (default: chosen by the device).
         timeout: how long a collective may wait for the other processes.
     """
 
-    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
-                 timeout: timedelta | None = None) -> None:
+    def __init__(self, param_dtype: DtypeName | None = None, reduce_dtype: DtypeName | None = None,
+                 reshard_after_forward: bool = True, save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, timeout: timedelta | None = None) -> None:
         from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
+        from rftlab.models.precision import dtype_from_name
+
+        #: What ``RFTModule.shard`` passes to ``shard_model`` (FSDP2's mixed precision policy).
+        self.sharding = {
+            "param_dtype": dtype_from_name(param_dtype, "FSDP2Strategy.param_dtype") if param_dtype else None,
+            "reduce_dtype": dtype_from_name(reduce_dtype, "FSDP2Strategy.reduce_dtype") if reduce_dtype else None,
+            "reshard_after_forward": bool(reshard_after_forward),
+        }
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout)

@@ -16,6 +16,7 @@ final trainable weights (gathered whole from the shards).
   under FSDP2 and under DDP: same steps, same weights;
 - dapo-uneven (FSDP2 only): dynamic sampling where rank 1 needs more generation rounds than rank 0,
   so rank 0 runs placeholder rounds; it must not deadlock, and both ranks take the same steps.
+- grpo-lora under ``rftlab.models.FSDP2Strategy`` with bf16 gathered weights and fp32 reductions.
 - resume (FSDP2): grpo-lora for 2 steps, a sharded checkpoint, then resumed to 3 steps, written as
   ``resume_fsdp_rank<r>.pt``, to compare with the uninterrupted 3 steps of grpo-lora; the final
   sharded checkpoint of grpo-lora is kept as ``grpo-lora.ckpt`` (a folder) for one-process loading.
@@ -32,6 +33,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
+from rftlab.models import FSDP2Strategy
 from rftlab.tasks import Arithmetic, WordProblems
 
 G = 2
@@ -97,7 +99,9 @@ def run(case: str, strategy_name: str, out: Path, steps: int = 3, resume: Path |
         save: Path | None = None, name: str | None = None, nodes: int = 1) -> None:
     torch.manual_seed(0)  # the LoRA adapters start from the global generator: the same start for both strategies
     module, dm = build(case)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "fsdp" else "ddp"
+    strategy = {"fsdp": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                "fsdp-bf16": lambda: FSDP2Strategy(param_dtype="bfloat16", reduce_dtype="float32"),
+                "ddp": lambda: "ddp"}[strategy_name]()
     trainer = L.Trainer(accelerator="cpu", devices=2 // nodes, num_nodes=nodes, strategy=strategy, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
@@ -120,6 +124,7 @@ def main() -> None:
         for strategy_name in ("fsdp", "ddp") if case != "dapo-uneven" else ("fsdp",):
             save = out / "grpo-lora.ckpt" if (case, strategy_name) == ("grpo-lora", "fsdp") else None
             run(case, strategy_name, out, save=save, name=f"{case}_{strategy_name}")
+    run("grpo-lora", "fsdp-bf16", out, name="grpo-lora_fsdp-bf16")  # rftlab's strategy, bf16 gathers
     run("grpo-lora", "fsdp", out, steps=2, save=out / "half.ckpt")
     run("grpo-lora", "fsdp", out, steps=3, resume=out / "half.ckpt", name="resume_fsdp")
 

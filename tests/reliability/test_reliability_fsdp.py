@@ -55,6 +55,23 @@ def test_fsdp2_takes_the_steps_of_ddp_and_ends_with_its_weights(runs, case):
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "the adapters (zero at the start) trained"
 
 
+def test_rftlabs_strategy_with_bf16_weights_trains(runs):
+    # FSDP2Strategy shards over every process and takes FSDP2's mixed precision policy.
+    ranks = runs("grpo-lora", "fsdp-bf16")
+    assert [r["global_step"] for r in ranks] == [3, 3] and ranks[0]["sharded"]
+    w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(v.abs().sum() > 0 for k, v in w0.items() if "lora_B" in k)
+
+
+def test_fsdp2_strategy_options_are_checked():
+    from rftlab.models import FSDP2Strategy
+
+    with pytest.raises(ValueError, match=r"FSDP2Strategy.param_dtype='bf16' is invalid: must be one of float32, bfloat16"):
+        FSDP2Strategy(param_dtype="bf16")
+    assert FSDP2Strategy(reduce_dtype="float32").sharding["reduce_dtype"] == torch.float32
+
+
 def test_a_sharded_checkpoint_resumes_exactly(runs):
     # 2 steps, a distributed checkpoint, resumed to 3: bit for bit the uninterrupted 3 steps.
     straight, resumed = runs("grpo-lora", "fsdp"), runs("resume", "fsdp")
