@@ -11,7 +11,7 @@ Lightning re-runs this script for rank 1. For each case it writes
 ``OUT_DIR/<case>_<strategy>_rank<r>.pt``: the global step, whether the module was sharded, and the
 final trainable weights (gathered whole from the shards).
 
-- grpo-lora, ppo-lora, grpo-full (full fine-tuning with a KL term: a sharded reference copy, and
+- grpo-lora, ppo-lora, ppo-critic-model (a separate critic model), grpo-full (full fine-tuning with a KL term: a sharded reference copy, and
   activation checkpointing), segment-lora (SegmentRFT's value head), each with rftlab's own sampler,
   under FSDP2 and under DDP: same steps, same weights;
 - dapo-uneven (FSDP2 only): dynamic sampling where rank 1 needs more generation rounds than rank 0,
@@ -37,7 +37,7 @@ from rftlab.models import FSDP2Strategy
 from rftlab.tasks import Arithmetic, WordProblems
 
 G = 2
-CASES = ("grpo-lora", "ppo-lora", "grpo-full", "segment-lora", "dapo-uneven")
+CASES = ("grpo-lora", "ppo-lora", "ppo-critic-model", "grpo-full", "segment-lora", "dapo-uneven")
 
 
 def rank() -> int:
@@ -73,6 +73,8 @@ def build(case: str) -> tuple[L.LightningModule, RolloutDataModule]:
         module = GRPO(policy="tiny", lr=1e-2, lora=True, log=log)
     elif case == "ppo-lora":
         module = PPO(policy="tiny", lr=1e-2, lora=True, log=log)
+    elif case == "ppo-critic-model":
+        module = PPO(policy="tiny", lr=1e-2, lora=True, critic={"kind": "model"}, log=log)  # a separate, sharded critic
     elif case == "grpo-full":
         # with activation checkpointing inside the FSDP2 units
         module = GRPO(policy={"model": "tiny", "gradient_checkpointing": True}, lr=1e-3, lora=False, beta=0.04, log=log)

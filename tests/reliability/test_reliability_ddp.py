@@ -139,3 +139,16 @@ def test_the_fsdp_recipe_trains_on_two_cpu_processes_and_exports(tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+def test_fsdp2_lets_the_rftlab_sampler_run_and_refuses_vllm():
+    # Under ModelParallelStrategy (FSDP2Strategy) rftlab's own loop decodes in lockstep; vLLM,
+    # which would need whole weights in one process, is refused at setup.
+    from rftlab.models import FSDP2Strategy
+
+    trainer = SimpleNamespace(strategy=FSDP2Strategy(), max_steps=10, val_check_interval=1.0, limit_val_batches=1.0,
+                              world_size=2)
+    RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}).check_trainer(trainer, "fit")
+    dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity})
+    object.__setattr__(dm.sampling, "backend", "vllm")  # vllm is not installed here: past its import check
+    with pytest.raises(ValueError, match="sampler_backend='vllm' supports one process on one GPU, got FSDP2Strategy"):
+        dm.check_trainer(trainer, "fit")

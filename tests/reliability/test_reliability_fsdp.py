@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("case", ["grpo-lora", "ppo-lora", "grpo-full", "segment-lora"])
+@pytest.mark.parametrize("case", ["grpo-lora", "ppo-lora", "ppo-critic-model", "grpo-full", "segment-lora"])
 def test_fsdp2_takes_the_steps_of_ddp_and_ends_with_its_weights(runs, case):
     fsdp, ddp = runs(case, "fsdp"), runs(case, "ddp")
     assert [r["global_step"] for r in fsdp + ddp] == [3, 3, 3, 3]
