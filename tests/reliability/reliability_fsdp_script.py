@@ -14,8 +14,9 @@ final trainable weights (gathered whole from the shards).
 - grpo-lora, ppo-lora, ppo-critic-model (a separate critic model), grpo-full (full fine-tuning with a KL term: a sharded reference copy, and
   activation checkpointing), segment-lora (SegmentRFT's value head), each with rftlab's own sampler,
   under FSDP2 and under DDP: same steps, same weights;
-- dapo-uneven (FSDP2 only): dynamic sampling where rank 1 needs more generation rounds than rank 0,
-  so rank 0 runs placeholder rounds; it must not deadlock, and both ranks take the same steps.
+- dapo-uneven: dynamic sampling where rank 1 needs more generation rounds than rank 0, so under
+  FSDP2 rank 0 runs placeholder rounds; it must not deadlock, and must end where DDP (which needs
+  no placeholders) ends: placeholder rounds leave the prompt stream and random state alone.
 - grpo-lora under ``rftlab.models.FSDP2Strategy`` with bf16 gathered weights and fp32 reductions.
 - resume (FSDP2): grpo-lora for 2 steps, a sharded checkpoint, then resumed to 3 steps, written as
   ``resume_fsdp_rank<r>.pt``, to compare with the uninterrupted 3 steps of grpo-lora; the final
@@ -123,7 +124,7 @@ def main() -> None:
         run("grpo-lora", "fsdp", out, name="nodes_fsdp", nodes=2)
         return
     for case in CASES:
-        for strategy_name in ("fsdp", "ddp") if case != "dapo-uneven" else ("fsdp",):
+        for strategy_name in ("fsdp", "ddp"):
             save = out / "grpo-lora.ckpt" if (case, strategy_name) == ("grpo-lora", "fsdp") else None
             run(case, strategy_name, out, save=save, name=f"{case}_{strategy_name}")
     run("grpo-lora", "fsdp-bf16", out, name="grpo-lora_fsdp-bf16")  # rftlab's strategy, bf16 gathers

@@ -94,14 +94,22 @@ def test_a_sharded_checkpoint_loads_in_one_process(runs):
     assert adapters and len(adapters) == len(trained)
     for name, value in adapters.items():
         assert torch.equal(value, trained["policy." + name]), name
+    # rftlab evaluate and generate load it through load_policy
+    from rftlab.experiments.evaluation import load_policy
+
+    module = load_policy(folder)
+    assert all(torch.equal(p, trained[n]) for n, p in module.named_parameters() if p.requires_grad)
 
 
-def test_dynamic_sampling_with_uneven_rounds_does_not_deadlock(runs):
-    # Rank 1 needs more generation rounds than rank 0, which samples placeholder rounds meanwhile.
-    ranks = runs("dapo-uneven", "fsdp")
-    assert [r["global_step"] for r in ranks] == [3, 3]
+def test_dynamic_sampling_with_uneven_rounds_does_not_deadlock_and_matches_ddp(runs):
+    # Rank 1 needs more generation rounds than rank 0, which samples placeholder rounds meanwhile;
+    # they change nothing it trains on, so the run ends where DDP's (no placeholders) ends.
+    ranks, ddp = runs("dapo-uneven", "fsdp"), runs("dapo-uneven", "ddp")
+    assert [r["global_step"] for r in ranks + ddp] == [3, 3, 3, 3]
     w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    for name, value in ddp[0]["weights"].items():
+        torch.testing.assert_close(w0[name], value, atol=ATOL, rtol=0, msg=name)
 
 
 def test_a_model_without_a_known_decoder_layer_is_refused():
