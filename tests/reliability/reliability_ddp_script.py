@@ -24,34 +24,7 @@ import torch
 
 from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.tasks import Arithmetic
-from reliability_helpers import trainable_snapshot
-
-G = 2
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def alternating(completions: list[str], **_: Any) -> list[float]:
-    """0, 1, 0, 1, ...: every group of 2 has variance."""
-    return [float(i % 2) for i in range(len(completions))]
-
-
-class UnevenReward:
-    """Rank 0: variance in every group. Rank 1: variance only in the first group, on every other call."""
-
-    __name__ = "uneven"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, completions: list[str], **_: Any) -> list[float]:
-        self.calls += 1
-        if rank() == 0:
-            return alternating(completions)
-        varied = self.calls % 2 == 1
-        return [float(i % 2) if varied and i < G else 1.0 for i in range(len(completions))]
+from reliability_helpers import G, UnevenReward, alternating, rank, trainable_snapshot
 
 
 class NaNOnRank1(GRPO):

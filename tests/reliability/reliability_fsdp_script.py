@@ -36,34 +36,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.models import FSDP2Strategy
 from rftlab.tasks import Arithmetic, WordProblems
+from reliability_helpers import G, UnevenReward, alternating
 
-G = 2
 CASES = ("grpo-lora", "ppo-lora", "ppo-critic-model", "grpo-full", "segment-lora", "dapo-uneven")
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def alternating(completions: list[str], **_: Any) -> list[float]:
-    """0, 1, 0, 1, ...: every group of 2 has variance."""
-    return [float(i % 2) for i in range(len(completions))]
-
-
-class UnevenReward:
-    """Rank 0: variance in every group. Rank 1: variance only in the first group, on every other call."""
-
-    __name__ = "uneven"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, completions: list[str], **_: Any) -> list[float]:
-        self.calls += 1
-        if rank() == 0:
-            return alternating(completions)
-        varied = self.calls % 2 == 1
-        return [float(i % 2) if varied and i < G else 1.0 for i in range(len(completions))]
 
 
 def build(case: str) -> tuple[L.LightningModule, RolloutDataModule]:

@@ -77,3 +77,34 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert wa.keys() == wb.keys() and wa
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+#: Completions per prompt of the two-process scripts' rewards below.
+G = 2
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def alternating(completions: list[str], **_: Any) -> list[float]:
+    """0, 1, 0, 1, ...: every group of 2 has variance."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+class UnevenReward:
+    """Rank 0: variance in every group. Rank 1: variance only in the first group, on every other
+    call, so rank 1 needs more dynamic-sampling rounds than rank 0."""
+
+    __name__ = "uneven"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completions: list[str], **_: Any) -> list[float]:
+        self.calls += 1
+        if rank() == 0:
+            return alternating(completions)
+        varied = self.calls % 2 == 1
+        return [float(i % 2) if varied and i < G else 1.0 for i in range(len(completions))]
