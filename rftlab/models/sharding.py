@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 
@@ -100,22 +101,7 @@ def root_is_sharded(model: nn.Module) -> bool:
     return isinstance(causal_lm(model), FSDPModule)
 
 
-def is_sharded(module: nn.Module | None) -> bool:
-    """Whether ``fully_shard`` was applied to ``module`` or one of its submodules."""
-    if module is None:
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
-def _model_parallel_strategy() -> type:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy
-
-
-class FSDP2Strategy(_model_parallel_strategy()):  # type: ignore[misc]
+class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` with every process in the data-parallel dimension.
 
     ``ModelParallelStrategy(data_parallel_size="auto")`` puts the processes of a node in the
