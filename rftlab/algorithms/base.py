@@ -230,7 +230,7 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
     def policy_logits(self, batch: Rollout, reference: bool = False) -> Tensor:
         """(N, T, V) temperature-scaled logits of the policy (or the reference) on the completions."""
         return self.runtime.logits(self.policy, self.ref_policy, reference, batch.prompt_ids, batch.prompt_mask,
-                                   batch.completion_ids, batch.completion_mask, batch.temperature)
+                                   batch.completion_ids, batch.attention_mask, batch.temperature)
 
     def batched_logprobs(self, rollout: Rollout, reference: bool = False) -> Tensor:
         """Log-probs of the rollout's completions, in chunks of ``forward.logprob_batch_size``, no grad."""

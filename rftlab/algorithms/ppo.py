@@ -159,7 +159,7 @@ class PPO(GRPO):
         the critic trains; a shared trunk then feeds the value head detached hidden states.
         """
         shared = self.critic_options.kind == "shared"
-        inputs = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        inputs = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.attention_mask)
         out = None
         if logits or shared:
             with torch.set_grad_enabled(torch.is_grad_enabled() and train_policy):

@@ -243,7 +243,7 @@ class SegmentRFT(RFTModule):
             with self.rollout_policy():
                 for mb, real in self.rollout_chunks(rollout):
                     out = self.runtime.forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                               mb.completion_mask, mb.temperature, logits=need_logp, hidden=True)
+                                               mb.attention_mask, mb.temperature, logits=need_logp, hidden=True)
                     state = self.value_head(out.hidden).float()  # a collective too when sharded
                     if not real:
                         continue
@@ -264,7 +264,7 @@ class SegmentRFT(RFTModule):
         tok = self.tokenizer
         starts, texts = [], []
         for i, text in enumerate(rollout.completions):
-            ids = rollout.completion_ids[i, : int(rollout.completion_mask[i].sum())].tolist()
+            ids = rollout.completion_ids[i, : int(rollout.attention_mask[i].sum())].tolist()
             seg, k = segment_ids(token_char_offsets(tok, ids, text), text)
             counts = torch.bincount(seg, minlength=k)
             starts.append(torch.cumsum(counts, 0) - counts)
@@ -321,7 +321,7 @@ class SegmentRFT(RFTModule):
         clip, crit = self.clip_options, self.critic_options
         T = batch.completion_ids.shape[1]
         out = self.runtime.forward(self.policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                   batch.completion_mask, batch.temperature, logits=True, hidden=True)
+                                   batch.attention_mask, batch.temperature, logits=True, hidden=True)
         logp = selective_log_softmax(out.logits, batch.completion_ids)
         old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()
         starts, seg_mask, targets = batch.segment_starts.clamp(max=T), batch.segment_mask, batch.segment_targets

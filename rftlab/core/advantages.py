@@ -146,14 +146,19 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     ``delta_t = r_t + gamma V_{t+1} - V_t`` with ``V = 0`` after the last real token (the episode
     ends at EOS or truncation), ``A_t = delta_t + gamma lam A_{t+1}``, ``returns = A + V``.
 
-    Real tokens must be a prefix of each row (right padding). Padded positions are zero in both
-    outputs and never leak into real ones, whatever ``rewards``/``values`` hold there (even NaN).
+    Positions where ``mask`` is 0 are not steps of the policy: trailing padding, and in a
+    multi-turn episode the environment's tokens between two turns. The recursion passes over them,
+    carrying ``V_{t+1}`` and ``A_{t+1}`` from the next real token to the previous one (verl's GAE
+    does the same for observation tokens), so a turn's last token bootstraps from the value at the
+    next turn's first token. Masked positions are zero in both outputs and never leak into real
+    ones, whatever ``rewards``/``values`` hold there (even NaN).
 
     Args:
         rewards: (N, T) per-token rewards (typically the score on the last real token, minus a
             per-token KL penalty).
         values: (N, T) value estimates V(s_t), usually detached.
-        mask: (N, T) 1 on real completion tokens (EOS included), 0 on padding.
+        mask: (N, T) 1 on the model's completion tokens (EOS included), 0 on padding and on
+            environment tokens.
         gamma: discount in [0, 1].
         lam: GAE lambda in [0, 1].
 
@@ -174,15 +179,17 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     r = torch.where(real, rewards.to(dtype), zero)
     v = torch.where(real, values.to(dtype), zero)
     n, t_len = v.shape
-    next_value = v.new_zeros(n)  # V after the last position, or of a padded next position: 0
+    next_value = v.new_zeros(n)  # V after the last real token: 0 (the episode ends there)
     next_adv = v.new_zeros(n)
     columns: list[Tensor] = [next_adv] * t_len
     for t in reversed(range(t_len)):
         delta = r[:, t] + gamma * next_value - v[:, t]
-        # On padding A_t = 0, so the real token before it sees A_{t+1} = 0 and V_{t+1} = 0.
-        adv_t = torch.where(real[:, t], delta + gamma * lam * next_adv, zero)
-        columns[t] = adv_t
-        next_value, next_adv = v[:, t], adv_t
+        adv_t = delta + gamma * lam * next_adv
+        columns[t] = torch.where(real[:, t], adv_t, zero)
+        # A masked position is skipped: the real token before it sees the next real token's V and A
+        # (zeros after the last one, so trailing padding changes nothing).
+        next_value = torch.where(real[:, t], v[:, t], next_value)
+        next_adv = torch.where(real[:, t], adv_t, next_adv)
     advantages = torch.stack(columns, dim=1) if t_len else v.clone()
     returns = torch.where(real, advantages + v, zero)
     return advantages, returns
@@ -265,14 +272,15 @@ grpo_advantages.min_group_size = dr_grpo_advantages.min_group_size = 2
 def token_level_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
     """Per-token rewards of RLHF PPO: the outcome score on the last real token, minus a KL penalty.
 
-    ``r_t = -kl_coef * kl_t + [t == L_i - 1] * score_i`` on real tokens, 0 on padding, where L_i is
-    row i's number of real tokens. Summed over t this is Ziegler et al. 2019 (arXiv 1909.08593) eq. 2,
+    ``r_t = -kl_coef * kl_t + [t == t_i] * score_i`` on real tokens, 0 elsewhere, where t_i is
+    row i's last real token (``L_i - 1`` for L_i real tokens when they are a prefix; in a multi-turn
+    episode, the last token of the last turn). Summed over t this is Ziegler et al. 2019 (arXiv 1909.08593) eq. 2,
     ``R(x, y) = r(x, y) - beta log(pi(y|x) / rho(y|x))``, with the log-ratio spread over the tokens
     as in Stiennon et al. 2020 / Ouyang et al. 2022 (TRL's and OpenRLHF's ``compute_rewards`` do the same).
 
     Args:
         scores: (N,) outcome reward of each completion.
-        mask: (N, T) 1 on real completion tokens (a prefix of each row).
+        mask: (N, T) 1 on the model's completion tokens.
         kl: (N, T) per-token KL estimate (k1 = logp - ref_logp in classic RLHF), or None.
         kl_coef: >= 0, weight of the KL penalty.
 
@@ -291,7 +299,8 @@ def token_level_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, 
     if kl is not None and kl_coef:
         rewards = torch.where(real, -kl_coef * kl.to(dtype), rewards)
     lengths = real.sum(-1)
-    last = (lengths - 1).clamp_min(0).unsqueeze(1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(real, positions, -1).amax(-1, keepdim=True).clamp_min(0) if mask.shape[1] else lengths.unsqueeze(1)
     outcome = torch.where(lengths > 0, scores.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
     return rewards.scatter_add(1, last, outcome.unsqueeze(1))
 

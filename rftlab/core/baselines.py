@@ -58,13 +58,14 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) 
     """Discounted reward-to-go of each real token: ``G_t = sum_{s >= t} gamma^(s - t) r_s``.
 
     The REINFORCE return (Williams 1992) that REINFORCE++ (Hu et al. 2025, arXiv 2501.03262) uses as
-    its un-normalised advantage, the sum running over the row's real tokens only. Real tokens must
-    be a prefix of each row (right padding); the sum stops at the first padded position, so whatever
-    ``token_rewards`` holds on padding (even NaN) never reaches a real token.
+    its un-normalised advantage, the sum running over the row's real tokens only: masked positions
+    (trailing padding; the environment's tokens between the turns of a multi-turn episode) are
+    skipped, so the return carries across an observation to the previous turn, and whatever
+    ``token_rewards`` holds there (even NaN) never reaches a real token.
 
     Args:
         token_rewards: (N, T) per-token rewards (e.g. ``token_level_rewards``).
-        mask: (N, T) 1 on real completion tokens, 0 on padding.
+        mask: (N, T) 1 on the model's completion tokens, 0 on padding and environment tokens.
         gamma: discount in [0, 1]; 1 (the default, as in REINFORCE++) sums the rewards undiscounted.
 
     Returns:
@@ -82,9 +83,9 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) 
     running = r.new_zeros(n)
     columns: list[Tensor] = [running] * t_len
     for t in reversed(range(t_len)):
-        # A padded position ends the episode: the real token before it starts from a return of 0.
-        running = torch.where(real[:, t], r[:, t] + gamma * running, zero)
-        columns[t] = running
+        # A masked position is no step: the return passes over it unchanged (0 after the last real token).
+        running = torch.where(real[:, t], r[:, t] + gamma * running, running)
+        columns[t] = torch.where(real[:, t], running, zero)
     return torch.stack(columns, dim=1) if t_len else r.clone()
 
 

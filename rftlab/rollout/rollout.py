@@ -37,15 +37,21 @@ class Rollout:
         prompt_mask: (N, P) long, 1 on real prompt tokens.
         completion_ids: (N, T) long, right-padded completion tokens; EOS included when sampled.
         completion_mask: (N, T) long, 1 on the model's completion tokens (up to and including the
-            first EOS): every loss, KL, entropy and advantage uses it.
+            first EOS; in a multi-turn episode, every turn's tokens): every loss, KL, entropy and
+            advantage uses it.
+        env_mask: (N, T) long, 1 on the environment's tokens inside a multi-turn episode (tool
+            results, feedback, the chat markup around them): the model attends to them but is never
+            trained on them. None for single-turn rollouts (no such token).
         group: (N,) long, index of the prompt each completion answers; groups are consecutive blocks.
         rewards: (N,) float, weighted sum of the reward functions (None scores count as 0), after
             the algorithm's ``shape_rewards``.
         rewards_per_fn: (N, F) float, each function's score; NaN where the function returned None.
-        truncated: (N,) bool, True when no EOS was sampled within max_new_tokens.
+        truncated: (N,) bool, True when no EOS was sampled within max_new_tokens (multi-turn: the
+            episode was cut by ``max_turns`` or the token budget before the environment ended it).
         reward_names: the F reward function names, in column order.
         prompts: N prompt texts (as rendered, chat template applied).
-        completions: N completion texts (special tokens removed).
+        completions: N completion texts (special tokens removed); a multi-turn episode's text holds
+            every turn and every observation, in order.
         rows: N task rows (dicts: answer, tests, ...), the columns the rewards were given.
         temperature: the sampling temperature; log-probs must divide logits by it.
         group_size: G, completions per prompt (every group has G rows).
@@ -94,6 +100,7 @@ class Rollout:
     max_new_tokens: int | None = None
     policy_version: int = 0
     num_updates: int = 1
+    env_mask: Tensor | None = _field("token", default=None)
     old_logp: Tensor | None = _field("token", default=None)
     sampler_logp: Tensor | None = _field("token", default=None)
     baseline_rewards: Tensor | None = _field("seq", default=None)
@@ -116,8 +123,18 @@ class Rollout:
 
     @property
     def completion_lengths(self) -> Tensor:
-        """(N,) number of real completion tokens (EOS included)."""
+        """(N,) number of the model's completion tokens (EOS included; every turn of an episode)."""
         return self.completion_mask.sum(-1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(N, T) 1 on every real completion position: the model's tokens and the environment's.
+
+        What a forward over prompt + completion attends to; the losses use ``completion_mask``.
+        """
+        if self.env_mask is None:
+            return self.completion_mask
+        return self.completion_mask + self.env_mask
 
     def select(self, index: Tensor | list[int], trim: bool = True) -> "Rollout":
         """The sub-rollout of sequences ``index`` (in that order); ``trim`` drops all-padding columns."""
@@ -136,7 +153,8 @@ class Rollout:
     def trimmed(self) -> "Rollout":
         """Drop completion columns that are padding in every row, and prompt columns likewise."""
         changes: dict[str, Any] = {}
-        t_real = int(self.completion_mask.sum(0).nonzero().max().item()) + 1 if self.completion_mask.any() else 1
+        real = self.attention_mask
+        t_real = int(real.sum(0).nonzero().max().item()) + 1 if real.any() else 1
         if t_real < self.completion_ids.shape[1]:
             for f in _fields_of("token"):
                 value = getattr(self, f)
@@ -189,6 +207,9 @@ class Rollout:
         for f in dataclasses.fields(Rollout):
             kind = f.metadata.get("kind")
             values = [getattr(p, f.name) for p in parts]
+            if f.name == "env_mask" and any(v is not None for v in values):
+                # Single-turn parts have no environment token: zeros, never a dropped mask.
+                values = [torch.zeros_like(p.completion_mask) if v is None else v for p, v in zip(parts, values)]
             if kind == "list":
                 changes[f.name] = [x for v in values for x in v]
             elif kind is None:
