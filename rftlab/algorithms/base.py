@@ -34,7 +34,8 @@ from rftlab.models.runtime import ForwardOptions, PolicyRuntime
 from rftlab.models.sharding import shard_model
 from rftlab.rollout.distributed import max_over_ranks, reduce_metrics
 from rftlab.rollout.rollout import Rollout
-from rftlab.rollout.sampler import SamplingParams, sample_completions
+from rftlab.rollout.episodes import EpisodeDriver
+from rftlab.rollout.sampler import SamplingParams, sample_completions, sample_episodes
 
 
 class RFTModule(Monitoring, ModuleState, L.LightningModule):
@@ -207,17 +208,21 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         """Hook for subclasses to add modules (value heads, critics) after the policy exists."""
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int,
-                 params: SamplingParams) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                 params: SamplingParams, episodes: EpisodeDriver | None = None) -> Any:
         """Sample completions with the current policy (protocol method used by the DataModule).
 
         Returns the protocol's three tensors and the sampler's log-probs of the sampled tokens
-        (``Rollout.sampler_logp``; None when greedy or when the backend does not report them).
+        (``Rollout.sampler_logp``; None when greedy or when the backend does not report them);
+        with ``episodes`` (multi-turn), the ``EpisodeTokens`` of ``decode_episodes``.
         """
         self.configure_model()
         eos = stop_token_ids(self.policy, self.tokenizer)
         # The sampling copy is taken before the cast cache swaps weights: it merges float32 ones.
         model = self.runtime.sampling_model(self.policy, self.global_step if self._trainer is not None else None)
         with self.precision_context(), self.runtime.kernels(model, sampling=True):
+            if episodes is not None:
+                return sample_episodes(model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
+                                       params, eos, self.tokenizer.pad_token_id, episodes)
             return sample_completions(model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
                                       params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, logprobs=True,
                                       lockstep=self.sharded)

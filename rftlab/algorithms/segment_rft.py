@@ -220,15 +220,16 @@ class SegmentRFT(RFTModule):
         finally:
             self._evaluating = False
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int, params: SamplingParams) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int, params: SamplingParams,
+                 episodes: Any = None) -> Any:
         """Training rollouts are sampled by pi_rollout; validation by the current policy."""
         if not (self.stale_rollouts and self._sampling_for_training()):
-            return super().generate(prompt_ids, prompt_mask, num_generations, params)
+            return super().generate(prompt_ids, prompt_mask, num_generations, params, episodes=episodes)
         self.configure_model()
         if self._sync_due or self._rollout_state is None:
             self._sync_rollout_policy()
         with self.rollout_policy():
-            return super().generate(prompt_ids, prompt_mask, num_generations, params)
+            return super().generate(prompt_ids, prompt_mask, num_generations, params, episodes=episodes)
 
     # ---- scoring a rollout -----------------------------------------------------------------
     def record_sampling_state(self, rollout: Rollout) -> Rollout:

@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -31,9 +31,12 @@ from torch import Tensor
 from rftlab.core.arguments import check_init_arguments
 from rftlab.core.describe import describe_object, jsonable
 from rftlab.core.plugins import import_object
+from rftlab.environments.base import environment_factory
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
 from rftlab.rewards.pool import EXECUTORS
 from rftlab.rollout.distributed import any_rank, gather_objects
+from rftlab.rollout.episodes import (EpisodeDriver, ObservationEncoder, episode_metrics, template_supports_tools,
+                                     with_tool_instructions)
 from rftlab.rollout.evaluation import EvalStream
 from rftlab.rollout.prompts import PromptEncoder
 from rftlab.rollout.protocol import RolloutModule
@@ -135,6 +138,16 @@ class RolloutDataModule(L.LightningDataModule):
         num_val_prompts: use only the first n held-out prompts (default: all).
         steps_per_epoch: optimizer steps per "epoch" of the stream (default: one pass over the prompts).
         seed: seeds the prompt order and the sampling of every rollout.
+        tools: typed Python functions with docstrings the model may call (``<tool_call>`` JSON in
+            its turn; ``rftlab.environments.tools``): episodes become multi-turn, each call's result
+            is the next observation. A tool without type hints or docstring is refused here.
+        environment: a class (or function) making one ``rftlab.environments.Environment`` per
+            episode: it opens the episode and answers every turn (a game, a simulated user, a
+            checker). With ``tools`` too, turns with tool calls go to the tools, the rest to it.
+        max_turns: model turns per multi-turn episode (>= 1); an episode the environment has not
+            ended by then counts as truncated. ``max_new_tokens`` is the episode's token budget
+            (the model's and the environment's tokens together).
+        tool_timeout: seconds per tool call; a call past it is answered with an error observation.
     """
 
     def __init__(
@@ -166,6 +179,10 @@ class RolloutDataModule(L.LightningDataModule):
         num_val_prompts: int | None = None,
         steps_per_epoch: int | None = None,
         seed: int = 0,
+        tools: Sequence[Callable[..., Any]] | None = None,
+        environment: Callable[[], Any] | None = None,
+        max_turns: int = 4,
+        tool_timeout: float = 10.0,
     ) -> None:
         check_init_arguments(self, inspect.currentframe())  # types first, the parameter named
         super().__init__()
@@ -199,6 +216,14 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"dynamic_sampling_tol must be >= 0, got {dynamic_sampling_tol}")
         if steps_per_epoch is not None:
             _check_positive("steps_per_epoch", steps_per_epoch)
+        _check_positive("max_turns", max_turns)
+        if not (isinstance(tool_timeout, (int, float)) and 0 < tool_timeout <= threading.TIMEOUT_MAX):
+            raise ValueError(f"tool_timeout={tool_timeout!r} is invalid: must be seconds in (0, {threading.TIMEOUT_MAX:.0f}]")
+        self.environment = environment_factory(environment, tools, float(tool_timeout))
+        if self.environment is not None and sampler_backend != "rftlab":
+            raise ValueError(f"sampler_backend={sampler_backend!r} cannot sample multi-turn episodes (tools= or "
+                             "environment= given): use sampler_backend='rftlab', whose loop extends each episode's KV cache")
+        self.max_turns = max_turns
         if num_val_prompts is not None and num_val_prompts < 1:
             raise ValueError(f"num_val_prompts must be >= 1 or None, got {num_val_prompts}")
         _check_sampling_and_reward_options(temperature, sampler_backend, val_max_new_tokens, reward_timeout,
@@ -264,6 +289,11 @@ class RolloutDataModule(L.LightningDataModule):
         return {"task": describe_object(self.task), "data": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                                                               **jsonable(options)}}
 
+    @property
+    def multi_turn(self) -> bool:
+        """Whether episodes are multi-turn (tools or an environment were given)."""
+        return self.environment is not None
+
     # ---- protocol with the LightningModule -------------------------------------------------
     def attach(self, module: Any) -> "RolloutDataModule":
         """Use ``module`` as the policy without a Trainer (tests, notebooks, evaluation scripts)."""
@@ -308,6 +338,9 @@ class RolloutDataModule(L.LightningDataModule):
                 f"dynamic_sampling needs num_generations >= 2 (a group of one has no reward variance), "
                 f"got num_generations={self.num_generations}"
             )
+        if self.multi_turn and "episodes" not in inspect.signature(module.generate).parameters:
+            raise ValueError(f"{type(module).__name__}.generate takes no 'episodes' argument, so it cannot sample the "
+                             "multi-turn episodes that tools= / environment= ask for (rftlab.RFTModule's does)")
         module.check_datamodule(self)
 
     # ---- Lightning hooks ---------------------------------------------------------------------
@@ -339,6 +372,9 @@ class RolloutDataModule(L.LightningDataModule):
                 "each decoding step together (synced_gpus), and rftlab's loop stops as soon as its own rows finish; "
                 "use sampler_backend='hf' (transformers' generate keeps sharded processes in lockstep)"
             )
+        if self.multi_turn and (sharded or lockstep):
+            raise ValueError(f"multi-turn episodes (tools= / environment=) cannot be sampled under {strategy} with "
+                             "sharded weights yet; use DDP (every process holds the whole model)")
         if self.sampling.backend == "vllm" and (sharded or lockstep or trainer.world_size > 1):
             # Each process would build its own engine and push unsharded weights it does not hold.
             raise ValueError(
@@ -511,7 +547,7 @@ class RolloutDataModule(L.LightningDataModule):
                       timing: dict) -> tuple[Rollout, dict[str, dict[str, int]]]:
         """One generation round: sample, decode, score and shape; also the rewards' error and timeout counts."""
         rows = self.next_prompt_rows(n_prompts)
-        prompts, prompt_ids, prompt_mask = self.encoder.encode([r["prompt"] for r in rows], module.tokenizer)
+        prompts, prompt_ids, prompt_mask = self.encode_prompts(rows, module.tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._step_seed(f"sample-{round_index}"))
             rollout, faults = self._scored_samples(module, rows, prompts, prompt_ids, prompt_mask, G, self.sampling, timing)
@@ -531,42 +567,89 @@ class RolloutDataModule(L.LightningDataModule):
         """G completions per prompt sampled with ``params``, decoded, scored and shaped, as a Rollout."""
         tokenizer = module.tokenizer
         t0 = time.perf_counter()
-        completion_ids, completion_mask, truncated, *extra = module.generate(prompt_ids, prompt_mask, G, params)
-        sampler_logp = extra[0] if extra else None  # modules implementing the 3-tuple protocol report none
+        sampled = self.sample(module, rows, prompt_ids, prompt_mask, G, params)
         timing["generate"] += time.perf_counter() - t0
-        self.generated_tokens += int(completion_mask.sum())
-        completion_ids, completion_mask, truncated = completion_ids.cpu(), completion_mask.cpu(), truncated.cpu()
-        texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+        self.generated_tokens += int(sampled.completion_mask.sum())
         rep_rows = [row for row in rows for _ in range(G)]
         rep_prompts = [p for p in prompts for _ in range(G)]
         t0 = time.perf_counter()
-        scored = self.rewards.score(texts, rep_prompts, [{k: v for k, v in r.items() if k != "prompt"} for r in rep_rows])
+        scored = self.rewards.score(sampled.texts, rep_prompts, sampled.reward_columns(rep_rows))
         timing["reward"] += time.perf_counter() - t0
         rollout = Rollout(
             prompt_ids=prompt_ids.repeat_interleave(G, dim=0),
             prompt_mask=prompt_mask.repeat_interleave(G, dim=0),
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
+            completion_ids=sampled.completion_ids,
+            completion_mask=sampled.completion_mask,
+            env_mask=sampled.env_mask,
             group=torch.arange(len(rows)).repeat_interleave(G),
             rewards=scored.total,
             rewards_per_fn=scored.per_fn,
-            truncated=truncated,
+            truncated=sampled.truncated,
             reward_names=scored.names,
             prompts=rep_prompts,
-            completions=texts,
+            completions=sampled.texts,
             rows=rep_rows,
             temperature=params.temperature,
             group_size=G,
             max_new_tokens=params.max_new_tokens,
             policy_version=int(module.global_step),
-            sampler_logp=sampler_logp.float().cpu() if sampler_logp is not None else None,
+            sampler_logp=sampled.sampler_logp,
         )
+        if sampled.episode_metrics:
+            timing.setdefault("episodes", []).append(sampled.episode_metrics)
         # Algorithm-specific shaping (e.g. DAPO's overlong penalty) happens before dynamic sampling
         # looks at the group variance, so the filter sees the rewards the advantages will use.
         rollout.rewards = module.shape_rewards(rollout)
         counts = {f"{fn}/{counter}": n for fn, rose in getattr(scored, "counts", {}).items() for counter, n in rose.items()}
         return rollout, {"reward_errors": dict(scored.errors), "reward_timeouts": dict(getattr(scored, "timeouts", {})),
                          "reward_counts": counts}
+
+    def encode_prompts(self, rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str], Tensor, Tensor]:
+        """Rendered prompt texts and left-padded (ids, mask) of ``rows``; with tools, the tool
+        schemas go in (through the chat template's ``tools=`` when it has it, else as instructions
+        in the system message). A multi-turn environment's ``reset`` may replace the prompt."""
+        prompts = [r["prompt"] for r in rows]
+        if self.multi_turn:
+            probe = self.environment()
+            opened = [probe.reset(dict(r)) for r in rows]  # same messages for every episode of a row
+            prompts = [p if o is None else o for p, o in zip(prompts, opened)]
+            tools = getattr(probe, "tools", {}) or {}
+            if tools:
+                if template_supports_tools(tokenizer):
+                    return self.encoder.encode(prompts, tokenizer, tools=[t.schema for t in tools.values()])
+                from rftlab.environments.tools import tool_instructions
+
+                prompts = [with_tool_instructions(p, tool_instructions(tools)) for p in prompts]
+        return self.encoder.encode(prompts, tokenizer)
+
+    def sample(self, module: RolloutModule, rows: Sequence[Mapping[str, Any]], prompt_ids: Tensor, prompt_mask: Tensor,
+               G: int, params: SamplingParams) -> "Sampled":
+        """G completions (single-turn) or G episodes (multi-turn) per row with the module's policy."""
+        tokenizer = module.tokenizer
+        if not self.multi_turn:
+            completion_ids, completion_mask, truncated, *extra = module.generate(prompt_ids, prompt_mask, G, params)
+            sampler_logp = extra[0] if extra else None  # modules implementing the 3-tuple protocol report none
+            completion_ids, completion_mask, truncated = completion_ids.cpu(), completion_mask.cpu(), truncated.cpu()
+            texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id),
+                                           skip_special_tokens=True)
+            return Sampled(completion_ids, completion_mask, None, truncated, texts,
+                           sampler_logp.float().cpu() if sampler_logp is not None else None)
+        environments = []
+        for row in rows:
+            for _ in range(G):
+                env = self.environment()
+                env.reset(dict(row))
+                environments.append(env)
+        driver = EpisodeDriver(environments, ObservationEncoder(tokenizer, template_supports_tools(tokenizer)),
+                               tokenizer, self.max_turns)
+        out = module.generate(prompt_ids, prompt_mask, G, params, episodes=driver)
+        logs = driver.finish()
+        ids, mask, env_mask = out.completion_ids.cpu(), out.completion_mask.cpu(), out.env_mask.cpu()
+        texts = tokenizer.batch_decode(ids.masked_fill((mask + env_mask) == 0, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        metrics = episode_metrics(logs, out.turns.cpu(), out.truncated.cpu(), driver.env_seconds)
+        return Sampled(ids, mask, env_mask, out.truncated.cpu(), texts,
+                       out.logps.float().cpu() if out.logps is not None else None, logs, metrics)
 
     def _rollout_metrics(self, rollout: Rollout, frac_zero_std: float, timing: dict[str, float],
                          errors: dict[str, dict[str, int]]) -> dict[str, float]:
@@ -586,6 +669,13 @@ class RolloutDataModule(L.LightningDataModule):
         }
         if rollout.baseline_rewards is not None:
             metrics["reward/greedy_mean"] = rollout.baseline_rewards.mean().item()
+        rounds = timing.get("episodes") or []
+        if rounds:  # multi-turn: the rounds' episode statistics (counts summed, means averaged)
+            for key in rounds[0]:
+                values = [r.get(key, 0.0) for r in rounds]
+                summed = key.startswith(("tools/errors", "tools/timeouts", "tools/seconds", "episodes/env_failures",
+                                         "timing/"))
+                metrics[key] = float(sum(values)) if summed else float(sum(values) / len(values))
         for j, name in enumerate(rollout.reward_names):
             column = rollout.rewards_per_fn[:, j]
             finite = column[~torch.isnan(column)]
@@ -630,4 +720,40 @@ def _check_sampling_and_reward_options(temperature: float, sampler_backend: str,
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class Sampled:
+    """What ``RolloutDataModule.sample`` drew: tokens and masks on the CPU, texts, episode logs.
+
+    Attributes:
+        completion_ids: (N, T) completion (or episode) tokens.
+        completion_mask: (N, T) 1 on the model's tokens.
+        env_mask: (N, T) 1 on the environment's tokens, or None (single-turn).
+        truncated: (N,) cut by the budget (or ``max_turns``).
+        texts: N completion texts (whole episodes, special tokens removed).
+        sampler_logp: (N, T) float32 sampler log-probs, or None.
+        episodes: N ``EpisodeLog`` (multi-turn) or None.
+        episode_metrics: per-rollout episode statistics (multi-turn) or {}.
+    """
+
+    def __init__(self, completion_ids: Tensor, completion_mask: Tensor, env_mask: Tensor | None, truncated: Tensor,
+                 texts: list[str], sampler_logp: Tensor | None, episodes: list[Any] | None = None,
+                 episode_metrics: dict[str, float] | None = None) -> None:
+        self.completion_ids, self.completion_mask, self.env_mask = completion_ids, completion_mask, env_mask
+        self.truncated, self.texts, self.sampler_logp = truncated, texts, sampler_logp
+        self.episodes = episodes
+        self.episode_metrics = episode_metrics or {}
+
+    def reward_columns(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The columns reward functions get, per sample: the row's (not its prompt) and, for an
+        episode, ``turns`` (the model's turn texts), ``messages`` (turns and observations as chat
+        messages) and ``env_reward`` (the environment's summed step rewards, or None)."""
+        out = []
+        for i, row in enumerate(rows):
+            columns = {k: v for k, v in row.items() if k != "prompt"}
+            if self.episodes is not None:
+                log = self.episodes[i]
+                columns.update(turns=list(log.turns), messages=list(log.messages), env_reward=log.env_reward)
+            out.append(columns)
+        return out
 

@@ -40,19 +40,17 @@ class EvalBatch:
 
 def score_answers(datamodule: Any, module: Any, rows: Sequence[dict[str, Any]], params: SamplingParams) -> EvalBatch:
     """Generate one answer per row with ``module`` and score it with the task and the rewards."""
-    tokenizer = module.tokenizer
-    texts, ids, mask = datamodule.encoder.encode([r["prompt"] for r in rows], tokenizer)
+    texts, ids, mask = datamodule.encode_prompts(rows, module.tokenizer)
     start = time.perf_counter()
-    completion_ids, completion_mask = module.generate(ids, mask, 1, params)[:2]
+    sampled = datamodule.sample(module, rows, ids, mask, 1, params)
     seconds = time.perf_counter() - start
-    completion_ids, completion_mask = completion_ids.cpu(), completion_mask.cpu()
-    answers = tokenizer.batch_decode(
-        completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True
-    )
+    answers = sampled.texts
+    columns = sampled.reward_columns(rows)  # multi-turn: the episode's turns, messages, env_reward too
     task = datamodule.task
-    correct = torch.tensor([float(task.is_correct(a, r, t)) for a, r, t in zip(answers, rows, texts)])
-    scored = datamodule.rewards.score(answers, texts, [{k: v for k, v in r.items() if k != "prompt"} for r in rows])
-    return EvalBatch(correct, scored.total, completion_mask.sum(-1).float(), texts, answers, seconds)
+    correct = torch.tensor([float(task.is_correct(a, {**c, "prompt": r.get("prompt")}, t))
+                            for a, r, c, t in zip(answers, rows, columns, texts)])
+    scored = datamodule.rewards.score(answers, texts, columns)
+    return EvalBatch(correct, scored.total, sampled.completion_mask.sum(-1).float(), texts, answers, seconds)
 
 
 class EvalStream:

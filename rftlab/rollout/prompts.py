@@ -14,13 +14,20 @@ TRUNCATION_MODES = ("left", "error")
 Prompt = str | Sequence[dict[str, str]]
 
 
-def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
-    """Chat messages -> text with the tokenizer's chat template (and the assistant turn opened)."""
+def render_prompt(prompt: Prompt, tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> str:
+    """Chat messages -> text with the tokenizer's chat template (and the assistant turn opened).
+
+    Args:
+        prompt: a plain string (used as is) or chat messages.
+        tokenizer: the policy's tokenizer.
+        tools: JSON schemas passed to the chat template's ``tools=`` (templates with tool support).
+    """
     if isinstance(prompt, str):
         return prompt
     messages = list(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     # A base model without a template: plain text, one message per paragraph.
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
@@ -43,9 +50,16 @@ class PromptEncoder:
         self.truncation = truncation
         self._warned = False
 
-    def encode(self, prompts: Sequence[Prompt], tokenizer: Any) -> tuple[list[str], Tensor, Tensor]:
-        """Render and tokenize; returns (texts, ids (B, P), mask (B, P)), left-padded."""
-        texts = [render_prompt(p, tokenizer) for p in prompts]
+    def encode(self, prompts: Sequence[Prompt], tokenizer: Any,
+               tools: list[dict[str, Any]] | None = None) -> tuple[list[str], Tensor, Tensor]:
+        """Render and tokenize; returns (texts, ids (B, P), mask (B, P)), left-padded.
+
+        Args:
+            prompts: strings or chat messages.
+            tokenizer: the policy's tokenizer.
+            tools: tool JSON schemas for the chat template (``render_prompt``).
+        """
+        texts = [render_prompt(p, tokenizer, tools) for p in prompts]
         # add_special_tokens=False: the chat template already wrote any BOS/role tokens.
         token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         for i, tokens in enumerate(token_lists):

@@ -244,3 +244,28 @@ def _hf_generate(
     scaled = torch.stack(out.logits, dim=1).float() / params.temperature  # (N, T, V)
     logps = scaled.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
     return completion_ids, logps
+
+
+def sample_episodes(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int,
+                    params: SamplingParams, eos_token_ids: list[int], pad_token_id: int, episodes: Any) -> Any:
+    """Multi-turn episodes with rftlab's loop (``rftlab.rollout.episodes.decode_episodes``).
+
+    Args:
+        model: a HF causal LM (or PEFT-wrapped one).
+        prompt_ids: (B, P) left-padded prompts.
+        prompt_mask: (B, P) 1 on real prompt tokens.
+        num_generations: episodes per prompt.
+        params: sampling parameters (``backend`` must be "rftlab").
+        eos_token_ids: ids that end a turn.
+        pad_token_id: filler.
+        episodes: the ``EpisodeDriver`` holding each episode's environment.
+    """
+    from rftlab.rollout.episodes import decode_episodes
+
+    if params.backend != "rftlab":
+        raise ValueError(f"multi-turn episodes need sampler_backend='rftlab' (got {params.backend!r}): each turn "
+                         "extends the episode's KV cache in rftlab's own loop")
+    with sampling_mode(model):
+        return decode_episodes(model, prompt_ids, prompt_mask, num_generations, params, eos_token_ids, pad_token_id,
+                               episodes.respond, episodes.max_turns, logprobs=True)
+
