@@ -25,7 +25,7 @@ from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.callbacks import TrainClock
 from rftlab.experiments.tracking import RunRecorder
 from rftlab.experiments.variants import Budget, merge_options
-from rftlab.tasks import Arithmetic, WordProblems
+from rftlab.tasks import Arithmetic, BigArithmetic, WordProblems
 
 
 def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModule]:
@@ -58,16 +58,30 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
         model = SegmentRFT(**merge_options(options, json.loads(args.segment_options)))
     else:
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
-    if args.task == "word_problems":  # 2-3 step problems with intermediate values (SegmentRFT's critic)
-        task = WordProblems(num_test=args.num_test, seed=args.seed)
-    else:
-        task = Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
     dm = RolloutDataModule(
-        task=task, prompts_per_step=args.prompts, num_generations=args.gens, max_new_tokens=args.max_new_tokens,
+        task=make_task(args), prompts_per_step=args.prompts, num_generations=args.gens, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, val_batch_size=100, seed=args.seed,
         num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
+        **multi_turn_options(args),
     )
     return model, dm
+
+
+def make_task(args: argparse.Namespace) -> Any:
+    if args.task == "word_problems":  # 2-3 step problems with intermediate values (SegmentRFT's critic)
+        return WordProblems(num_test=args.num_test, seed=args.seed)
+    if args.task == "big_arithmetic":  # 3-4 digit products: the calculator tool's task
+        return BigArithmetic(num_test=args.num_test, seed=args.seed)
+    return Arithmetic(digits=2, num_test=args.num_test, seed=args.seed)
+
+
+def multi_turn_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``tools=`` / ``max_turns=`` of the DataModule from ``--tools`` (names in rftlab.environments)."""
+    if not args.tools:
+        return {}
+    import rftlab.environments as environments
+
+    return {"tools": [getattr(environments, name) for name in args.tools.split(",")], "max_turns": args.max_turns}
 
 
 def write_outputs(out: Path, rec: RunRecorder, args: argparse.Namespace, wall: float) -> dict[str, Any]:
@@ -118,7 +132,8 @@ def plot(out: Path, rec: RunRecorder, args: argparse.Namespace) -> None:
         axes[1].set_ylabel(f"held-out greedy accuracy (%), {args.num_test} prompts")
         axes[1].set_ylim(0, 100)
         axes[1].grid(alpha=0.3)
-    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, {args.task} (2 CPU threads)")
+    tools = f", tools: {args.tools}" if getattr(args, "tools", "") else ""
+    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, {args.task}{tools} (2 CPU threads)")
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=110)
     plt.close(fig)
@@ -149,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lam", type=float, default=1.0, help="PPO GAE lambda")
     parser.add_argument("--vf-coef", type=float, default=0.1, help="PPO value-loss weight")
     parser.add_argument("--value-warmup-steps", type=int, default=0, help="PPO critic-only steps first")
-    parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "word_problems"])
+    parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "word_problems", "big_arithmetic"])
+    parser.add_argument("--tools", default="", help="comma-separated tools of rftlab.environments (calculator, python)")
+    parser.add_argument("--max-turns", type=int, default=3, help="model turns per episode (with --tools)")
     parser.add_argument("--ratio-mode", default="sum", help="SegmentRFT segment ratio: sum, mean or token")
     parser.add_argument("--rho", type=float, default=2.0, help="SegmentRFT weight of the answer segment's reward")
     parser.add_argument("--reward-whiten", default="none", help="SegmentRFT whitening of segment scores: none, chain, batch")

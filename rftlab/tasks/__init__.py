@@ -1,6 +1,6 @@
 """Built-in verifiable tasks and loaders for users' own data."""
 
-from rftlab.tasks.arithmetic import Arithmetic
+from rftlab.tasks.arithmetic import Arithmetic, BigArithmetic, FinalTurnAnswer
 from rftlab.tasks.base import RowsTask, Task
 from rftlab.tasks.coding import CodeFunctions
 from rftlab.tasks.countdown import Countdown, CountdownEquation
@@ -10,6 +10,6 @@ from rftlab.tasks.word_problems import WordProblems
 from rftlab.tasks.wordle import Wordle, WordleCorrect, WordleFormat, WordlePartial, WordleStrategy
 
 __all__ = [
-    "Arithmetic", "CodeFunctions", "Countdown", "CountdownEquation", "DatasetTask", "JsonExtraction", "RowsTask",
+    "Arithmetic", "BigArithmetic", "CodeFunctions", "Countdown", "CountdownEquation", "DatasetTask", "FinalTurnAnswer", "JsonExtraction", "RowsTask",
     "Task", "Wordle", "WordleCorrect", "WordleFormat", "WordlePartial", "WordleStrategy", "WordProblems", "gsm8k_answer", "read_rows",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rftlab.rewards.answers import NumericAnswer
 from rftlab.rewards.base import RewardFn
@@ -126,3 +128,71 @@ class Arithmetic(Task):
     def __repr__(self) -> str:
         return f"Arithmetic(digits={self.digits}, operations={self.operations}, seed={self.seed})"
 
+
+
+class FinalTurnAnswer(NumericAnswer):
+    """``NumericAnswer`` read from the model's last turn of a multi-turn episode.
+
+    A tool's result is in the episode text but not in the model's turns, so the reward is earned
+    only by an answer the model itself gives at the end. Single-turn completions are read whole.
+
+    Args:
+        extract: which number of the last turn is the answer: "last" or "first".
+        tolerance: relative tolerance (absolute below 1), finite and >= 0.
+        answer_key: the task column holding the reference answer.
+    """
+
+    name = "final_turn_answer"
+
+    def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
+        turns = columns.get("turns")
+        if turns is not None:
+            completions = [t[-1] if t else c for c, t in zip(completions, turns)]
+        return super().__call__(completions, **columns)
+
+
+class BigArithmetic(Arithmetic):
+    """Products of two 3-4 digit numbers: a task where a calculator tool matters.
+
+    SmolLM2-135M alone almost never multiplies such numbers right; with a calculator tool
+    (``RolloutDataModule(tools=[calculator])``) the task is to call it and report the result.
+    Each row carries two references for a supervised warm-up: ``episode`` (call the calculator,
+    read the result, answer) and ``solution`` (the bare answer sentence, for a run without tools).
+
+    Args:
+        min_digits: fewest digits of an operand (3 means >= 100).
+        max_digits: most digits of an operand (<= 6).
+        num_train: length of the (lazily generated) training stream.
+        num_test: size of the held-out split.
+        seed: seeds both splits.
+        template: user message; ``{a}``, ``{op}``, ``{b}`` are filled in.
+        system_prompt: system message; "" for none.
+    """
+
+    name = "big_arithmetic"
+
+    def __init__(self, min_digits: int = 3, max_digits: int = 4, num_train: int = 100_000, num_test: int = 200,
+                 seed: int = 0, template: str = DEFAULT_TEMPLATE, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> None:
+        if not 1 <= min_digits <= max_digits <= 6:
+            raise ValueError(f"need 1 <= min_digits <= max_digits <= 6, got min_digits={min_digits}, max_digits={max_digits}")
+        super().__init__(digits=max_digits, operations=("*",), num_train=num_train, num_test=0, seed=seed,
+                         template=template, system_prompt=system_prompt)
+        self.min_digits = min_digits
+        self._low = 10 ** (min_digits - 1)
+        self._test = [self._row(*p) for p in self._test_problems(num_test)]
+        self._test_keys = {(r["a"], r["op"], r["b"]) for r in self._test}
+
+    def _row(self, a: int, op: str, b: int) -> Row:
+        row = super()._row(a, op, b)
+        call = json.dumps({"name": "calculator", "arguments": {"expression": f"{a} {op} {b}"}})
+        row["episode"] = [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+                          {"role": "tool", "name": "calculator", "content": row["answer"]},
+                          {"role": "assistant", "content": f"The result is {row['answer']}."}]
+        row["solution"] = f"The result is {row['answer']}."
+        return row
+
+    def reward_functions(self) -> Mapping[str, RewardFn]:
+        return {"correct": FinalTurnAnswer(extract="last")}
+
+    def __repr__(self) -> str:
+        return f"BigArithmetic(min_digits={self.min_digits}, max_digits={self.digits}, seed={self.seed})"
