@@ -113,3 +113,25 @@ def assert_params_unchanged(before: Mapping[str, Tensor], module: Params, names:
     changed, _ = _compare(before, module, names)
     prefix = f"{message}: " if message else ""
     assert not changed, f"{prefix}{len(changed)} parameters changed: {changed[:8]}"
+
+
+def eos_likely(module: L.LightningModule, bias: float = 10.0) -> None:
+    """Give the policy's LM head a bias towards its first stop token, so sampled turns end.
+
+    The tiny random policy almost never samples EOS (1 in ~49k), so multi-turn episodes would
+    never reach a second turn; with ``bias=10`` about a third of its tokens end the turn. The new
+    head copies the old weights and is frozen; calling it twice does nothing more.
+    """
+    from rftlab.models.hf import stop_token_ids
+
+    lm = module.policy.get_output_embeddings()
+    if getattr(lm, "bias", None) is not None:
+        return
+    eos = stop_token_ids(module.policy, module.tokenizer)[0]
+    head = torch.nn.Linear(lm.in_features, lm.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(lm.weight)
+        head.bias.zero_()
+        head.bias[eos] = bias
+    head.requires_grad_(False)
+    module.policy.set_output_embeddings(head)

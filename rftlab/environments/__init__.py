@@ -5,6 +5,7 @@ see ``rftlab.rollout.episodes`` for how an episode becomes one Rollout row.
 """
 
 from rftlab.environments.base import Environment, Step, ToolEnvironment, environment_factory, environment_reward
+from rftlab.environments.games import TryAgain, WordleGame
 from rftlab.environments.tools import (Tool, ToolCall, ToolResult, as_tool, as_tools, calculator, parse_tool_calls,
                                        python, run_tool_calls, tool_instructions)
 
@@ -15,6 +16,8 @@ __all__ = [
     "ToolCall",
     "ToolEnvironment",
     "ToolResult",
+    "TryAgain",
+    "WordleGame",
     "as_tool",
     "as_tools",
     "calculator",

@@ -8,6 +8,7 @@ episode (see ``rftlab.rollout.episodes``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,19 +104,23 @@ class ToolEnvironment(Environment):
         return {**inner, **self.counts}
 
 
-def environment_factory(environment: Callable[[], Environment] | None, tools: Sequence[Any] | None,
+def environment_factory(environment: Callable[[], Environment] | Environment | None, tools: Sequence[Any] | None,
                         tool_timeout: float) -> Callable[[], Environment] | None:
     """One fresh environment per episode: the user's, wrapped in a ``ToolEnvironment`` when tools are given.
 
     Args:
-        environment: a class or function returning a new ``Environment``, or None.
+        environment: a class or function returning a new ``Environment``; or an environment object,
+            copied (``copy.deepcopy``) for each episode, as YAML configs give it; or None.
         tools: typed, documented functions (checked here, so a bad tool fails at construction).
         tool_timeout: seconds per tool call.
     """
     checked = as_tools(tools)
+    if isinstance(environment, Environment) or (not isinstance(environment, type) and hasattr(environment, "step")):
+        template = environment
+        environment = lambda: copy.deepcopy(template)  # noqa: E731 - one episode's state per copy
     if environment is not None and not callable(environment):
-        raise ValueError(f"environment={environment!r} must be a class or function returning a new Environment "
-                         "for each episode (an environment object holds one episode's state)")
+        raise ValueError(f"environment={environment!r} must be an Environment, or a class or function returning a "
+                         "new one for each episode (an environment object holds one episode's state)")
     if not checked:
         return environment
     return lambda: ToolEnvironment(checked, environment() if environment is not None else None, tool_timeout)

@@ -31,7 +31,7 @@ from torch import Tensor
 from rftlab.core.arguments import check_init_arguments
 from rftlab.core.describe import describe_object, jsonable
 from rftlab.core.plugins import import_object
-from rftlab.environments.base import environment_factory
+from rftlab.environments.base import Environment, environment_factory
 from rftlab.rewards.base import ON_ERROR, RewardFn, RewardSet
 from rftlab.rewards.pool import EXECUTORS
 from rftlab.rollout.distributed import any_rank, gather_objects
@@ -141,9 +141,10 @@ class RolloutDataModule(L.LightningDataModule):
         tools: typed Python functions with docstrings the model may call (``<tool_call>`` JSON in
             its turn; ``rftlab.environments.tools``): episodes become multi-turn, each call's result
             is the next observation. A tool without type hints or docstring is refused here.
-        environment: a class (or function) making one ``rftlab.environments.Environment`` per
-            episode: it opens the episode and answers every turn (a game, a simulated user, a
-            checker). With ``tools`` too, turns with tool calls go to the tools, the rest to it.
+        environment: an ``rftlab.environments.Environment`` (copied for each episode), or a class
+            or function making a new one per episode: it opens the episode and answers every turn
+            (a game, a simulated user, a checker). With ``tools`` too, turns with tool calls go to
+            the tools, the rest to it.
         max_turns: model turns per multi-turn episode (>= 1); an episode the environment has not
             ended by then counts as truncated. ``max_new_tokens`` is the episode's token budget
             (the model's and the environment's tokens together).
@@ -180,7 +181,7 @@ class RolloutDataModule(L.LightningDataModule):
         steps_per_epoch: int | None = None,
         seed: int = 0,
         tools: Sequence[Callable[..., Any]] | None = None,
-        environment: Callable[[], Any] | None = None,
+        environment: Environment | Callable[[], Environment] | None = None,
         max_turns: int = 4,
         tool_timeout: float = 10.0,
     ) -> None:

@@ -6,17 +6,16 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 from torch.testing import assert_close
 
 import golden_cases
 from golden_cases import perturb, reinit_lora, token_rollout
-from helpers import assert_params_changed, fit_tiny, trainable_snapshot
+from helpers import assert_params_changed, eos_likely, fit_tiny, trainable_snapshot
 
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.core import group_advantages
 from rftlab.environments import Environment, Step
-from rftlab.models.hf import position_ids_from_mask, stop_token_ids
+from rftlab.models.hf import position_ids_from_mask
 from rftlab.rollout.rollout import Rollout
 from rftlab.tasks import RowsTask
 
@@ -174,26 +173,13 @@ class TryAgain(Environment):
         return Step([{"role": "user", "content": "again"}], done=self.n >= 2)
 
 
-def _eos_likely(module) -> None:
-    """Bias the tiny policy's head towards EOS, so its turns end and episodes have several."""
-    eos = stop_token_ids(module.policy, module.tokenizer)[0]
-    lm = module.policy.get_output_embeddings()
-    head = nn.Linear(lm.in_features, lm.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(lm.weight)
-        head.bias.zero_()
-        head.bias[eos] = 10.0
-    head.requires_grad_(False)
-    module.policy.set_output_embeddings(head)
-
-
 @pytest.mark.parametrize("name", list(MODULES))
 def test_every_algorithm_trains_on_multi_turn_episodes(name, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     module = MODULES[name]()
     module.configure_model()
-    _eos_likely(module)
+    eos_likely(module)
     task = RowsTask([{"prompt": [{"role": "user", "content": f"Question {i}"}], "answer": "1", "steps": [1]}
                      for i in range(8)],
                     {"parity": lambda completions, **_: [float(len(c) % 2) for c in completions]})

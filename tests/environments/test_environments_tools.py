@@ -63,9 +63,13 @@ def test_two_tools_of_one_name_are_refused():
         as_tools([add, add])
 
 
-def test_environment_must_be_a_factory():
+def test_environment_is_a_factory_or_an_object_copied_per_episode():
     with pytest.raises(ValueError, match="environment=.*class or function"):
-        environment_factory(ToolEnvironment({}), None, 1.0)  # an object, not a factory
+        environment_factory(42, None, 1.0)
+    template = Guess()
+    make = environment_factory(template, None, 1.0)
+    first, second = make(), make()
+    assert isinstance(first, Guess) and first is not second and first is not template
 
 
 def test_parse_valid_nested_and_several_calls():
@@ -170,7 +174,7 @@ def test_calculator_is_exact_and_refuses_code():
     assert results[0].error == "raised"
 
 
-class Guess:
+class Guess:  # an environment by duck typing (reset, step)
     """A one-question inner environment: "7" ends the episode with reward 1."""
 
     def reset(self, row):

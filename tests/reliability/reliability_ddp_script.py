@@ -11,6 +11,8 @@ checkpoint goes to ``OUT_DIR/<algorithm>.ckpt``.
 - DAPO with dynamic sampling: the reward varies in every group on rank 0, but on rank 1 only in
   the first group of every other generation round, so rank 1 needs more rounds, keeps fewer groups
   and tops its rollout up to ``num_minibatches`` groups; both must still take the same steps.
+- Multi-turn GRPO: episodes last 1 turn on rank 0 and 3 on rank 1 (``TurnsByRank``), so the two
+  processes sample for different times and their rollouts have different widths.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.tasks import Arithmetic
-from reliability_helpers import G, UnevenReward, alternating, rank, trainable_snapshot
+from reliability_helpers import G, TurnsByRank, UnevenReward, alternating, rank, talkative, trainable_snapshot
 
 
 class NaNOnRank1(GRPO):
@@ -55,6 +57,10 @@ def run(algorithm: str, out: Path) -> None:
         module = NaNOnRank1(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
         dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"alternating": alternating}, prompts_per_step=2,
                                num_generations=G, max_new_tokens=4)
+    elif algorithm == "multiturn":
+        module = talkative(GRPO)(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
+        dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"alternating": alternating}, prompts_per_step=2,
+                               num_generations=G, max_new_tokens=24, environment=TurnsByRank(), max_turns=3)
     else:
         module = DAPO(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
         dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"uneven": UnevenReward()}, prompts_per_step=2,
@@ -74,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    for algorithm in ("grpo", "dapo"):
+    for algorithm in ("grpo", "dapo", "multiturn"):
         run(algorithm, out)
 
 

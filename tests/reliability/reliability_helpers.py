@@ -11,10 +11,11 @@ import lightning as L
 import torch
 
 from rftlab.callbacks.checkpointing import ResumableCheckpoint
+from rftlab.environments import Environment, Step
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # tests/ (for helpers), also in the script subprocesses
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import fit_tiny, trainable_snapshot  # noqa: E402
+from helpers import eos_likely, fit_tiny, trainable_snapshot  # noqa: E402
 
 _WARMED: list[bool] = []
 ROOT = Path(__file__).resolve().parents[2]  # the checkout whose rftlab is under test
@@ -108,3 +109,32 @@ class UnevenReward:
             return alternating(completions)
         varied = self.calls % 2 == 1
         return [float(i % 2) if varied and i < G else 1.0 for i in range(len(completions))]
+
+
+class TurnsByRank(Environment):
+    """A multi-turn environment whose episodes last 1 turn on rank 0 and 3 turns on rank 1
+    (different episode lengths, sampling rounds and rollout widths on the two processes)."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def reset(self, row: dict[str, Any]) -> None:
+        self.turns = 0
+
+    def step(self, text: str) -> Any:
+        self.turns += 1
+        return Step([{"role": "user", "content": "go on"}], done=self.turns >= (1 if rank() == 0 else 3))
+
+
+def talkative(cls: type) -> type:
+    """A subclass of algorithm ``cls`` whose tiny policy often samples EOS (``helpers.eos_likely``),
+    so its multi-turn episodes have several turns; rebuilt the same way on resume."""
+
+    class Talkative(cls):  # type: ignore[misc, valid-type]
+        def configure_model(self) -> None:
+            super().configure_model()
+            eos_likely(self)
+
+    Talkative.__name__ = Talkative.__qualname__ = f"Talkative{cls.__name__}"
+    return Talkative
+

@@ -30,7 +30,8 @@ def ddp_runs(tmp_path_factory):
     env.pop("LOCAL_RANK", None)
     done = subprocess.run([sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=False) for r in (0, 1)] for a in ("grpo", "dapo")}
+    runs = {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+            for a in ("grpo", "dapo", "multiturn")}
     runs["checkpoint"] = out / "dapo.ckpt"
     return runs
 
@@ -69,6 +70,16 @@ def test_logged_metrics_are_reduced_over_processes(ddp_runs, algorithm):
         assert s0["logged"]["reward/mean"] == pytest.approx(expected) == s1["logged"]["reward/mean"]
     if algorithm == "dapo":  # the processes saw different rewards, so the reduction is not a no-op
         assert any(s0["local"]["reward/mean"] != s1["local"]["reward/mean"] for s0, s1 in zip(*(r["steps"] for r in ranks)))
+
+
+def test_episodes_of_different_turn_counts_keep_processes_in_step(ddp_runs):
+    r0, r1 = ddp_runs["multiturn"]
+    assert r0["global_step"] == r1["global_step"] == 4
+    assert [s["step"] for s in r0["steps"]] == [s["step"] for s in r1["steps"]]
+    turns = [[s["local"]["episodes/turns_mean"] for s in r["steps"]] for r in (r0, r1)]
+    assert all(t == 1.0 for t in turns[0]) and max(turns[1]) > 1.0  # rank 1's episodes run longer
+    for name, weight in r0["weights"].items():  # DDP averaged the same gradients on both
+        torch.testing.assert_close(weight, r1["weights"][name])
 
 
 def test_a_nonfinite_loss_on_one_process_is_skipped_by_both(ddp_runs):

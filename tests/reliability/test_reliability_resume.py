@@ -3,7 +3,8 @@
 Each configuration makes a piece of saved state matter: LoRA dropout (the random generators),
 several minibatches per rollout and a checkpoint in the middle of one (the pending minibatches),
 warm-up (the scheduler), dynamic sampling, the adaptive KL controller and the critic (PPO),
-SegmentRFT's stale pi_rollout snapshot.
+SegmentRFT's stale pi_rollout snapshot, multi-turn episodes (their environments live only
+within a rollout; the pending minibatches carry the environment tokens and masks).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule, SegmentRFT
 from rftlab.tasks import Arithmetic, WordProblems
-from reliability_helpers import assert_same_weights, fit, length_score, parity
+from rftlab.environments import TryAgain
+from reliability_helpers import assert_same_weights, fit, length_score, parity, talkative
 
 CASES = {
     # 1 iteration x 2 minibatches = 2 steps per rollout: the checkpoint at step 3 is mid-rollout.
@@ -41,6 +43,13 @@ CASES = {
                            log={"validate_at_start": False}),
         lambda: RolloutDataModule(task=WordProblems(num_test=0), rewards={"parity": parity}, prompts_per_step=2,
                                   num_generations=2, max_new_tokens=8),
+    ),
+    # Multi-turn: "try again" episodes of up to 3 turns, 2 minibatches per rollout.
+    "grpo_multi_turn": (
+        lambda: talkative(GRPO)(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False}),
+        lambda: RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}, prompts_per_step=2,
+                                  num_generations=3, max_new_tokens=24, num_minibatches=2,
+                                  environment=TryAgain(Arithmetic(num_test=0), max_attempts=3), max_turns=3),
     ),
 }
 
@@ -75,6 +84,8 @@ def test_resume_equals_an_uninterrupted_run(name, straight_run, tmp_path):
         assert resumed.kl_coef == straight.kl_coef != 0.05  # the controller moved and was restored
     if name == "segment_rft":
         assert resumed._rollout_version == straight._rollout_version
+    if name == "grpo_multi_turn":  # the episodes did have several turns
+        assert max(record.logged[s]["episodes/turns_mean"] for s in (1, 2, 3, 4, 5, 6)) > 1
 
 
 def test_resume_state_is_what_makes_it_exact(straight_run, tmp_path):
