@@ -11,7 +11,11 @@ budget (``benchmarks/learning_curve.py``, held-out greedy accuracy every ``--eva
     .venv/bin/python benchmarks/tool_use.py --arms tools,none --sft-steps 8 --minutes 30
 
 Writes, under --out/<arm>: the SFT checkpoint, the learning curve's steps.csv, evals.csv,
-summary.json and curve.png; and --out/summary.json with both arms.
+summary.json and curve.png; and --out/summary.json with both arms (summary_<arm>.json for one).
+The two arms can run side by side, one per core:
+
+    taskset -c 0 .venv/bin/python benchmarks/tool_use.py --arms tools --threads 1 ... &
+    taskset -c 1 .venv/bin/python benchmarks/tool_use.py --arms none --threads 1 ...
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = json.loads((out / "summary.json").read_text())
         results[arm] = {"sft_steps": args.sft_steps, "sft_minutes": round(sft_seconds / 60, 2),
                         **{k: summary[k] for k in ("steps", "train_minutes", "accuracy_before", "accuracy_after", "evals")}}
-    (Path(args.out) / "summary.json").write_text(json.dumps({"args": vars(args), "arms": results}, indent=2))
+    name = "summary.json" if args.arms == "tools,none" else f"summary_{args.arms.replace(',', '_')}.json"
+    (Path(args.out) / name).write_text(json.dumps({"args": vars(args), "arms": results}, indent=2))
     for arm, r in results.items():
         print(f"{arm:6s} SFT start {100 * r['accuracy_before']:.1f}%  ->  {100 * r['accuracy_after']:.1f}% after "
               f"{r['steps']} GRPO steps ({r['train_minutes']} training minutes)")

@@ -64,7 +64,8 @@ class CompletionTable(L.Callback):
 
 
 def sample_rows(batch: Any, max_rows: int) -> list[dict[str, Any]]:
-    """Up to ``max_rows`` dicts (prompt, completion, reward, per-function rewards, advantage)."""
+    """Up to ``max_rows`` dicts (prompt, completion, reward, per-function rewards, advantage, length;
+    for multi-turn episodes also the model's turns and the environment's token count)."""
     rows = []
     for i in range(min(max_rows, len(batch.completions))):
         row: dict[str, Any] = {
@@ -78,6 +79,11 @@ def sample_rows(batch: Any, max_rows: int) -> list[dict[str, Any]]:
         adv = batch.seq_advantages
         row["advantage"] = float(adv[i]) if adv is not None else None
         row["length"] = int(batch.completion_mask[i].sum())
+        env_mask = getattr(batch, "env_mask", None)
+        if env_mask is not None:  # a multi-turn episode: the completion holds every turn and observation
+            model = batch.completion_mask[i]
+            row["turns"] = int(model[0]) + int(((model[1:] != 0) & (model[:-1] == 0)).sum())
+            row["env_tokens"] = int(env_mask[i].sum())
         rows.append(row)
     return rows
 

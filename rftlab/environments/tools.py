@@ -46,8 +46,8 @@ class Tool:
     schema: dict[str, Any]
 
 
-def as_tool(function: Callable[..., Any] | Tool) -> Tool:
-    """A ``Tool`` from a typed, documented function (a ``Tool`` is returned as is).
+def as_tool(function: Callable[..., Any] | Tool | str) -> Tool:
+    """A ``Tool`` from a typed, documented function, or the import path of one (a ``Tool`` is returned as is).
 
     Raises:
         ValueError: naming the tool, when it is not callable, lacks type hints for an argument or
@@ -55,6 +55,14 @@ def as_tool(function: Callable[..., Any] | Tool) -> Tool:
     """
     if isinstance(function, Tool):
         return function
+    if isinstance(function, str):  # an import path, as YAML configs give it
+        from rftlab.core.plugins import import_object
+
+        try:
+            function = import_object(function)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"tools: {function!r} is not the import path of a tool function such as "
+                             f"'rftlab.environments.calculator' ({type(err).__name__}: {err})") from err
     name = getattr(function, "__name__", None) or str(function)
     if not callable(function):
         raise ValueError(f"tools: {name!r} is not callable; a tool is a typed Python function with a docstring")
@@ -70,7 +78,7 @@ def as_tool(function: Callable[..., Any] | Tool) -> Tool:
     return Tool(name=schema["function"]["name"], function=function, schema=schema)
 
 
-def as_tools(functions: Sequence[Callable[..., Any] | Tool] | None) -> dict[str, Tool]:
+def as_tools(functions: Sequence[Callable[..., Any] | Tool | str] | None) -> dict[str, Tool]:
     """Tools by name, checked (see ``as_tool``); two tools of one name are refused."""
     tools: dict[str, Tool] = {}
     for fn in functions or []:
@@ -212,15 +220,19 @@ def _call_into(tool: Tool, arguments: dict[str, Any], box: dict[str, Any]) -> No
 def tool_instructions(tools: dict[str, Tool]) -> str:
     """The system-prompt text that describes ``tools`` to a model whose chat template cannot.
 
-    Used when the tokenizer's chat template has no ``tools`` support (SmolLM2's has none): the
-    schemas as JSON lines inside ``<tools>`` tags and the call format, as tool-aware templates
-    (Qwen 2.5, Hermes) render them.
+    Used when the tokenizer's chat template has no ``tools`` support (SmolLM2's has none): each
+    tool's name, description and parameters as one JSON line inside ``<tools>`` tags, and the call
+    format, as tool-aware templates (Qwen 2.5, Hermes) render them, kept short because every
+    prompt token is paid for at every step.
     """
-    schemas = "\n".join(json.dumps(t.schema, ensure_ascii=False) for t in tools.values())
-    return ("You may call tools. Their signatures, as JSON schemas:\n<tools>\n" + schemas + "\n</tools>\n"
-            "To call a tool, write one JSON object per call between tags, then end your turn:\n"
-            '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>\n'
-            "The results come back in <tool_response> tags. When you know the answer, reply without a tool call.")
+    lines = []
+    for tool in tools.values():
+        fn = tool.schema["function"]
+        lines.append(json.dumps({"name": fn["name"], "description": fn.get("description", ""),
+                                 "parameters": fn.get("parameters", {}).get("properties", {})}, ensure_ascii=False))
+    return ("You can call these tools:\n<tools>\n" + "\n".join(lines) + "\n</tools>\n"
+            'To call one, reply with <tool_call>{"name": ..., "arguments": {...}}</tool_call> and stop; '
+            "the result comes back in <tool_response> tags. Give the final answer without a tool call.")
 
 
 # ---- built-in tools -------------------------------------------------------------------------------

@@ -96,6 +96,9 @@ def evaluate(
     batch_size: int = 32,
     max_prompt_length: int = 512,
     seed: int = 0,
+    tools: Sequence[Any] | None = None,
+    environment: Any = None,
+    max_turns: int = 4,
 ) -> EvaluationResult:
     """Greedy accuracy and/or sampled pass@k of ``policy`` on ``task``'s held-out split.
 
@@ -112,6 +115,10 @@ def evaluate(
         batch_size: prompts per generation call.
         max_prompt_length: longest prompt in tokens (longer ones keep their end).
         seed: seeds the sampled answers (the evaluation is reproducible).
+        tools: tools the policy may call: answers are then multi-turn episodes (as in training with
+            ``RolloutDataModule(tools=...)``), and ``max_new_tokens`` is an episode's budget.
+        environment: an environment (or a factory of one per episode) answering the turns.
+        max_turns: model turns per episode (with ``tools`` or ``environment``).
     """
     ks = sorted(set(int(x) for x in k))
     if num_samples < 0:
@@ -130,7 +137,8 @@ def evaluate(
     module = policy if isinstance(policy, RFTModule) else RFTModule(policy=policy)
     module.configure_model()
     dm = RolloutDataModule(task=task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-                           temperature=temperature, top_p=top_p, dynamic_sampling=False).attach(module)
+                           temperature=temperature, top_p=top_p, dynamic_sampling=False, tools=tools,
+                           environment=environment, max_turns=max_turns).attach(module)
     start = time.perf_counter()
     result = EvaluationResult(num_prompts=len(rows), num_samples=num_samples)
     was_training = module.training
@@ -151,21 +159,21 @@ def evaluate(
 def _sampled_correct_counts(dm: RolloutDataModule, module: RFTModule, rows: list[dict[str, Any]],
                             num_samples: int, batch_size: int, seed: int) -> list[int]:
     """Per prompt, how many of ``num_samples`` sampled answers the task accepts."""
-    tokenizer = module.tokenizer
     counts = []
     # Batches hold whole prompts' groups; fewer prompts per call when many samples each.
     per_call = max(1, batch_size // num_samples)
     for b, i in enumerate(range(0, len(rows), per_call)):
         chunk = rows[i : i + per_call]
-        _, ids, mask = dm.encoder.encode([r["prompt"] for r in chunk], tokenizer)
+        _, ids, mask = dm.encode_prompts(chunk, module.tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + b)
-            completion_ids, completion_mask = module.generate(ids, mask, num_samples, dm.sampling)[:2]
-        completion_ids = completion_ids.cpu().masked_fill(completion_mask.cpu() == 0, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            sampled = dm.sample(module, chunk, ids, mask, num_samples, dm.sampling)
+        # Per answer, the row's columns (and an episode's turns, messages, env_reward) for the verifier.
+        columns = sampled.reward_columns([row for row in chunk for _ in range(num_samples)])
         for j, row in enumerate(chunk):
-            answers = texts[j * num_samples : (j + 1) * num_samples]
-            counts.append(sum(bool(dm.task.is_correct(a, row)) for a in answers))
+            answers = range(j * num_samples, (j + 1) * num_samples)
+            counts.append(sum(bool(dm.task.is_correct(sampled.texts[a], {**columns[a], "prompt": row["prompt"]}))
+                              for a in answers))
     return counts
 
 

@@ -139,8 +139,9 @@ class RolloutDataModule(L.LightningDataModule):
         steps_per_epoch: optimizer steps per "epoch" of the stream (default: one pass over the prompts).
         seed: seeds the prompt order and the sampling of every rollout.
         tools: typed Python functions with docstrings the model may call (``<tool_call>`` JSON in
-            its turn; ``rftlab.environments.tools``): episodes become multi-turn, each call's result
-            is the next observation. A tool without type hints or docstring is refused here.
+            its turn; ``rftlab.environments.tools``), or their import paths: episodes become
+            multi-turn, each call's result is the next observation. A tool without type hints or
+            docstring is refused here.
         environment: an ``rftlab.environments.Environment`` (copied for each episode), or a class
             or function making a new one per episode: it opens the episode and answers every turn
             (a game, a simulated user, a checker). With ``tools`` too, turns with tool calls go to
@@ -180,7 +181,7 @@ class RolloutDataModule(L.LightningDataModule):
         num_val_prompts: int | None = None,
         steps_per_epoch: int | None = None,
         seed: int = 0,
-        tools: Sequence[Callable[..., Any]] | None = None,
+        tools: Sequence[Callable[..., Any] | str] | None = None,
         environment: Environment | Callable[[], Environment] | None = None,
         max_turns: int = 4,
         tool_timeout: float = 10.0,

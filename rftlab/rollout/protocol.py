@@ -5,7 +5,8 @@ through these members. ``rftlab.RFTModule`` implements all of them (subclass it,
 yourself). Per optimizer step, when the queue of minibatches is empty, the DataModule:
 
 1. calls ``check_datamodule(self)`` (and checks its own ``num_generations`` against dynamic sampling);
-2. encodes prompts with ``tokenizer`` and calls ``generate(prompt_ids, prompt_mask, G, params)``;
+2. encodes prompts with ``tokenizer`` and calls ``generate(prompt_ids, prompt_mask, G, params)``
+   (with ``episodes=`` for multi-turn rollouts: the driver that runs each episode's environment);
 3. decodes, scores with the reward functions, builds a ``Rollout`` (``policy_version=global_step``)
    and replaces its rewards with ``shape_rewards(rollout)``;
 4. with dynamic sampling (its own setting, or ``prefers_dynamic_sampling`` when that is None) drops
@@ -43,20 +44,24 @@ class RolloutModule(Protocol):
         """Optimizer steps taken: the policy version that samples the next rollout."""
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int,
-                 params: SamplingParams) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample ``num_generations`` completions per prompt with the current policy.
+                 params: SamplingParams, episodes: Any = None) -> Any:
+        """Sample ``num_generations`` completions (or multi-turn episodes) per prompt with the current policy.
 
         Args:
             prompt_ids: (B, P) left-padded prompt tokens.
             prompt_mask: (B, P) 1 on real prompt tokens.
             num_generations: G; output rows are grouped by prompt (B * G rows).
             params: temperature, top-p/top-k, budget, greedy, backend.
+            episodes: for multi-turn rollouts (the DataModule's ``tools`` / ``environment``), the
+                ``rftlab.rollout.episodes.EpisodeDriver`` that answers each turn; None otherwise.
+                A module whose ``generate`` has no such parameter is refused for multi-turn data.
 
         Returns:
-            ``(completion_ids, completion_mask, truncated)``: (B*G, T) right-padded tokens, (B*G, T)
-            mask up to and including the first EOS, (B*G,) bool no EOS within the budget; optionally
-            a fourth item, the sampler's (B*G, T) log-probs of the sampled tokens or None
-            (``Rollout.sampler_logp``, used by rollout correction).
+            Single-turn: ``(completion_ids, completion_mask, truncated)``: (B*G, T) right-padded
+            tokens, (B*G, T) mask up to and including the first EOS, (B*G,) bool no EOS within the
+            budget; optionally a fourth item, the sampler's (B*G, T) log-probs of the sampled
+            tokens or None (``Rollout.sampler_logp``, used by rollout correction). Multi-turn: the
+            ``EpisodeTokens`` of ``rftlab.rollout.episodes.decode_episodes``.
         """
 
     def shape_rewards(self, rollout: Rollout) -> Tensor:

@@ -7,7 +7,7 @@ reference solutions as the completions; only a module whose ``trains_on_referenc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -144,7 +144,7 @@ class SFTDataModule(RolloutDataModule):
         steps_per_epoch: int | None = None,
         seed: int = 0,
         episode_column: str | None = None,
-        tools: Sequence[Any] | None = None,
+        tools: Sequence[Callable[..., Any] | str] | None = None,
         max_turns: int = 4,
     ) -> None:
         if not isinstance(max_target_length, int) or max_target_length < 1:

@@ -202,3 +202,9 @@ def test_tool_environment_routes_calls_to_tools_and_answers_to_the_inner_environ
     # without an inner environment, the first answer without a call ends the episode
     alone = environment_factory(None, [add], 2.0)()
     assert alone.step("the answer is 7").done
+
+
+def test_tools_by_import_path_as_yaml_gives_them():
+    assert as_tools(["rftlab.environments.calculator"])["calculator"].function is calculator
+    with pytest.raises(ValueError, match="tools: 'rftlab.environments.nope' is not the import path"):
+        as_tools(["rftlab.environments.nope"])

@@ -215,6 +215,10 @@ def test_rewards_get_the_whole_episode_and_its_columns(policy, tokenizer):
     assert rollout.rewards.tolist() == [2.0, 2.0]
     assert rollout.env_mask.sum(-1).tolist() == [k, k] and rollout.completion_mask.sum(-1).tolist() == [4, 4]
     assert rollout.metrics["episodes/turns_mean"] == 2.0 and rollout.metrics["episodes/budget_ended_ratio"] == 0.0
+    from rftlab.callbacks.samples import sample_rows
+
+    table = sample_rows(rollout, 1)  # the sample table shows the whole episode
+    assert table[0]["turns"] == 2 and table[0]["env_tokens"] == k and "try again 1" in table[0]["completion"]
 
 
 def test_bad_multi_turn_settings_are_refused_at_construction():
