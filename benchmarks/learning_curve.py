@@ -76,12 +76,20 @@ def make_task(args: argparse.Namespace) -> Any:
 
 
 def multi_turn_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``tools=`` / ``max_turns=`` of the DataModule from ``--tools`` (names in rftlab.environments)."""
-    if not args.tools:
-        return {}
+    """The DataModule's multi-turn options from ``--tools`` (names in rftlab.environments) and
+    ``--environment try_again`` (a wrong answer hears "try again", up to --max-turns attempts; the
+    reward is the environment's: 1, 0.5, 0.25 ... for a right answer at attempt 1, 2, 3 ...)."""
     import rftlab.environments as environments
 
-    return {"tools": [getattr(environments, name) for name in args.tools.split(",")], "max_turns": args.max_turns}
+    options: dict[str, Any] = {}
+    if args.tools:
+        options["tools"] = [getattr(environments, name) for name in args.tools.split(",")]
+    if args.environment == "try_again":
+        options["environment"] = environments.TryAgain(make_task(args), max_attempts=args.max_turns)
+        options["rewards"] = {"solved": environments.environment_reward}
+    if options:
+        options["max_turns"] = args.max_turns
+    return options
 
 
 def write_outputs(out: Path, rec: RunRecorder, args: argparse.Namespace, wall: float) -> dict[str, Any]:
@@ -133,6 +141,7 @@ def plot(out: Path, rec: RunRecorder, args: argparse.Namespace) -> None:
         axes[1].set_ylim(0, 100)
         axes[1].grid(alpha=0.3)
     tools = f", tools: {args.tools}" if getattr(args, "tools", "") else ""
+    tools += f", environment: {args.environment}" if getattr(args, "environment", "") else ""
     fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, {args.task}{tools} (2 CPU threads)")
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=110)
@@ -166,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--value-warmup-steps", type=int, default=0, help="PPO critic-only steps first")
     parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "word_problems", "big_arithmetic"])
     parser.add_argument("--tools", default="", help="comma-separated tools of rftlab.environments (calculator, python)")
-    parser.add_argument("--max-turns", type=int, default=3, help="model turns per episode (with --tools)")
+    parser.add_argument("--environment", default="", choices=["", "try_again"], help="a multi-turn environment")
+    parser.add_argument("--max-turns", type=int, default=3, help="model turns per episode (--tools, --environment)")
     parser.add_argument("--ratio-mode", default="sum", help="SegmentRFT segment ratio: sum, mean or token")
     parser.add_argument("--rho", type=float, default=2.0, help="SegmentRFT weight of the answer segment's reward")
     parser.add_argument("--reward-whiten", default="none", help="SegmentRFT whitening of segment scores: none, chain, batch")

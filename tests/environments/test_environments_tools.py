@@ -208,3 +208,10 @@ def test_tools_by_import_path_as_yaml_gives_them():
     assert as_tools(["rftlab.environments.calculator"])["calculator"].function is calculator
     with pytest.raises(ValueError, match="tools: 'rftlab.environments.nope' is not the import path"):
         as_tools(["rftlab.environments.nope"])
+
+
+def test_the_python_tool_runs_code_in_the_sandbox():
+    from rftlab.environments import python
+
+    assert python("print(6 * 7)").strip() == "42"
+    assert "Error" in python("raise ValueError('no')") and python("x = 1") == "(no output)"

@@ -163,3 +163,16 @@ def test_fsdp2_lets_the_rftlab_sampler_run_and_refuses_vllm():
     object.__setattr__(dm.sampling, "backend", "vllm")  # vllm is not installed here: past its import check
     with pytest.raises(ValueError, match="sampler_backend='vllm' supports one process on one GPU, got FSDP2Strategy"):
         dm.check_trainer(trainer, "fit")
+
+
+def test_multi_turn_episodes_are_refused_under_sharded_weights():
+    from rftlab.environments import TryAgain
+    from rftlab.models import FSDP2Strategy
+
+    trainer = SimpleNamespace(strategy=FSDP2Strategy(), max_steps=10, val_check_interval=1.0, limit_val_batches=1.0,
+                              world_size=2)
+    task = Arithmetic(num_test=0)
+    dm = RolloutDataModule(task=task, rewards={"parity": parity}, environment=TryAgain(task))
+    with pytest.raises(ValueError, match="multi-turn episodes .* cannot be sampled under FSDP2Strategy"):
+        dm.check_trainer(trainer, "fit")
+
