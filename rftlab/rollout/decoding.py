@@ -9,6 +9,8 @@ one ends. Here the prompt is encoded once, its KV cache is repeated G times
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -107,6 +109,35 @@ def sample_next(logits: Tensor, params: SamplingParams, logprobs: bool = True) -
     return token, (scaled.gather(-1, token.unsqueeze(-1)) - scaled.logsumexp(-1, keepdim=True)).squeeze(-1)
 
 
+def prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """Encode each prompt once and repeat its KV cache for its ``num_generations`` rows.
+
+    Args:
+        model: a HF causal LM (or PEFT-wrapped one) that accepts ``past_key_values``.
+        prompt_ids: (B, P) left-padded prompts.
+        prompt_mask: (B, P) 1 on real prompt tokens.
+        num_generations: rows per prompt (G); row ``b * G + g``.
+
+    Returns:
+        ``(cache, logits, attention, next_position)``: the ``DynamicCache`` of the B*G rows, the
+        (B*G, V) next-token logits, the (B*G, P) attention mask and the (B*G, 1) next position ids.
+    """
+    from transformers import DynamicCache
+
+    G = num_generations
+    positions = position_ids_from_mask(prompt_mask)
+    # Only the last position's logits are needed.
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1].repeat_interleave(G, dim=0)
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+    attention = prompt_mask.repeat_interleave(G, dim=0)
+    next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1
+    return cache, logits, attention, next_position
+
+
 def decode(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -138,21 +169,9 @@ def decode(
             a process whose rows are all finished keeps running forwards (on one placeholder row,
             without sampling, so its random stream is untouched) until every process is done.
     """
-    from transformers import DynamicCache
-
     G = num_generations
     device = prompt_ids.device
-    cache = DynamicCache()
-    positions = position_ids_from_mask(prompt_mask)
-    # Prefill once per prompt; only the last position's logits are needed.
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)
-    if G > 1:
-        cache.batch_repeat_interleave(G)
-    attention = prompt_mask.repeat_interleave(G, dim=0)
-    next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1
+    cache, logits, attention, next_position = prefill(model, prompt_ids, prompt_mask, G)
     N = prompt_ids.shape[0] * G
     tokens = torch.full((N, params.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     record = logprobs and not params.greedy

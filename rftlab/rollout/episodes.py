@@ -86,26 +86,14 @@ def decode_episodes(
         max_turns: model turns per episode (>= 1).
         logprobs: also return the sampler's log-probs (``decoding.sample_next``; None when greedy).
     """
-    from transformers import DynamicCache
-
-    from rftlab.models.hf import position_ids_from_mask
-    from rftlab.rollout.decoding import sample_next
+    from rftlab.rollout.decoding import prefill, sample_next
 
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     G = num_generations
     device = prompt_ids.device
     budget = params.max_new_tokens
-    cache = DynamicCache()
-    positions = position_ids_from_mask(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)
-    if G > 1:
-        cache.batch_repeat_interleave(G)
-    attention = prompt_mask.repeat_interleave(G, dim=0)
-    next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1
+    cache, logits, attention, next_position = prefill(model, prompt_ids, prompt_mask, G)
     N = prompt_ids.shape[0] * G
     tokens = torch.full((N, budget), pad_token_id, dtype=torch.long, device=device)
     kind = torch.zeros((N, budget), dtype=torch.long, device=device)
