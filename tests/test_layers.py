@@ -18,10 +18,12 @@ ALLOWED: dict[str, set[str]] = {
     "rewards": set(),
     "tasks": {"rewards"},
     "models": {"core"},  # never rollout: the HF helpers live in models.hf
-    "rollout": {"models", "core", "rewards", "tasks"},
+    # Multi-turn environments and tools (not in DESIGN.md's graph yet): between tasks and rollout.
+    "environments": {"core", "rewards", "tasks"},
+    "rollout": {"models", "core", "rewards", "tasks", "environments"},
     "algorithms": {"rollout", "models", "core", "rewards"},
     "callbacks": {"rollout", "models", "core", "rewards", "tasks"},  # nothing of algorithms: they read logged metrics
-    "experiments": {"algorithms", "rollout", "callbacks", "models", "core", "rewards", "tasks"},
+    "experiments": {"algorithms", "rollout", "callbacks", "models", "core", "rewards", "tasks", "environments"},
 }
 TOP_LEVEL = {"__init__", "cli", "demo"}
 
