@@ -142,7 +142,7 @@ def plot(out: Path, rec: RunRecorder, args: argparse.Namespace) -> None:
         axes[1].grid(alpha=0.3)
     tools = f", tools: {args.tools}" if getattr(args, "tools", "") else ""
     tools += f", environment: {args.environment}" if getattr(args, "environment", "") else ""
-    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, {args.task}{tools} (2 CPU threads)")
+    fig.suptitle(f"rftlab {args.algo.upper()} + LoRA r{args.lora_r} on SmolLM2-135M-Instruct, {args.task}{tools} ({args.threads} CPU threads)")
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=110)
     plt.close(fig)
