@@ -229,3 +229,30 @@ def test_bad_multi_turn_settings_are_refused_at_construction():
         RolloutDataModule(task=task, environment=TryAgain, tool_timeout=0)
     with pytest.raises(ValueError, match="sampler_backend='hf'.*multi-turn"):
         RolloutDataModule(task=task, environment=TryAgain, sampler_backend="hf")
+
+
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t.function.name }} {% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_with_tool_support_renders_the_schemas_and_the_tool_role(tokenizer):
+    import copy
+
+    from rftlab.environments import calculator
+    from rftlab.rollout.episodes import template_supports_tools
+
+    native = copy.deepcopy(tokenizer)
+    native.chat_template = TOOL_TEMPLATE
+    assert template_supports_tools(native) and not template_supports_tools(tokenizer)
+    task = RowsTask([{"prompt": [{"role": "user", "content": "2 * 3?"}]}], {"r": lambda completions, **_: [0.0]})
+    dm = RolloutDataModule(task=task, tools=[calculator])
+    (text,), _, _ = dm.encode_prompts(task.train_rows(), native)
+    assert text == "<|im_start|>system\nTools: calculator <|im_end|>\n<|im_start|>user\n2 * 3?<|im_end|>\n<|im_start|>assistant\n"
+    (fallback,), _, _ = dm.encode_prompts(task.train_rows(), tokenizer)  # SmolLM2's template: instructions
+    assert "<tools>" in fallback and '"name": "calculator"' in fallback and "<tool_call>" in fallback
+    result = [{"role": "tool", "name": "calculator", "content": "6"}]
+    assert observation_text(result, native, native_tools=True) == (
+        "<|im_end|>\n<|im_start|>tool\n6<|im_end|>\n<|im_start|>assistant\n")
