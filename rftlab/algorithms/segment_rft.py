@@ -40,6 +40,7 @@ from rftlab.core import (
     explained_variance,
     kl_penalty,
     masked_mean,
+    merge_environment_segments,
     segment_ids,
     segment_index_from_starts,
     segment_kl_loss,
@@ -265,11 +266,17 @@ class SegmentRFT(RFTModule):
         tok = self.tokenizer
         starts, texts = [], []
         for i, text in enumerate(rollout.completions):
-            ids = rollout.completion_ids[i, : int(rollout.attention_mask[i].sum())].tolist()
+            length = int(rollout.attention_mask[i].sum())
+            ids = rollout.completion_ids[i, :length].tolist()
             seg, k = segment_ids(token_char_offsets(tok, ids, text), text)
+            pieces = split_segments(text)
+            if rollout.env_mask is not None:  # a multi-turn episode: observation lines are no steps
+                seg, target = merge_environment_segments(seg, k, rollout.completion_mask[i, :length].cpu() != 0)
+                k = int(target.max()) + 1
+                pieces = ["\n".join(p for p, t in zip(pieces, target.tolist()) if t == j) for j in range(k)]
             counts = torch.bincount(seg, minlength=k)
             starts.append(torch.cumsum(counts, 0) - counts)
-            texts.append(split_segments(text))
+            texts.append(pieces)
         width = max(len(s) for s in starts)
         T = rollout.completion_ids.shape[1]
         padded = torch.full((len(starts), width), T, dtype=torch.long)

@@ -100,6 +100,35 @@ def segment_ids(offsets: Sequence[Sequence[int]] | Tensor, text: str) -> tuple[T
     return ids, len(spans)
 
 
+def merge_environment_segments(ids: Tensor, num_segments: int, model_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold every segment that holds none of the model's tokens into the segment before it.
+
+    In a multi-turn episode the environment's text (a tool result, feedback) has lines of its own,
+    which ``segment_ids`` would make segments. They carry no loss, and a segment is a step of the
+    model's reasoning, so each joins the model's segment before it (a leading one, the next).
+
+    Args:
+        ids: (T,) non-decreasing segment index per token (``segment_ids``).
+        num_segments: K, the number of segments ``ids`` indexes.
+        model_tokens: (T,) bool, True on the model's tokens (False on the environment's).
+
+    Returns:
+        ``(ids, target)``: the (T,) merged, still non-decreasing, segment index per token, and the
+        (K,) index of the merged segment each old segment went to. Without any model token
+        nothing is merged.
+
+    >>> merge_environment_segments(torch.tensor([0, 0, 1, 1, 2]), 3, torch.tensor([True, True, False, False, True]))
+    (tensor([0, 0, 0, 0, 1]), tensor([0, 0, 1]))
+    """
+    has_model = torch.zeros(num_segments, dtype=torch.bool)
+    has_model[ids[model_tokens.bool()]] = True
+    if not has_model.any():
+        return ids, torch.arange(num_segments)
+    kept = torch.cumsum(has_model.long(), 0) - 1  # the last kept segment at or before each one
+    target = kept.clamp_min(0)  # leading environment-only segments join the first kept one
+    return target[ids], target
+
+
 # ---------------------------------------------------------------- segment rewards
 
 @dataclass(frozen=True)

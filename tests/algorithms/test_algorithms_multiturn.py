@@ -26,7 +26,12 @@ MODULES = {
     "ppo": lambda: PPO(**TINY, beta=0.05, critic={"kind": "shared"}, kl={"in_reward": True}),
     "segment_rft": lambda: SegmentRFT(**TINY, beta=0.05),
 }
-ENV_TOKENS = golden_cases._lcg_ids(999, 5)  # an "observation" of 5 fixed tokens
+# An observation on lines of its own, as a tool result is: SegmentRFT's line segments see it.
+ENV_TEXT = "\n<tool_response>\n42\n</tool_response>\n"
+
+
+def _env_tokens(tokenizer) -> list[int]:
+    return tokenizer(ENV_TEXT, add_special_tokens=False)["input_ids"]
 
 
 def _module(name: str):
@@ -38,14 +43,15 @@ def _module(name: str):
 
 
 def _with_observation(rollout: Rollout, at: int, tokenizer) -> Rollout:
-    """Insert ENV_TOKENS after the first ``at`` completion tokens of every row (env_mask on them)."""
+    """Insert the observation after the first ``at`` completion tokens of every row (env_mask on them)."""
     pad = tokenizer.pad_token_id
+    env_tokens = _env_tokens(tokenizer)
     rows_ids, rows_kind = [], []
     for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
         real = [t for t, m in zip(ids, mask) if m]
         cut = min(at, len(real))
-        rows_ids.append(real[:cut] + ENV_TOKENS + real[cut:])
-        rows_kind.append([1] * cut + [2] * len(ENV_TOKENS) + [1] * (len(real) - cut))
+        rows_ids.append(real[:cut] + env_tokens + real[cut:])
+        rows_kind.append([1] * cut + [2] * len(env_tokens) + [1] * (len(real) - cut))
     width = max(len(r) for r in rows_ids)
     ids = torch.full((len(rows_ids), width), pad, dtype=torch.long)
     kind = torch.zeros((len(rows_ids), width), dtype=torch.long)
@@ -56,10 +62,10 @@ def _with_observation(rollout: Rollout, at: int, tokenizer) -> Rollout:
                                env_mask=(kind == 2).long(), completions=texts)
 
 
-def _observation_in_prompt(rollout: Rollout) -> Rollout:
+def _observation_in_prompt(rollout: Rollout, tokenizer) -> Rollout:
     """The single-turn twin of an env-first episode: the observation appended to the prompt."""
     n = len(rollout)
-    env = torch.tensor(ENV_TOKENS).expand(n, -1)
+    env = torch.tensor(_env_tokens(tokenizer)).expand(n, -1)
     return dataclasses.replace(rollout, prompt_ids=torch.cat([rollout.prompt_ids, env], 1),
                                prompt_mask=torch.cat([rollout.prompt_mask, torch.ones_like(env)], 1))
 
@@ -81,7 +87,7 @@ def test_an_observation_before_the_first_turn_trains_like_the_same_text_in_the_p
     module = _module(name)
     base = token_rollout(tokenizer, 4, 1, 1.0)
     episode = _with_observation(base, 0, tokenizer)
-    twin = _observation_in_prompt(base)
+    twin = _observation_in_prompt(base, tokenizer)
     scored_ep, loss_ep, metrics_ep, grads_ep = _loss_and_grads(module, episode)
     scored_tw, loss_tw, metrics_tw, grads_tw = _loss_and_grads(module, twin)
     assert_close(loss_ep, loss_tw, rtol=1e-4, atol=1e-6)
@@ -92,7 +98,7 @@ def test_an_observation_before_the_first_turn_trains_like_the_same_text_in_the_p
     for key in grads_tw:
         assert_close(grads_ep[key], grads_tw[key], rtol=1e-3, atol=1e-6, msg=key)
     # per-token annotations agree on the model's tokens (shifted past the observation)
-    k = len(ENV_TOKENS)
+    k = len(_env_tokens(tokenizer))
     for field in ("advantages", "old_logp", "ref_logp", "values", "returns"):
         a, b = getattr(scored_ep, field), getattr(scored_tw, field)
         if b is not None:
@@ -115,7 +121,7 @@ def test_grpo_loss_and_gradients_equal_a_reference_with_the_mask_by_hand(tokeniz
     # Reference: one full forward over prompt + episode, attention on every real token; the loss
     # sums A_i * ratio over the positions listed by hand as the model's (not the observation's).
     module.zero_grad(set_to_none=True)
-    P, k = rollout.prompt_ids.shape[1], len(ENV_TOKENS)
+    P, k = rollout.prompt_ids.shape[1], len(_env_tokens(tokenizer))
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     attention = torch.cat([rollout.prompt_mask, rollout.completion_mask + rollout.env_mask], 1)
     out = module.policy(input_ids=ids, attention_mask=attention, position_ids=position_ids_from_mask(attention))
@@ -147,6 +153,12 @@ def test_nothing_at_the_environment_tokens_reaches_the_loss(name, tokenizer):
     rollout.rows = [{**row, "steps": [1]} for row in rollout.rows]  # the columns SegmentRFT's step critic reads
     rollout.rewards = module.shape_rewards(rollout)
     rollout = module.score_rollout(rollout)
+    if rollout.segment_starts is not None:  # SegmentRFT: every segment holds some of the model's tokens
+        assert ENV_TEXT.strip().splitlines()[1] in rollout.completions[0]  # the observation has lines of its own
+        for i in range(len(rollout)):
+            starts = rollout.segment_starts[i][rollout.segment_mask[i] != 0].tolist()
+            ends = starts[1:] + [int(rollout.attention_mask[i].sum())]
+            assert all(rollout.completion_mask[i, a:b].any() for a, b in zip(starts, ends)), (i, starts)
     module.zero_grad(set_to_none=True)
     loss, _ = module.compute_loss(rollout)
     loss.backward()

@@ -85,3 +85,40 @@ def test_outcome_reward_lands_on_the_last_turns_last_token():
     expected[0, 5] = 2.0  # not at index sum(mask) - 1 = 3, an observation token
     expected[1, 0] = 3.0
     assert_close(out, expected)
+
+
+def _reference_merge(ids, k, model):
+    """Slow loop: each environment-only segment goes to the last kept segment before it (else the first kept)."""
+    has = [any(m for i, m in zip(ids, model) if i == s) for s in range(k)]
+    if not any(has):
+        return list(ids), list(range(k))
+    kept = [s for s in range(k) if has[s]]
+    target = []
+    for s in range(k):
+        before = [j for j, t in enumerate(kept) if t <= s]
+        target.append(before[-1] if before else 0)
+    return [target[i] for i in ids], target
+
+
+def test_environment_only_segments_join_the_models_segment_before_them():
+    from rftlab.core import merge_environment_segments
+
+    ids, target = merge_environment_segments(torch.tensor([0, 0, 1, 1, 2]), 3, torch.tensor([1, 1, 0, 0, 1]).bool())
+    assert ids.tolist() == [0, 0, 0, 0, 1] and target.tolist() == [0, 0, 1]
+    # a leading observation joins the first segment with a model token
+    ids, target = merge_environment_segments(torch.tensor([0, 0, 1, 2]), 3, torch.tensor([0, 0, 1, 1]).bool())
+    assert ids.tolist() == [0, 0, 0, 1] and target.tolist() == [0, 0, 1]
+    # no model token: nothing merged
+    ids, target = merge_environment_segments(torch.tensor([0, 1]), 2, torch.tensor([0, 0]).bool())
+    assert ids.tolist() == [0, 1] and target.tolist() == [0, 1]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        t = int(torch.randint(1, 15, (1,), generator=gen))
+        steps = torch.randint(0, 2, (t,), generator=gen)
+        steps[0] = 0
+        seg = torch.cumsum(steps, 0)
+        k = int(seg.max()) + 1
+        model = torch.rand(t, generator=gen) < 0.5
+        got_ids, got_target = merge_environment_segments(seg, k, model)
+        want_ids, want_target = _reference_merge(seg.tolist(), k, model.tolist())
+        assert got_ids.tolist() == want_ids and got_target.tolist() == want_target
