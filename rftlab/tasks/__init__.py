@@ -6,10 +6,11 @@ from rftlab.tasks.coding import CodeFunctions
 from rftlab.tasks.countdown import Countdown, CountdownEquation
 from rftlab.tasks.json_extraction import JsonExtraction
 from rftlab.tasks.loader import DatasetTask, gsm8k_answer, read_rows
+from rftlab.tasks.reasoning_gym import GymScore, ReasoningGym
 from rftlab.tasks.word_problems import WordProblems
 from rftlab.tasks.wordle import Wordle, WordleCorrect, WordleFormat, WordlePartial, WordleStrategy
 
 __all__ = [
-    "Arithmetic", "BigArithmetic", "CodeFunctions", "Countdown", "CountdownEquation", "DatasetTask", "FinalTurnAnswer", "JsonExtraction", "RowsTask",
+    "Arithmetic", "BigArithmetic", "CodeFunctions", "Countdown", "CountdownEquation", "DatasetTask", "FinalTurnAnswer", "GymScore", "JsonExtraction", "ReasoningGym", "RowsTask",
     "Task", "Wordle", "WordleCorrect", "WordleFormat", "WordlePartial", "WordleStrategy", "WordProblems", "gsm8k_answer", "read_rows",
 ]
