@@ -4,7 +4,7 @@ reasoning-gym (``pip install 'rftlab[gym]'``) generates ~100 kinds of problems (
 counting, string manipulation, logic, sequences, games) from a seed, each with a ``score_answer``
 verifier. ``ReasoningGym("basic_arithmetic", min_terms=2, max_terms=3)`` wraps one: training rows
 come from one seed and the held-out split from another, the model's answer is extracted from its
-completion (``<answer>`` tags by default) and scored by the dataset's own ``score_answer``.
+completion (``<answer>`` tags, or a stated answer when a small model writes none) and scored by the dataset's own ``score_answer``.
 """
 
 from __future__ import annotations
@@ -19,32 +19,67 @@ from rftlab.tasks.arithmetic import _GeneratedRows
 from rftlab.tasks.base import Row, Task
 
 #: How the answer is read from a completion: the last ``<answer>...</answer>`` (reasoning-gym's own
-#: format), the last non-empty line, or the whole completion.
-EXTRACTIONS = ("answer_tag", "last_line", "whole")
+#: format); "flexible", the tag or else an "answer is X" phrase or else the last line, tidied;
+#: "last_number", the tag or else the last number written (the GSM8K convention, for numeric
+#: answers); the last non-empty line; or the whole completion.
+EXTRACTIONS = ("answer_tag", "flexible", "last_number", "last_line", "whole")
 DEFAULT_SYSTEM_PROMPT = (
-    "Answer the question. Think step by step if needed, then give only the final answer in the form "
-    "<answer>answer here</answer>."
+    "You are a careful solver. Be brief. End your reply with the final answer in <answer></answer> "
+    "tags, like <answer>7</answer>."
 )
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 TEST_SEED_OFFSET = 1_000_003  # the held-out split's seed: seed + this, unless test_seed is given
+
+
+def _tidy(answer: str) -> str:
+    """Markdown, quotes and a closing full stop removed; an equation's right-hand side kept.
+
+    >>> _tidy('**"5 - 5 = 0."**')
+    '0'
+    """
+    text, before = answer, None
+    while text != before:  # peel nested markup: **"0."**
+        before, text = text, text.strip().strip("*`\"'").rstrip(".")
+    return text.rsplit("=", 1)[-1].strip() if "=" in text else text
 
 
 def extract_answer(completion: str, how: str | Callable[[str], str | None] = "answer_tag") -> str | None:
     """The answer part of ``completion`` (None when there is none).
 
+    Every mode returns one string, so writing several candidate answers never helps a policy: the
+    verifier sees only the one picked here.
+
     Args:
         completion: the model's text.
         how: one of ``EXTRACTIONS``, or a function from the completion to the answer (or None).
+
+    >>> extract_answer("5 - 5 = 0", "flexible"), extract_answer("There are 3 + 4 = 7 legs.", "last_number")
+    ('0', '7')
     """
     if callable(how):
         return how(completion)
-    if how == "answer_tag":
-        found = _ANSWER.findall(completion)
-        return found[-1].strip() if found else None
     if how == "last_line":
         lines = [line.strip() for line in completion.splitlines() if line.strip()]
         return lines[-1] if lines else None
-    return completion.strip() or None
+    if how == "whole":
+        return completion.strip() or None
+    found = _ANSWER.findall(completion)
+    tagged = found[-1].strip() if found else None
+    if how == "answer_tag":
+        return tagged
+    if how == "last_number":
+        numbers = _NUMBER.findall(completion if tagged is None else tagged)
+        if numbers:
+            return numbers[-1].replace(",", "")
+        return tagged or None
+    # flexible: the tag, else the last "answer is X" / "Answer: X", else the last line.
+    if tagged is None:
+        phrases = _ANSWER_PHRASE.findall(completion)
+        lines = [line for line in completion.splitlines() if line.strip()]
+        tagged = phrases[-1] if phrases else (lines[-1] if lines else "")
+    return _tidy(tagged) or None
 
 
 def _import_reasoning_gym() -> Any:
@@ -69,7 +104,7 @@ class GymScore:
 
     name = "gym_score"
 
-    def __init__(self, dataset: Any, extract: str | Callable[[str], str | None] = "answer_tag") -> None:
+    def __init__(self, dataset: Any, extract: str | Callable[[str], str | None] = "flexible") -> None:
         self.dataset = dataset
         self.extract = extract
 
@@ -104,9 +139,11 @@ class ReasoningGym(Task):
         num_test: held-out rows.
         seed: seeds the training rows.
         test_seed: seeds the held-out rows (default: ``seed + 1000003``).
-        extract: how the answer is read from a completion: "answer_tag" (the last
-            ``<answer>...</answer>``), "last_line", "whole", or a function.
-        system_prompt: the system message ("" for none); the default asks for ``<answer>`` tags.
+        extract: how the answer is read from a completion: "flexible" (the last ``<answer>...</answer>``,
+            else an "answer is X" phrase, else the last line), "answer_tag" (the tag only),
+            "last_number" (for numeric answers), "last_line", "whole", or a function.
+        system_prompt: the system message ("" for none); the default asks for a brief reply ending in
+            ``<answer>`` tags.
         config: the dataset's own options (``min_terms``, ``max_digits``, ...), as from YAML.
         **options: the dataset's own options, as keywords (merged over ``config``).
     """
@@ -120,7 +157,7 @@ class ReasoningGym(Task):
         num_test: int = 200,
         seed: int = 0,
         test_seed: int | None = None,
-        extract: Literal["answer_tag", "last_line", "whole"] | Callable[[str], str | None] = "answer_tag",
+        extract: Literal["flexible", "answer_tag", "last_number", "last_line", "whole"] | Callable[[str], str | None] = "flexible",
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         config: Mapping[str, Any] | None = None,
         **options: Any,

@@ -30,7 +30,7 @@ def test_rows_are_seeded_and_the_held_out_split_is_unseen():
 
 
 def test_the_datasets_own_verifier_scores_the_extracted_answer():
-    task = ReasoningGym("basic_arithmetic", num_test=3, **SMALL)
+    task = ReasoningGym("basic_arithmetic", num_test=3, extract="answer_tag", **SMALL)
     row = task.test_rows()[0]
     fn = task.reward_functions()["correct"]
     right = f"Adding up. <answer>{row['answer']}</answer>"
@@ -38,6 +38,15 @@ def test_the_datasets_own_verifier_scores_the_extracted_answer():
                 entry=[row["entry"]] * 4)
     assert scores == [1.0, 0.0, 0.0, 1.0]  # no tag: 0; the last tag counts
     assert task.is_correct(right, row) and not task.is_correct("<answer>12345</answer>", row)
+    # The default ("flexible") also reads an untagged final answer, but never more than one candidate.
+    flexible = ReasoningGym("basic_arithmetic", num_test=3, **SMALL).reward_functions()["correct"]
+    stated = [f"The answer is {row['answer']}.", f"x = {row['answer']}", f"{row['answer']} or 12345", right]
+    scores = flexible(stated, entry=[row["entry"]] * 4)
+    assert scores[:2] == [1.0, 1.0] and scores[3] == 1.0
+    # reasoning-gym's own partial credit, len(reference) / len(answer) for an answer holding the
+    # reference, is kept as a reward; held-out accuracy counts full marks only.
+    assert scores[2] == pytest.approx(len(row["answer"]) / len(f"{row['answer']} or 12345"))
+    assert not task.is_correct(stated[2], row)
     assert ReasoningGym("basic_arithmetic", num_test=1, extract="last_line", **SMALL).reward_functions()["correct"](
         [f"So:\n{row['answer']}\n"], entry=[row["entry"]]) == [1.0]
 
@@ -62,6 +71,17 @@ def test_extraction_modes():
     assert extract_answer("no tags") is None
     assert extract_answer("x\n  y  \n\n", "last_line") == "y" and extract_answer("  ", "whole") is None
     assert extract_answer("Answer: 7", lambda text: text.split(":")[-1].strip()) == "7"
+    # flexible: the tag, else the last "answer is X" / "Answer: X", else the last line; then tidied.
+    assert extract_answer("<answer> yes </answer> The answer is no", "flexible") == "yes"
+    assert extract_answer("Thinking.\nThe answer is: **\"olleh\".**\nDone", "flexible") == "olleh"
+    assert extract_answer("First 3.\nFinal answer: 12\nanswer is 14", "flexible") == "14"
+    assert extract_answer("Step one\n5 - 5 = 0.", "flexible") == "0"
+    assert extract_answer("  \n ", "flexible") is None
+    # last_number: the last number written (inside the tag when there is one), thousands separators dropped.
+    assert extract_answer("There are 3 + 4 = 7 legs.", "last_number") == "7"
+    assert extract_answer("<answer>-1,234.5</answer> and 99", "last_number") == "-1234.5"
+    assert extract_answer("<answer>seven</answer> 8", "last_number") == "seven"
+    assert extract_answer("no digits", "last_number") is None
 
 
 @pytest.mark.parametrize("kwargs, message", [
