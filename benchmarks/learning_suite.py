@@ -1,0 +1,203 @@
+"""A learning suite: one fixed recipe on eight reasoning-gym tasks, held-out accuracy before and after.
+
+Each task is a ``rftlab.tasks.ReasoningGym`` config where the untrained SmolLM2-135M-Instruct is
+between 2% and 40% greedy accuracy (``benchmarks/gym_baseline.py``). Every task gets the same
+recipe, the same seed and the same step budget; nothing is tuned per task.
+
+    .venv/bin/python benchmarks/learning_suite.py --recipe readme --out benchmarks/out/suite/readme
+    .venv/bin/python benchmarks/learning_suite.py --report benchmarks/out/suite/readme benchmarks/out/suite/sparse
+
+Two processes can share the suite (``--tasks`` picks some, pin each with ``taskset -c N --threads 1``);
+``--report DIR...`` then writes the table (Markdown, JSON) and the figure from their result files.
+Per task, ``<out>/<task>.json`` holds the evaluations and per-step reward, entropy and the share of
+groups whose completions all scored alike (no learning signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from rftlab import DAPO, GRPO, RolloutDataModule
+from rftlab.callbacks import TrainClock
+from rftlab.experiments.tracking import RunRecorder
+from rftlab.experiments.variants import Budget
+from rftlab.tasks import ReasoningGym
+
+#: (kind, name, options, extract): the suite. Numeric answers are read as the last number written,
+#: the others by the "flexible" extraction (the <answer> tag, else a stated answer, else the last line).
+SUITE = [
+    ("arithmetic", "basic_arithmetic", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, "last_number"),
+    ("arithmetic", "chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}, "last_number"),
+    ("arithmetic", "gcd", {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 20}, "last_number"),
+    ("counting", "aiw", {}, "last_number"),
+    ("strings", "letter_jumble", {"min_word_len": 3, "max_word_len": 5, "min_words": 1, "max_words": 2,
+                                  "min_corruption_level": 0.1, "max_corruption_level": 0.3}, "flexible"),
+    ("logic", "syllogism", {}, "flexible"),
+    ("logic", "isomorphic_strings", {"max_string_length": 4}, "flexible"),
+    ("sequences", "number_sequence", {}, "last_number"),
+]
+
+#: Named recipes: the same for every task. "readme" is the README's GRPO + LoRA settings. "sparse"
+#: adds what is meant for sparse rewards: dynamic sampling (at most 2 generation rounds, so a step
+#: costs at most twice the sampling), clip-higher (DAPO's eps_high 0.28) and an entropy floor
+#: (Skywork-OR1's adaptive bonus, its coefficient moved by 0.002 a step up to 0.02 while the
+#: entropy is below 0.5 nats, scaled from Skywork's 1e-4 steps to a 40-step run).
+RECIPES: dict[str, dict[str, Any]] = {
+    "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
+    "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
+                   module=dict(clip=dict(eps_high=0.28),
+                               loss=dict(entropy_target=0.5, entropy_coef=0.0, entropy_step=0.002, entropy_max_coef=0.02))),
+}
+
+
+def make_task(name: str, options: dict[str, Any], extract: str, num_test: int, seed: int) -> ReasoningGym:
+    return ReasoningGym(name, num_test=num_test, seed=seed, extract=extract, **options)
+
+
+def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
+             args: argparse.Namespace) -> dict[str, Any]:
+    """Train one task with the recipe; held-out greedy accuracy before, midway and after."""
+    L.seed_everything(args.seed, workers=True)
+    common = dict(policy=dict(model=args.policy, lora_r=recipe["lora_r"], lora_alpha=2 * recipe["lora_r"], seed=args.seed),
+                  lora=True, lr=recipe["lr"], beta=0.0, **recipe.get("module", {}))
+    model = DAPO(**common) if recipe["algo"] == "dapo" else GRPO(**common)
+    dm = RolloutDataModule(
+        task=make_task(name, options, extract, args.num_test, args.seed), prompts_per_step=recipe["prompts"],
+        num_generations=recipe["gens"], max_new_tokens=args.max_new_tokens, temperature=recipe.get("temperature", 1.0),
+        dynamic_sampling=recipe["dynamic_sampling"], max_gen_batches=recipe.get("max_gen_batches", 4),
+        val_batch_size=args.num_test, seed=args.seed,
+    )
+    clock = TrainClock()
+    rec = RunRecorder(clock, Budget(steps=args.steps))
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,
+                        enable_checkpointing=False, callbacks=[clock, rec], val_check_interval=max(1, args.steps // 2),
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=False)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    if not rec.evals or rec.evals[-1]["step"] != trainer.global_step:
+        trainer.validate(model, datamodule=dm, verbose=False)
+    keep = ("step", "train_seconds", "reward/mean", "entropy", "frac_reward_zero_std", "dynamic_sampling/gen_batches",
+            "completions/mean_length")
+    return {
+        "kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe,
+        "steps": trainer.global_step, "train_minutes": round(clock.train_seconds / 60, 2),
+        "wall_minutes": round((time.perf_counter() - start) / 60, 2),
+        "accuracy_before": rec.evals[0]["val/accuracy"], "accuracy_after": rec.evals[-1]["val/accuracy"],
+        "evals": [{k: e[k] for k in ("step", "train_seconds", "val/accuracy")} for e in rec.evals],
+        "steps_log": [{k: r[k] for k in keep if k in r} for r in rec.steps],
+    }
+
+
+def report(dirs: list[Path], out: Path) -> str:
+    """One Markdown table (a column pair per recipe) and one figure from the result files in ``dirs``."""
+    runs = {d.name: {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+            for d in dirs}
+    names = [name for _, name, _, _ in SUITE if any(name in r for r in runs.values())]
+    head = "| task | kind | untrained | " + " | ".join(f"{k}: after | {k}: gain" for k in runs) + " |"
+    lines = [head, "| " + " | ".join(["---"] * 2 + ["---:"] * (1 + 2 * len(runs))) + " |"]
+    for name in names:
+        first = next(r[name] for r in runs.values() if name in r)
+        cells = [f"`{name}`", first["kind"], f"{100 * first['accuracy_before']:.0f}%"]
+        for r in runs.values():
+            if name in r:
+                gain = 100 * (r[name]["accuracy_after"] - r[name]["accuracy_before"])
+                cells += [f"{100 * r[name]['accuracy_after']:.0f}%", f"{gain:+.0f}"]
+            else:
+                cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = ["", "| recipe | tasks | gain >= +10 points | mean gain (points) | mean minutes per task |", "| --- | ---: | ---: | ---: | ---: |"]
+    for key, r in runs.items():
+        gains = [100 * (v["accuracy_after"] - v["accuracy_before"]) for v in r.values()]
+        minutes = sum(v["wall_minutes"] for v in r.values()) / max(1, len(r))
+        summary.append(f"| {key} | {len(r)} | {sum(g >= 10 for g in gains)} | {sum(gains) / max(1, len(gains)):+.1f} | {minutes:.1f} |")
+    text = "\n".join(lines + summary)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.md").write_text(text + "\n")
+    (out / "suite.json").write_text(json.dumps(runs, indent=1))
+    plot(runs, names, out / "suite.png")
+    return text
+
+
+def plot(runs: dict[str, dict[str, Any]], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, ent) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / (1 + len(runs))
+    xs = range(len(names))
+    before = [100 * next(r[n] for r in runs.values() if n in r)["accuracy_before"] for n in names]
+    bars.bar([x - 0.4 + width / 2 for x in xs], before, width, label="untrained", color="0.7")
+    for i, (key, r) in enumerate(runs.items(), start=1):
+        after = [100 * r[n]["accuracy_after"] if n in r else 0 for n in names]
+        bars.bar([x - 0.4 + width / 2 + i * width for x in xs], after, width, label=f"after: {key}")
+    bars.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("held-out greedy accuracy (%)")
+    bars.set_ylim(0, 100)
+    bars.legend(fontsize=8)
+    bars.grid(axis="y", alpha=0.3)
+    for key, r in runs.items():  # entropy, mean over the suite's tasks per step
+        logs = [v["steps_log"] for v in r.values() if v["steps_log"]]
+        steps = min((len(s) for s in logs), default=0)
+        means = [sum(s[i].get("entropy", float("nan")) for s in logs) / len(logs) for i in range(steps)]
+        ent.plot(range(1, steps + 1), means, label=key)
+    ent.set_xlabel("step")
+    ent.set_ylabel("policy entropy (nats/token), suite mean")
+    ent.set_ylim(bottom=0)
+    ent.legend(fontsize=8)
+    ent.grid(alpha=0.3)
+    fig.suptitle("reasoning-gym learning suite: SmolLM2-135M-Instruct + LoRA, one recipe for every task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="readme", choices=sorted(RECIPES))
+    parser.add_argument("--tasks", default="", help="comma-separated task names of the suite (default: all)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--num-test", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default="default", help='the policy ("default": SmolLM2-135M-Instruct; "tiny" for tests)')
+    parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: bf16-mixed or 32-true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/out/suite")
+    parser.add_argument("--report", nargs="+", type=Path, help="only write the table and figure from these result folders")
+    parser.add_argument("--report-out", type=Path, default=Path("benchmarks/out/suite/report"))
+    args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report, args.report_out))
+        return
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    chosen = set(filter(None, args.tasks.split(",")))
+    unknown = chosen - {name for _, name, _, _ in SUITE}
+    if unknown:
+        raise SystemExit(f"--tasks: {sorted(unknown)} not in the suite ({', '.join(n for _, n, _, _ in SUITE)})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = RECIPES[args.recipe]
+    for kind, name, options, extract in SUITE:
+        if chosen and name not in chosen:
+            continue
+        result = run_task(kind, name, options, extract, recipe, args)
+        result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                              if k not in ("report", "report_out")}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        print(f"{name:24s} {100 * result['accuracy_before']:5.1f}% -> {100 * result['accuracy_after']:5.1f}%"
+              f"  ({result['wall_minutes']:.1f} min)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""benchmarks/learning_suite.py on the tiny model: per-task results, the report's table and figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmark_scripts import load_benchmark
+
+pytest.importorskip("reasoning_gym")
+
+
+def test_every_suite_task_builds_and_is_of_a_kind():
+    suite = load_benchmark("learning_suite")
+    assert len(suite.SUITE) >= 8
+    assert {kind for kind, *_ in suite.SUITE} >= {"arithmetic", "counting", "strings", "logic", "sequences"}
+    for _, name, options, extract in suite.SUITE:
+        task = suite.make_task(name, options, extract, num_test=2, seed=0)
+        assert len(task.test_rows()) == 2 and task.train_rows()[0]["entry"]["question"]
+
+
+def test_two_recipes_run_and_the_report_compares_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    suite = load_benchmark("learning_suite")
+    common = ["--policy", "tiny", "--precision", "32-true", "--threads", "1", "--steps", "2", "--num-test", "4",
+              "--max-new-tokens", "4", "--tasks", "syllogism,chain_sum"]
+    for recipe in ("readme", "sparse"):
+        suite.main(common + ["--recipe", recipe, "--out", str(tmp_path / recipe)])
+    result = json.loads((tmp_path / "sparse" / "chain_sum.json").read_text())
+    assert result["steps"] == 2 and [e["step"] for e in result["evals"]] == [0, 1, 2]
+    assert result["recipe"]["dynamic_sampling"] and "entropy" in result["steps_log"][-1]
+    suite.main(["--report", str(tmp_path / "readme"), str(tmp_path / "sparse"), "--report-out", str(tmp_path / "report")])
+    table = (tmp_path / "report" / "suite.md").read_text()
+    assert "readme: after" in table and "sparse: gain" in table
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == ["`chain_sum`", "`syllogism`"]  # the suite's order
+    before = 100 * result["accuracy_before"]
+    assert f"| `chain_sum` | arithmetic | {before:.0f}% |" in table
+    assert (tmp_path / "report" / "suite.png").stat().st_size > 0
