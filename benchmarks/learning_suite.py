@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe
             "completions/mean_length")
     return {
         "kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe,
+        "majority_share": majority_share(dm.task),
         "steps": trainer.global_step, "train_minutes": round(clock.train_seconds / 60, 2),
         "wall_minutes": round((time.perf_counter() - start) / 60, 2),
         "accuracy_before": rec.evals[0]["val/accuracy"], "accuracy_after": rec.evals[-1]["val/accuracy"],
@@ -96,28 +98,51 @@ def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe
     }
 
 
+def majority_share(task: ReasoningGym) -> float:
+    """The held-out accuracy of always giving the most common reference answer: what a policy that
+    stops reading the question scores (66% on syllogism's Yes/No, for instance)."""
+    answers = [row["answer"] for row in task.test_rows()]
+    return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
+def gain(result: dict[str, Any]) -> float:
+    """Points gained on the held-out split (rounded to 0.01 so that 29% - 19% counts as 10, not 9.99...)."""
+    return round(100 * (result["accuracy_after"] - result["accuracy_before"]), 2)
+
+
 def report(dirs: list[Path], out: Path) -> str:
     """One Markdown table (a column pair per recipe) and one figure from the result files in ``dirs``."""
     runs = {d.name: {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
             for d in dirs}
     names = [name for _, name, _, _ in SUITE if any(name in r for r in runs.values())]
-    head = "| task | kind | untrained | " + " | ".join(f"{k}: after | {k}: gain" for k in runs) + " |"
-    lines = [head, "| " + " | ".join(["---"] * 2 + ["---:"] * (1 + 2 * len(runs))) + " |"]
+    for r in runs.values():  # results written before majority_share was recorded
+        for v in r.values():
+            if "majority_share" not in v:
+                v["majority_share"] = majority_share(make_task(v["name"], v["options"], v["extract"],
+                                                               v["settings"]["num_test"], v["settings"]["seed"]))
+    head = "| task | kind | constant answer | untrained | " + " | ".join(f"{k}: after | {k}: gain" for k in runs) + " |"
+    lines = [head, "| " + " | ".join(["---"] * 2 + ["---:"] * (2 + 2 * len(runs))) + " |"]
     for name in names:
         first = next(r[name] for r in runs.values() if name in r)
-        cells = [f"`{name}`", first["kind"], f"{100 * first['accuracy_before']:.0f}%"]
+        cells = [f"`{name}`", first["kind"], f"{100 * first['majority_share']:.0f}%", f"{100 * first['accuracy_before']:.0f}%"]
         for r in runs.values():
             if name in r:
-                gain = 100 * (r[name]["accuracy_after"] - r[name]["accuracy_before"])
-                cells += [f"{100 * r[name]['accuracy_after']:.0f}%", f"{gain:+.0f}"]
+                cells += [f"{100 * r[name]['accuracy_after']:.0f}%", f"{gain(r[name]):+.0f}"]
             else:
                 cells += ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    summary = ["", "| recipe | tasks | gain >= +10 points | mean gain (points) | mean minutes per task |", "| --- | ---: | ---: | ---: | ---: |"]
+    common = [n for n in names if all(n in r for r in runs.values())]  # means over the same tasks
+    summary = ["", f"| recipe | tasks | gain >= +10 points | of which above the constant answer | "
+               f"mean gain on the {len(common)} tasks all recipes ran (points) | mean minutes per task, same tasks |",
+               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, r in runs.items():
-        gains = [100 * (v["accuracy_after"] - v["accuracy_before"]) for v in r.values()]
-        minutes = sum(v["wall_minutes"] for v in r.values()) / max(1, len(r))
-        summary.append(f"| {key} | {len(r)} | {sum(g >= 10 for g in gains)} | {sum(gains) / max(1, len(gains)):+.1f} | {minutes:.1f} |")
+        gains = [gain(v) for v in r.values()]
+        # accuracies are float32 fractions of the prompts: compare them as percentages to 0.01
+        real = sum(gain(v) >= 10 and round(100 * v["accuracy_after"], 2) > round(100 * v["majority_share"], 2)
+                   for v in r.values())
+        mean_gain = sum(gain(r[n]) for n in common) / max(1, len(common))
+        minutes = sum(r[n]["wall_minutes"] for n in common) / max(1, len(common))
+        summary.append(f"| {key} | {len(r)} | {sum(g >= 10 for g in gains)} | {real} | {mean_gain:+.1f} | {minutes:.1f} |")
     text = "\n".join(lines + summary)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.md").write_text(text + "\n")
@@ -145,13 +170,15 @@ def plot(runs: dict[str, dict[str, Any]], names: list[str], path: Path) -> None:
     bars.set_ylim(0, 100)
     bars.legend(fontsize=8)
     bars.grid(axis="y", alpha=0.3)
-    for key, r in runs.items():  # entropy, mean over the suite's tasks per step
-        logs = [v["steps_log"] for v in r.values() if v["steps_log"]]
+    common = [n for n in names if all(n in r for r in runs.values())]  # compare curves on the same tasks
+    for key, r in runs.items():  # entropy per step: mean and lowest over the common tasks
+        logs = [r[n]["steps_log"] for n in common if r[n]["steps_log"]]
         steps = min((len(s) for s in logs), default=0)
-        means = [sum(s[i].get("entropy", float("nan")) for s in logs) / len(logs) for i in range(steps)]
-        ent.plot(range(1, steps + 1), means, label=key)
+        values = [[s[i].get("entropy", float("nan")) for s in logs] for i in range(steps)]
+        line, = ent.plot(range(1, steps + 1), [sum(v) / len(v) for v in values], label=f"{key}: mean")
+        ent.plot(range(1, steps + 1), [min(v) for v in values], "--", color=line.get_color(), label=f"{key}: lowest task")
     ent.set_xlabel("step")
-    ent.set_ylabel("policy entropy (nats/token), suite mean")
+    ent.set_ylabel(f"policy entropy (nats/token), {len(common)} tasks")
     ent.set_ylim(bottom=0)
     ent.legend(fontsize=8)
     ent.grid(alpha=0.3)
@@ -200,4 +227,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # Some reasoning-gym generators (isomorphic_strings) iterate over Python sets, so their rows
+        # depend on the string hash seed: fix it, so every process and run sees the same questions.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     main()

@@ -18,6 +18,9 @@ def test_every_suite_task_builds_and_is_of_a_kind():
     for _, name, options, extract in suite.SUITE:
         task = suite.make_task(name, options, extract, num_test=2, seed=0)
         assert len(task.test_rows()) == 2 and task.train_rows()[0]["entry"]["question"]
+    # 19% -> 29% is a gain of 10 points, whatever the floats' last bits say
+    assert suite.gain({"accuracy_before": 0.19, "accuracy_after": 0.29}) == 10
+    assert 100 * (0.29 - 0.19) < 10
 
 
 def test_two_recipes_run_and_the_report_compares_them(tmp_path, monkeypatch):
@@ -36,5 +39,6 @@ def test_two_recipes_run_and_the_report_compares_them(tmp_path, monkeypatch):
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows] == ["`chain_sum`", "`syllogism`"]  # the suite's order
     before = 100 * result["accuracy_before"]
-    assert f"| `chain_sum` | arithmetic | {before:.0f}% |" in table
+    constant = 100 * result["majority_share"]
+    assert 0 < constant <= 100 and f"| `chain_sum` | arithmetic | {constant:.0f}% | {before:.0f}% |" in table
     assert (tmp_path / "report" / "suite.png").stat().st_size > 0

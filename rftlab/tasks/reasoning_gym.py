@@ -131,7 +131,9 @@ class ReasoningGym(Task):
 
     Rows: ``prompt`` (system + user messages), ``answer`` (the reference, for SFT and reading) and
     ``entry`` (the reasoning-gym item the verifier needs). The held-out split is generated from its
-    own seed and never shares a question with the training rows.
+    own seed and never shares a question with the training rows. A few reasoning-gym generators
+    (``isomorphic_strings``) iterate over Python sets, so their rows also depend on the string hash
+    seed: set ``PYTHONHASHSEED`` when rows must match across processes.
 
     Args:
         name: the dataset's name in reasoning-gym (``basic_arithmetic``, ``letter_counting``, ...).
