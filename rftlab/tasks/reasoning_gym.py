@@ -4,7 +4,8 @@ reasoning-gym (``pip install 'rftlab[gym]'``) generates ~100 kinds of problems (
 counting, string manipulation, logic, sequences, games) from a seed, each with a ``score_answer``
 verifier. ``ReasoningGym("basic_arithmetic", min_terms=2, max_terms=3)`` wraps one: training rows
 come from one seed and the held-out split from another, the model's answer is extracted from its
-completion (``<answer>`` tags, or a stated answer when a small model writes none) and scored by the dataset's own ``score_answer``.
+completion (``<answer>`` tags, or a stated answer when a small model writes none) and scored by
+the dataset's own ``score_answer``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from rftlab.rewards.answers import _NUMBER  # the numbers NumericAnswer reads, thousands separators included
 from rftlab.rewards.base import RewardFn
 from rftlab.tasks.arithmetic import _GeneratedRows
 from rftlab.tasks.base import Row, Task
@@ -29,7 +31,6 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_PHRASE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 TEST_SEED_OFFSET = 1_000_003  # the held-out split's seed: seed + this, unless test_seed is given
 
 
