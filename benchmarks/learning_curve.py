@@ -35,7 +35,10 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
         lora=not args.full, lr=args.lr, beta=args.beta, forward=dict(sampling_dtype=args.sampling_dtype),
     )
     if args.algo == "grpo":
-        model = GRPO(advantage=dict(name="grpo", options=dict(scale=args.scale)), loss=dict(agg=args.loss_agg), **common)
+        # --module-options (GRPO keyword arguments as JSON) merge into these group by group, e.g. an
+        # entropy floor: '{"loss": {"entropy_target": 0.3, "entropy_coef": 0.01, "entropy_step": 0.01}}'.
+        options = dict(advantage=dict(name="grpo", options=dict(scale=args.scale)), loss=dict(agg=args.loss_agg), **common)
+        model = GRPO(**merge_options(options, json.loads(args.module_options)))
     elif args.algo == "dapo":
         # DAPO's own defaults: token-mean loss, eps 0.2/0.28, dynamic sampling in the DataModule.
         model = DAPO(overlong=dict(buffer_len=args.overlong_buffer), **common)
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whiten-advantages", action="store_true", help="SegmentRFT: whiten segment advantages over the batch")
     parser.add_argument("--segment-options", default="{}", help='other SegmentRFT options as JSON, merged group by group, e.g. '
                         '\'{"segments": {"rewards": {"progress_divisor": 1e6}}}\'')
+    parser.add_argument("--module-options", default="{}", help='other GRPO options as JSON, merged group by group, e.g. '
+                        '\'{"loss": {"entropy_target": 0.3, "entropy_coef": 0.01}}\'')
     parser.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's policy (e.g. an SFT run)")
     parser.add_argument("--sampling-dtype", default=None, help="sample from a copy of the weights in this dtype (bfloat16)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")

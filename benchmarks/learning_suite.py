@@ -50,12 +50,16 @@ SUITE = [
 #: adds what is meant for sparse rewards: dynamic sampling (at most 2 generation rounds, so a step
 #: costs at most twice the sampling), clip-higher (DAPO's eps_high 0.28) and an entropy floor
 #: (Skywork-OR1's adaptive bonus, its coefficient moved by 0.002 a step up to 0.02 while the
-#: entropy is below 0.5 nats, scaled from Skywork's 1e-4 steps to a 40-step run).
+#: entropy is below 0.5 nats, scaled from Skywork's 1e-4 steps to a 40-step run). "fast" is readme
+#: with a 2.5x learning rate and temperature 0.7: in the readme runs the tasks that learned slowly
+#: were still climbing at step 40, and at 0.7 more of the untrained model's groups hold both a right
+#: and a wrong answer (``benchmarks/gym_signal.py``).
 RECIPES: dict[str, dict[str, Any]] = {
     "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
     "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
                    module=dict(clip=dict(eps_high=0.28),
                                loss=dict(entropy_target=0.5, entropy_coef=0.0, entropy_step=0.002, entropy_max_coef=0.02))),
+    "fast": dict(algo="grpo", lr=5e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, temperature=0.7),
 }
 
 
@@ -96,6 +100,124 @@ def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe
         "evals": [{k: e[k] for k in ("step", "train_seconds", "val/accuracy")} for e in rec.evals],
         "steps_log": [{k: r[k] for k in keep if k in r} for r in rec.steps],
     }
+
+
+HERE = Path(__file__).resolve().parent
+TRL_PYTHON = HERE / ".venv-trl" / "bin" / "python"
+
+
+def run_task_trl(kind: str, name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """The same task and recipe through TRL's GRPOTrainer (in its own venv, see ``trl_worker``); both
+    held-out accuracies are measured here with rftlab's ``evaluate`` (greedy, the same verifier)."""
+    import subprocess
+    import tempfile
+
+    from rftlab.experiments import evaluate
+
+    task = make_task(name, options, extract, args.num_test, args.seed)
+    before = evaluate(args.policy, task, max_new_tokens=args.max_new_tokens, batch_size=50).greedy_accuracy
+    with tempfile.TemporaryDirectory(prefix=f"suite-trl-{name}-") as work:
+        cfg = {"kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe, "steps": args.steps,
+               "num_test": args.num_test, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+               "policy": str(resolve_policy(args.policy)), "precision": args.precision, "threads": args.threads,
+               "workdir": work}
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+               "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE.parent)}
+        start = time.perf_counter()
+        proc = subprocess.run([str(TRL_PYTHON), __file__, "--trl-worker", json.dumps(cfg)], capture_output=True,
+                              text=True, env=env, cwd=HERE.parent)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"TRL worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        trained = json.loads(lines[-1][len("RESULT "):])
+        wall = time.perf_counter() - start
+        after = evaluate(str(Path(work) / "model"), task, max_new_tokens=args.max_new_tokens, batch_size=50).greedy_accuracy
+    return {
+        "kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe, "engine": "trl",
+        "majority_share": majority_share(task), "steps": trained["steps"],
+        "train_minutes": round(trained["train_seconds"] / 60, 2), "wall_minutes": round(wall / 60, 2),
+        "accuracy_before": before, "accuracy_after": after,
+        "evals": [{"step": 0, "val/accuracy": before}, {"step": trained["steps"], "val/accuracy": after}],
+        "steps_log": trained["steps_log"], "trl_version": trained["trl_version"],
+    }
+
+
+def check_trl_side(recipe: dict[str, Any], name: str) -> None:
+    """Refuse, before any work, what the TRL side cannot run: a recipe beyond plain GRPO, or no TRL venv."""
+    if recipe["algo"] != "grpo" or recipe["dynamic_sampling"] or recipe.get("module"):
+        raise SystemExit(f"--engine trl runs plain GRPO recipes only (no dynamic sampling or module options); "
+                         f"--recipe {name} is not one: use one of "
+                         f"{', '.join(k for k, r in RECIPES.items() if r['algo'] == 'grpo' and not r['dynamic_sampling'] and not r.get('module'))}")
+    if not TRL_PYTHON.exists():
+        raise SystemExit(f"--engine trl needs TRL in its own venv at {TRL_PYTHON}: see benchmarks/vs_trl.py, and add "
+                         "reasoning-gym==0.1.25 lightning jsonargparse gguf matplotlib to it")
+
+
+def resolve_policy(policy: str) -> Path | str:
+    """The folder of the named policy ("default": the bundled model's cached safetensors copy)."""
+    if policy == "default":
+        from rftlab.models.loading import default_model_dir
+
+        return default_model_dir()
+    return policy
+
+
+def trl_worker(cfg: dict[str, Any]) -> None:
+    """Train one suite task with TRL's GRPOTrainer at the recipe's settings; save the merged model.
+
+    Matched to rftlab's GRPO defaults where TRL's differ: the original GRPO loss (``loss_type="grpo"``,
+    rftlab's ``seq-mean-token-mean``), a constant learning rate, LoRA on all linear layers without
+    dropout; 4 prompts x 8 completions per optimizer step, one update per batch (TRL's defaults).
+    """
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(cfg["threads"])
+    recipe = cfg["recipe"]
+    task = make_task(cfg["name"], cfg["options"], cfg["extract"], cfg["num_test"], cfg["seed"])
+    rows = [task.train_rows()[i] for i in range(cfg["steps"] * recipe["prompts"])]
+    data = Dataset.from_list([{"prompt": r["prompt"], "row": i} for i, r in enumerate(rows)])
+    score = task.reward_functions()["correct"]
+
+    def gym_score(completions: list, row: list, **_: Any) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return score(texts, entry=[rows[i]["entry"] for i in row])
+
+    args = GRPOConfig(
+        output_dir=cfg["workdir"], per_device_train_batch_size=recipe["prompts"] * recipe["gens"],
+        num_generations=recipe["gens"], max_completion_length=cfg["max_new_tokens"],
+        temperature=recipe.get("temperature", 1.0), top_p=1.0, top_k=0, beta=0.0, learning_rate=recipe["lr"],
+        lr_scheduler_type="constant", loss_type="grpo", max_steps=cfg["steps"], logging_steps=1, report_to=[],
+        save_strategy="no", gradient_checkpointing=False, use_cpu=True, bf16=cfg["precision"].startswith("bf16"),
+        seed=cfg["seed"], max_grad_norm=1.0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    lora = LoraConfig(r=recipe["lora_r"], lora_alpha=2 * recipe["lora_r"], lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    clock = {"train": 0.0}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock["train"] += time.perf_counter() - clock["start"]
+
+    trainer = GRPOTrainer(model=cfg["policy"], reward_funcs=gym_score, args=args, train_dataset=data,
+                          peft_config=lora, callbacks=[Clock()])
+    trainer.train()
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(Path(cfg["workdir"]) / "model")
+    trainer.processing_class.save_pretrained(Path(cfg["workdir"]) / "model")
+    keys = {"reward": "reward/mean", "entropy": "entropy", "frac_reward_zero_std": "frac_reward_zero_std",
+            "completions/mean_length": "completions/mean_length"}
+    steps_log = [{"step": h["step"], **{ours: h[theirs] for theirs, ours in keys.items() if theirs in h}}
+                 for h in trainer.state.log_history if "reward" in h]
+    print("RESULT " + json.dumps({"steps": trainer.state.global_step, "train_seconds": clock["train"],
+                                  "steps_log": steps_log, "trl_version": trl.__version__}), flush=True)
 
 
 def majority_share(task: ReasoningGym) -> float:
@@ -200,9 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: bf16-mixed or 32-true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/out/suite")
+    parser.add_argument("--engine", default="rftlab", choices=["rftlab", "trl"],
+                        help="trl: the same recipe through TRL's GRPOTrainer (benchmarks/.venv-trl, see vs_trl.py)")
+    parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--report", nargs="+", type=Path, help="only write the table and figure from these result folders")
     parser.add_argument("--report-out", type=Path, default=Path("benchmarks/out/suite/report"))
     args = parser.parse_args(argv)
+    if args.trl_worker:
+        trl_worker(json.loads(args.trl_worker))
+        return
     if args.report:
         print(report(args.report, args.report_out))
         return
@@ -212,13 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = chosen - {name for _, name, _, _ in SUITE}
     if unknown:
         raise SystemExit(f"--tasks: {sorted(unknown)} not in the suite ({', '.join(n for _, n, _, _ in SUITE)})")
+    recipe = RECIPES[args.recipe]
+    if args.engine == "trl":
+        check_trl_side(recipe, args.recipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = RECIPES[args.recipe]
     for kind, name, options, extract in SUITE:
         if chosen and name not in chosen:
             continue
-        result = run_task(kind, name, options, extract, recipe, args)
+        run = run_task_trl if args.engine == "trl" else run_task
+        result = run(kind, name, options, extract, recipe, args)
         result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                               if k not in ("report", "report_out")}
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))

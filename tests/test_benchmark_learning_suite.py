@@ -28,17 +28,29 @@ def test_two_recipes_run_and_the_report_compares_them(tmp_path, monkeypatch):
     suite = load_benchmark("learning_suite")
     common = ["--policy", "tiny", "--precision", "32-true", "--threads", "1", "--steps", "2", "--num-test", "4",
               "--max-new-tokens", "4", "--tasks", "syllogism,chain_sum"]
-    for recipe in ("readme", "sparse"):
+    for recipe in ("fast", "sparse"):
         suite.main(common + ["--recipe", recipe, "--out", str(tmp_path / recipe)])
     result = json.loads((tmp_path / "sparse" / "chain_sum.json").read_text())
     assert result["steps"] == 2 and [e["step"] for e in result["evals"]] == [0, 1, 2]
     assert result["recipe"]["dynamic_sampling"] and "entropy" in result["steps_log"][-1]
-    suite.main(["--report", str(tmp_path / "readme"), str(tmp_path / "sparse"), "--report-out", str(tmp_path / "report")])
+    assert json.loads((tmp_path / "fast" / "chain_sum.json").read_text())["recipe"]["temperature"] == 0.7
+    suite.main(["--report", str(tmp_path / "fast"), str(tmp_path / "sparse"), "--report-out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "suite.md").read_text()
-    assert "readme: after" in table and "sparse: gain" in table
+    assert "fast: after" in table and "sparse: gain" in table
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows] == ["`chain_sum`", "`syllogism`"]  # the suite's order
     before = 100 * result["accuracy_before"]
     constant = 100 * result["majority_share"]
     assert 0 < constant <= 100 and f"| `chain_sum` | arithmetic | {constant:.0f}% | {before:.0f}% |" in table
     assert (tmp_path / "report" / "suite.png").stat().st_size > 0
+
+
+def test_the_trl_side_refuses_what_it_cannot_run_before_any_work(tmp_path, monkeypatch):
+    suite = load_benchmark("learning_suite")
+    common = ["--engine", "trl", "--policy", "tiny", "--tasks", "chain_sum", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="plain GRPO recipes only.*--recipe sparse.*fast"):
+        suite.main(common + ["--recipe", "sparse"])
+    monkeypatch.setattr(suite, "TRL_PYTHON", tmp_path / "no-venv" / "bin" / "python")
+    with pytest.raises(SystemExit, match="needs TRL in its own venv"):
+        suite.main(common + ["--recipe", "readme"])
+    assert not (tmp_path / "out").exists()
