@@ -53,13 +53,18 @@ SUITE = [
 #: entropy is below 0.5 nats, scaled from Skywork's 1e-4 steps to a 40-step run). "fast" is readme
 #: with a 2.5x learning rate and temperature 0.7: in the readme runs the tasks that learned slowly
 #: were still climbing at step 40, and at 0.7 more of the untrained model's groups hold both a right
-#: and a wrong answer (``benchmarks/gym_signal.py``).
+#: and a wrong answer (``benchmarks/gym_signal.py``). "cool" is readme at temperature 0.7 only.
+#: "floor" is readme with an entropy floor that acts within a few steps: the same adaptive bonus,
+#: target 0.3 nats, starting at 0.01 and moved by 0.01 a step up to 0.1.
 RECIPES: dict[str, dict[str, Any]] = {
     "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
     "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
                    module=dict(clip=dict(eps_high=0.28),
                                loss=dict(entropy_target=0.5, entropy_coef=0.0, entropy_step=0.002, entropy_max_coef=0.02))),
     "fast": dict(algo="grpo", lr=5e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, temperature=0.7),
+    "cool": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, temperature=0.7),
+    "floor": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
+                  module=dict(loss=dict(entropy_target=0.3, entropy_coef=0.01, entropy_step=0.01, entropy_max_coef=0.1))),
 }
 
 
@@ -90,7 +95,7 @@ def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe
     if not rec.evals or rec.evals[-1]["step"] != trainer.global_step:
         trainer.validate(model, datamodule=dm, verbose=False)
     keep = ("step", "train_seconds", "reward/mean", "entropy", "frac_reward_zero_std", "dynamic_sampling/gen_batches",
-            "completions/mean_length")
+            "completions/mean_length", "entropy/coef")
     return {
         "kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe,
         "majority_share": majority_share(dm.task),
