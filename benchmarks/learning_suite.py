@@ -54,8 +54,9 @@ SUITE = [
 #: with a 2.5x learning rate and temperature 0.7: in the readme runs the tasks that learned slowly
 #: were still climbing at step 40, and at 0.7 more of the untrained model's groups hold both a right
 #: and a wrong answer (``benchmarks/gym_signal.py``). "cool" is readme at temperature 0.7 only.
-#: "floor" is readme with an entropy floor that acts within a few steps: the same adaptive bonus,
-#: target 0.3 nats, starting at 0.01 and moved by 0.01 a step up to 0.1.
+#: "floor" is readme with an entropy floor that acts before the collapse: the same adaptive bonus,
+#: target 0.8 nats, moved by 0.02 a step up to 0.2 (on Arithmetic it kept the entropy at or above
+#: 0.18 nats for 40 steps, where a target of 0.3 came too late to hold anything).
 RECIPES: dict[str, dict[str, Any]] = {
     "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
     "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
@@ -64,7 +65,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fast": dict(algo="grpo", lr=5e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, temperature=0.7),
     "cool": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, temperature=0.7),
     "floor": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
-                  module=dict(loss=dict(entropy_target=0.3, entropy_coef=0.01, entropy_step=0.01, entropy_max_coef=0.1))),
+                  module=dict(loss=dict(entropy_target=0.8, entropy_coef=0.0, entropy_step=0.02, entropy_max_coef=0.2))),
 }
 
 
@@ -116,28 +117,34 @@ def run_task_trl(kind: str, name: str, options: dict[str, Any], extract: str, re
     """The same task and recipe through TRL's GRPOTrainer (in its own venv, see ``trl_worker``); both
     held-out accuracies are measured here with rftlab's ``evaluate`` (greedy, the same verifier)."""
     import subprocess
-    import tempfile
 
     from rftlab.experiments import evaluate
 
     task = make_task(name, options, extract, args.num_test, args.seed)
-    before = evaluate(args.policy, task, max_new_tokens=args.max_new_tokens, batch_size=50).greedy_accuracy
-    with tempfile.TemporaryDirectory(prefix=f"suite-trl-{name}-") as work:
-        cfg = {"kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe, "steps": args.steps,
-               "num_test": args.num_test, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-               "policy": str(resolve_policy(args.policy)), "precision": args.precision, "threads": args.threads,
-               "workdir": work}
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-               "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE.parent)}
-        start = time.perf_counter()
-        proc = subprocess.run([str(TRL_PYTHON), __file__, "--trl-worker", json.dumps(cfg)], capture_output=True,
-                              text=True, env=env, cwd=HERE.parent)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"TRL worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        trained = json.loads(lines[-1][len("RESULT "):])
-        wall = time.perf_counter() - start
-        after = evaluate(str(Path(work) / "model"), task, max_new_tokens=args.max_new_tokens, batch_size=50).greedy_accuracy
+
+    def accuracy(policy: str) -> float:
+        # the same precision as the rftlab side's validation (greedy answers can flip under bf16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision.startswith("bf16")):
+            return evaluate(policy, task, max_new_tokens=args.max_new_tokens, batch_size=50).greedy_accuracy
+
+    before = accuracy(args.policy)
+    work = Path(args.trl_models) / name  # the trained model is kept, to be evaluated again if need be
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = {"kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe, "steps": args.steps,
+           "num_test": args.num_test, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+           "policy": str(resolve_policy(args.policy)), "precision": args.precision, "threads": args.threads,
+           "workdir": str(work)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE.parent)}
+    start = time.perf_counter()
+    proc = subprocess.run([str(TRL_PYTHON), __file__, "--trl-worker", json.dumps(cfg)], capture_output=True,
+                          text=True, env=env, cwd=HERE.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"TRL worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    trained = json.loads(lines[-1][len("RESULT "):])
+    wall = time.perf_counter() - start
+    after = accuracy(str(work / "model"))
     return {
         "kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe, "engine": "trl",
         "majority_share": majority_share(task), "steps": trained["steps"],
@@ -329,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/out/suite")
     parser.add_argument("--engine", default="rftlab", choices=["rftlab", "trl"],
                         help="trl: the same recipe through TRL's GRPOTrainer (benchmarks/.venv-trl, see vs_trl.py)")
+    parser.add_argument("--trl-models", default="benchmarks/out/suite/trl-models",
+                        help="--engine trl: where the trained (merged) models are kept, one folder per task")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--report", nargs="+", type=Path, help="only write the table and figure from these result folders")
     parser.add_argument("--report-out", type=Path, default=Path("benchmarks/out/suite/report"))
