@@ -35,3 +35,13 @@ def test_table_and_figure(overlay, tmp_path, capsys):
 def test_a_run_without_a_label_is_refused(overlay, tmp_path):
     with pytest.raises(SystemExit):
         overlay.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+def test_the_entropy_panel_and_columns(overlay, tmp_path, capsys):
+    run = write_run(tmp_path / "a", [(0, 0.0, 0.25), (2, 60.0, 0.5)])
+    (run / "steps.csv").write_text("step,entropy,reward/mean\n1,1.5,0\n2,0.25,1\n3,0.5,1\n")
+    assert overlay.read_entropy(run) == [(1, 1.5), (2, 0.25), (3, 0.5)]
+    out = tmp_path / "curves.png"
+    overlay.main([f"floor={run}", "--out", str(out), "--entropy"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| floor | 25% (0.0), 50% (1.0) | 0.25 (2) | 0.50 |" in capsys.readouterr().out
