@@ -11,6 +11,10 @@ Two processes can share the suite (``--tasks`` picks some, pin each with ``tasks
 ``--report DIR...`` then writes the table (Markdown, JSON) and the figure from their result files.
 Per task, ``<out>/<task>.json`` holds the evaluations and per-step reward, entropy and the share of
 groups whose completions all scored alike (no learning signal).
+
+``--engine trl`` trains with TRL's GRPOTrainer instead, at the same recipe, from a benchmark-only
+venv (``benchmarks/.venv-trl``, as ``vs_trl.py`` sets up, plus ``reasoning-gym==0.1.25 lightning
+jsonargparse gguf matplotlib``); rftlab's evaluator scores both sides' held-out accuracy.
 """
 
 from __future__ import annotations
