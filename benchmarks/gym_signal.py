@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from rftlab import RFTModule
 from rftlab.experiments import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_suite import SUITE, make_task  # noqa: E402
+from learning_suite import SUITE, fix_hash_seed, make_task  # noqa: E402
 
 
 def informative_share(counts: list[int], gens: int) -> float:
@@ -80,6 +79,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("PYTHONHASHSEED") != "0":  # isomorphic_strings' rows depend on the hash seed
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
+    fix_hash_seed()  # isomorphic_strings' rows depend on the hash seed
     main()

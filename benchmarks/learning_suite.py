@@ -159,12 +159,17 @@ def run_task_trl(kind: str, name: str, options: dict[str, Any], extract: str, re
     }
 
 
+def is_plain_grpo(recipe: dict[str, Any]) -> bool:
+    """Whether TRL's GRPOTrainer can run ``recipe`` as it is: GRPO, no dynamic sampling, no module options."""
+    return recipe["algo"] == "grpo" and not recipe["dynamic_sampling"] and not recipe.get("module")
+
+
 def check_trl_side(recipe: dict[str, Any], name: str) -> None:
     """Refuse, before any work, what the TRL side cannot run: a recipe beyond plain GRPO, or no TRL venv."""
-    if recipe["algo"] != "grpo" or recipe["dynamic_sampling"] or recipe.get("module"):
+    if not is_plain_grpo(recipe):
         raise SystemExit(f"--engine trl runs plain GRPO recipes only (no dynamic sampling or module options); "
                          f"--recipe {name} is not one: use one of "
-                         f"{', '.join(k for k, r in RECIPES.items() if r['algo'] == 'grpo' and not r['dynamic_sampling'] and not r.get('module'))}")
+                         f"{', '.join(k for k, r in RECIPES.items() if is_plain_grpo(r))}")
     if not TRL_PYTHON.exists():
         raise SystemExit(f"--engine trl needs TRL in its own venv at {TRL_PYTHON}: see benchmarks/vs_trl.py, and add "
                          "reasoning-gym==0.1.25 lightning jsonargparse gguf matplotlib to it")
@@ -375,9 +380,16 @@ def main(argv: list[str] | None = None) -> None:
               f"  ({result['wall_minutes']:.1f} min)", flush=True)
 
 
-if __name__ == "__main__":
+def fix_hash_seed() -> None:
+    """Run this script again with ``PYTHONHASHSEED=0`` unless it is set so.
+
+    Some reasoning-gym generators (isomorphic_strings) iterate over Python sets, so their rows depend
+    on the string hash seed: fixed, every process and run sees the same questions.
+    """
     if os.environ.get("PYTHONHASHSEED") != "0":
-        # Some reasoning-gym generators (isomorphic_strings) iterate over Python sets, so their rows
-        # depend on the string hash seed: fix it, so every process and run sees the same questions.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
+
+
+if __name__ == "__main__":
+    fix_hash_seed()
     main()

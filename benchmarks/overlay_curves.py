@@ -104,14 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--title", default="held-out accuracy")
     parser.add_argument("--entropy", action="store_true", help="add the per-step entropy (from steps.csv)")
     args = parser.parse_args(argv)
-    curves = {}
+    curves, dirs = {}, {}
     for item in args.runs:
         label, sep, path = item.rpartition("=")  # labels may hold "=" (e.g. "td_lambda=1"), paths rarely do
         if not sep or not label or not path:
             parser.error(f"run {item!r} is invalid: expected LABEL=RUN_DIR")
-        curves[label] = read_evals(Path(path))
-    entropy = {label: read_entropy(Path(item.rpartition("=")[2])) for label, item in zip(curves, args.runs)} \
-        if args.entropy else None
+        dirs[label] = Path(path)
+        curves[label] = read_evals(dirs[label])
+    entropy = {label: read_entropy(path) for label, path in dirs.items()} if args.entropy else None
     plot(curves, Path(args.out), args.title, entropy)
     print(markdown(curves, entropy))
 
