@@ -60,7 +60,9 @@ SUITE = [
 #: and a wrong answer (``benchmarks/gym_signal.py``). "cool" is readme at temperature 0.7 only.
 #: "floor" is readme with an entropy floor that acts before the collapse: the same adaptive bonus,
 #: target 0.8 nats, moved by 0.02 a step up to 0.2 (on Arithmetic it kept the entropy at or above
-#: 0.18 nats for 40 steps, where a target of 0.3 came too late to hold anything).
+#: 0.18 nats for 40 steps, where a target of 0.3 came too late to hold anything). "wide" is readme
+#: with the same 32 completions per step spread as 2 prompts x 16: at the same sampling cost, a group
+#: of 16 is more likely than a group of 8 to hold both a right and a wrong answer when few are right.
 RECIPES: dict[str, dict[str, Any]] = {
     "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
     "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
@@ -70,6 +72,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cool": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, temperature=0.7),
     "floor": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                   module=dict(loss=dict(entropy_target=0.8, entropy_coef=0.0, entropy_step=0.02, entropy_max_coef=0.2))),
+    "wide": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=2, gens=16, dynamic_sampling=False),
 }
 
 
@@ -128,8 +131,8 @@ def run_task_trl(kind: str, name: str, options: dict[str, Any], extract: str, re
 
     def accuracy(policy: str) -> float:
         # the same precision as the rftlab side's validation (greedy answers can flip under bf16)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision.startswith("bf16")):
-            return evaluate(policy, task, max_new_tokens=args.max_new_tokens, batch_size=50).greedy_accuracy
+        return evaluate(policy, task, max_new_tokens=args.max_new_tokens, batch_size=50,
+                        precision=args.precision).greedy_accuracy
 
     before = accuracy(args.policy)
     work = Path(args.trl_models) / name  # the trained model is kept, to be evaluated again if need be

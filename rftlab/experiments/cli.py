@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -82,6 +82,8 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="answer budget in tokens")
     parser.add_argument("--batch_size", type=int, default=32, help="prompts per generation call")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampled answers")
+    parser.add_argument("--precision", type=Literal["32-true", "bf16-mixed"], default="32-true",
+                        help="32-true, or bf16-mixed to answer under bf16 autocast as a bf16-mixed Trainer validates")
     parser.add_argument("--threads", type=int | None, default=None, help="torch threads")
     parser.add_argument("--output", type=str | None, default=None, help="also write the metrics to this JSON file")
     return parser
@@ -107,7 +109,7 @@ def evaluate_main(argv: list[str] | None = None) -> Any:
     result = evaluate(
         policy, init.task, num_prompts=init.num_prompts, greedy=init.greedy, num_samples=init.num_samples, k=init.k,
         temperature=init.temperature, top_p=init.top_p, max_new_tokens=init.max_new_tokens,
-        batch_size=init.batch_size, seed=init.seed,
+        batch_size=init.batch_size, seed=init.seed, precision=init.precision,
     )
     source = init.checkpoint or init.policy
     print(f"{source} on {getattr(init.task, 'name', init.task)}: {result}  ({result.seconds:.1f} s)")

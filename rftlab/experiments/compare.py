@@ -165,7 +165,8 @@ def compare(
         processes: runs trained at the same time in worker processes (1: one after another here).
         threads: torch threads per run (default: the cores divided by ``processes``).
         pass_at_k: after each run, also evaluate sampled pass@k: {num_samples, k, num_prompts,
-            temperature, max_new_tokens} (None skips it; greedy accuracy is always measured).
+            temperature, max_new_tokens} (None skips it; greedy accuracy is always measured), at
+            bf16 autocast when the trainer's precision is "bf16-mixed".
         dashboards: add the sample table, histograms and phase timing callbacks to each run.
         only: run only the variants with these names (the others are not even imported).
         verbose: print progress and the final table.
@@ -332,8 +333,10 @@ def run_one(job: RunJob) -> RunResult:
 def _closing_evaluation(job: RunJob, module: L.LightningModule, datamodule: RolloutDataModule, trainer: L.Trainer) -> dict[str, float]:
     options = dict(job.pass_at_k or {})
     ks = options.pop("k", [1])
+    # at the precision the run validated with, so its pass@k and its greedy accuracy are comparable
+    precision = "bf16-mixed" if str(trainer.precision) == "bf16-mixed" else "32-true"
     result = evaluate(module, datamodule.task, greedy=False, k=ks if isinstance(ks, Sequence) else [ks],
-                      seed=job.seed, max_new_tokens=options.pop("max_new_tokens", datamodule.sampling.max_new_tokens),
+                      seed=job.seed, precision=precision, max_new_tokens=options.pop("max_new_tokens", datamodule.sampling.max_new_tokens),
                       **options)
     metrics = result.metrics()
     for lg in trainer.loggers:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -99,6 +99,7 @@ def evaluate(
     tools: Sequence[Any] | None = None,
     environment: Any = None,
     max_turns: int = 4,
+    precision: Literal["32-true", "bf16-mixed"] = "32-true",
 ) -> EvaluationResult:
     """Greedy accuracy and/or sampled pass@k of ``policy`` on ``task``'s held-out split.
 
@@ -119,8 +120,12 @@ def evaluate(
             ``RolloutDataModule(tools=...)``), and ``max_new_tokens`` is an episode's budget.
         environment: an environment (or a factory of one per episode) answering the turns.
         max_turns: model turns per episode (with ``tools`` or ``environment``).
+        precision: "32-true" (full precision) or "bf16-mixed" (bf16 autocast, as a ``Trainer`` with
+            that precision validates): greedy answers can differ between the two by several points.
     """
     ks = sorted(set(int(x) for x in k))
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"precision={precision!r} is invalid: must be '32-true' or 'bf16-mixed'")
     if num_samples < 0:
         raise ValueError(f"num_samples={num_samples} is invalid: must be >= 0 (0 skips sampling)")
     if not greedy and num_samples == 0:
@@ -142,14 +147,19 @@ def evaluate(
     start = time.perf_counter()
     result = EvaluationResult(num_prompts=len(rows), num_samples=num_samples)
     was_training = module.training
+    # bf16 autocast on the module's device, as Lightning's "bf16-mixed" precision plugin does in validation
+    device = next(module.parameters()).device.type
     try:
-        if greedy:
-            params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-            correct = [score_answers(dm, module, rows[i : i + batch_size], params).correct for i in range(0, len(rows), batch_size)]
-            result.greedy_accuracy = float(torch.cat(correct).mean())
-        if num_samples:
-            result.correct_counts = _sampled_correct_counts(dm, module, rows, num_samples, batch_size, seed)
-            result.pass_at_k = {kk: sum(pass_at_k(num_samples, c, kk) for c in result.correct_counts) / len(rows) for kk in ks}
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            if greedy:
+                params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+                correct = [score_answers(dm, module, rows[i : i + batch_size], params).correct
+                           for i in range(0, len(rows), batch_size)]
+                result.greedy_accuracy = float(torch.cat(correct).mean())
+            if num_samples:
+                result.correct_counts = _sampled_correct_counts(dm, module, rows, num_samples, batch_size, seed)
+                result.pass_at_k = {kk: sum(pass_at_k(num_samples, c, kk) for c in result.correct_counts) / len(rows)
+                                    for kk in ks}
     finally:
         module.train(was_training)
     result.seconds = time.perf_counter() - start

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from helpers import assert_params_changed, assert_params_unchanged, fit_tiny, trainable_snapshot
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -87,11 +88,26 @@ def test_sampled_pass_at_k_is_consistent_and_reproducible(tiny_policy):
         (dict(num_samples=2, k=[3]), "k=\\[3\\] is invalid"),
         (dict(num_samples=-1), "num_samples=-1"),
         (dict(num_prompts=0), "num_prompts=0"),
+        (dict(precision="16-mixed"), "precision='16-mixed' is invalid: must be '32-true' or 'bf16-mixed'"),
     ],
 )
 def test_bad_evaluation_options(tiny_policy, kwargs, message):
     with pytest.raises(ValueError, match=message):
         evaluate(tiny_policy, rows_task(always), **kwargs)
+
+
+@pytest.mark.parametrize("precision, autocast", [("32-true", False), ("bf16-mixed", True)])
+def test_answers_are_generated_at_the_precision_asked(tiny_policy, precision, autocast):
+    seen = []
+
+    def record(completions, **_):  # the verifier runs inside the generation's context
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return [1.0] * len(completions)
+
+    result = evaluate(tiny_policy, rows_task(record), max_new_tokens=2, num_samples=2, precision=precision)
+    assert result.greedy_accuracy == 1.0 and result.pass_at_k[1] == 1.0
+    assert seen and set(seen) == {autocast}
+    assert not torch.is_autocast_enabled("cpu"), "the autocast ends with the evaluation"
 
 
 def test_checkpoint_of_a_lora_run_reloads_the_trained_policy(tmp_path, vary_reward):
@@ -115,7 +131,7 @@ def test_rftlab_evaluate_command(tmp_path, capsys):
     out = tmp_path / "scores.json"
     main(["evaluate", "--policy", "tiny", "--task.class_path", "rftlab.tasks.Arithmetic",
           "--task.init_args.num_test", "3", "--max_new_tokens", "3", "--num_samples", "2", "--k", "[1, 2]",
-          "--output", str(out)])
+          "--precision", "bf16-mixed", "--output", str(out)])
     scores = json.loads(out.read_text())
     assert scores["num_prompts"] == 3 and scores["num_samples"] == 2
     assert {"eval/greedy/accuracy", "eval/sampled/pass@1", "eval/sampled/pass@2"} <= set(scores)
