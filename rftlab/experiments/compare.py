@@ -336,8 +336,8 @@ def _closing_evaluation(job: RunJob, module: L.LightningModule, datamodule: Roll
     # at the precision the run validated with, so its pass@k and its greedy accuracy are comparable
     precision = "bf16-mixed" if str(trainer.precision) == "bf16-mixed" else "32-true"
     result = evaluate(module, datamodule.task, greedy=False, k=ks if isinstance(ks, Sequence) else [ks],
-                      seed=job.seed, precision=precision, max_new_tokens=options.pop("max_new_tokens", datamodule.sampling.max_new_tokens),
-                      **options)
+                      seed=job.seed, precision=precision,
+                      max_new_tokens=options.pop("max_new_tokens", datamodule.sampling.max_new_tokens), **options)
     metrics = result.metrics()
     for lg in trainer.loggers:
         lg.log_metrics(metrics, step=trainer.global_step)
