@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rftlab import DAPO, GRPO, PPO, RolloutDataModule
 from rftlab.tasks import Arithmetic, RowsTask
-from wandb_records import find_run_files, finish_offline_run, read_history
+from wandb_records import complete, find_run_files, finish_offline_run, read_history
 
 
 def half_constant_task(n: int = 40) -> RowsTask:
@@ -141,7 +141,7 @@ def test_dapo_trains_and_logs_its_metrics_to_wandb(tmp_path):
     fit_tiny(module, dm, 2, logger=logger)
     finish_offline_run()
     assert_params_changed(before, module, require="any")
-    history = read_history(find_run_files(tmp_path)[0])
+    history = read_history(complete(find_run_files(tmp_path)[0]))
     keys = {k for row in history for k in row}
     for key in ("dynamic_sampling/gen_batches", "dynamic_sampling/kept_fraction", "frac_reward_zero_std",
                 "overlong/penalty_mean", "clip_ratio/low", "clip_ratio/high", "loss/policy", "entropy", "grad_norm"):

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rftlab import GRPO, AdvantageSpec, RolloutDataModule
 from rftlab.tasks import Arithmetic
-from wandb_records import find_run_files, finish_offline_run, read_history
+from wandb_records import complete, find_run_files, finish_offline_run, read_history
 
 SHARED_METRICS = [
     "reward/mean", "reward/std", "reward/parity/mean", "kl", "entropy", "grad_norm", "clip_ratio/low",
@@ -69,7 +69,7 @@ def test_grpo_fit_changes_weights_and_logs_every_metric_to_wandb(tmp_path, tiny_
 
     files = find_run_files(tmp_path)
     assert len(files) == 1
-    history = read_history(files[0])
+    history = read_history(complete(files[0]))
     logged: dict[str, list[float]] = {}
     for row in history:
         for key, value in row.items():

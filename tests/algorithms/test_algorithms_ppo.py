@@ -16,7 +16,7 @@ from rftlab import PPO, CriticOptions, RolloutDataModule
 from rftlab.algorithms.ppo import AdaptiveKLController, token_level_rewards
 from rftlab.core import selective_log_softmax
 from rftlab.tasks import Arithmetic
-from wandb_records import find_run_files, read_history
+from wandb_records import complete, find_run_files, finish_offline_run, read_history
 
 SHARED_METRICS = [
     "reward/mean", "reward/std", "reward/parity/mean", "kl", "entropy", "grad_norm", "clip_ratio/low",
@@ -253,16 +253,11 @@ def test_ppo_fit_changes_policy_and_critic_and_logs_every_metric(tmp_path, vary_
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
     trainer = fit_tiny(module, dm, 4, tmp_path, logger=logger, val_check_interval=4, limit_val_batches=None,
                        num_sanity_val_steps=2)
-    import wandb
-
-    wandb.finish()
-    # finish() can return before wandb-core has written the file (seen under load: an empty or
-    # partial .wandb file); teardown() waits for the service to exit, so the file is complete.
-    wandb.teardown()
+    finish_offline_run()
     assert_params_changed(lora_before, module.policy, require="any")
     assert_params_changed(head_before, module.value_head, require="any")
 
-    history = read_history(find_run_files(tmp_path)[0])
+    history = read_history(complete(find_run_files(tmp_path)[0]))
     logged: dict[str, list[float]] = {}
     for row in history:
         for key, value in row.items():

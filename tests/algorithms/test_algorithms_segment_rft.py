@@ -17,7 +17,7 @@ from rftlab.models.policy import completion_forward
 from rftlab.rewards.critics import ArithmeticStepCritic, JudgeCritic
 from rftlab.rollout.prompts import PromptEncoder
 from rftlab.tasks import WordProblems
-from wandb_records import find_run_files, read_history
+from wandb_records import complete, find_run_files, read_history
 
 SEGMENT_METRICS = [
     "segments/mean_count", "segments/reward_mean", "segments/ratio_clip_ratio", "segments/max_abs_log_ratio",
@@ -199,7 +199,7 @@ def _logged(tmp_path) -> dict[str, list[float]]:
     files = find_run_files(tmp_path)
     assert len(files) == 1
     logged: dict[str, list[float]] = {}
-    for row in read_history(files[0]):
+    for row in read_history(complete(files[0])):
         for key, value in row.items():
             logged.setdefault(key, []).append(value)
     return logged

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.callbacks import AtomicCheckpoints, CompletionTable, TrainClock, WandbMetrics, make_wandb_logger
 from rftlab.tasks import Arithmetic
-from wandb_records import find_run_files, finish_offline_run, read_config
+from wandb_records import complete, find_run_files, finish_offline_run, read_config
 
 
 def parity(completions, **_):
@@ -28,7 +28,7 @@ def test_a_python_run_records_algorithm_task_and_data_options_in_wandb(tmp_path)
     module = DAPO(policy="tiny", lr=1e-2, lora=True, log={"validate_at_start": False})
     fit_tiny(module, _data(temperature=0.9), 1, logger=logger)
     finish_offline_run()
-    config = read_config(find_run_files(tmp_path)[0])
+    config = read_config(complete(find_run_files(tmp_path)[0]))
     assert config["algorithm"] == "rftlab.algorithms.dapo.DAPO"
     assert config["task"] == {"class_path": "rftlab.tasks.arithmetic.Arithmetic", "name": "arithmetic"} | {
         k: v for k, v in config["task"].items() if k not in ("class_path", "name")}

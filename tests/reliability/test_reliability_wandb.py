@@ -17,7 +17,7 @@ from rftlab.callbacks.wandb import RFTWandbLogger, make_wandb_logger
 from rftlab.tasks import Arithmetic
 from helpers import fit_tiny
 from reliability_helpers import parity
-from wandb_records import find_run_files, finish_offline_run, read_history
+from wandb_records import complete, find_run_files, finish_offline_run, read_history
 
 
 def closed_port() -> int:
@@ -56,7 +56,7 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning_and_the_run_c
     fit_tiny(module, dm, 2, logger=logger)
     finish_offline_run()
     assert time.perf_counter() - start < 120, "no waiting for an unreachable server"
-    history = read_history(find_run_files(tmp_path)[0])
+    history = read_history(complete(find_run_files(tmp_path)[0]))
     assert [row["reward/mean"] for row in history if "reward/mean" in row], "metrics were logged offline"
 
 

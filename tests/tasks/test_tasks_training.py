@@ -4,12 +4,11 @@ and each reward's metric reaches W&B."""
 from __future__ import annotations
 
 import math
-import time
 
 from conftest import length_parity
 from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 from lightning.pytorch.loggers import WandbLogger
-from wandb_records import find_run_files, read_history
+from wandb_records import complete, find_run_files, finish_offline_run, read_history
 
 from rftlab import RolloutDataModule
 from rftlab.tasks import CodeFunctions
@@ -20,20 +19,12 @@ def _fit_and_read(tmp_path, module, task, rewards, weights, steps=2):
                            num_generations=4, max_new_tokens=8, val_batch_size=4)
     logger = WandbLogger(project="rftlab-tests", save_dir=str(tmp_path), offline=True)
     fit_tiny(module, dm, steps, tmp_path, logger=logger)
-    import wandb
-
-    wandb.finish()
-    # wandb.finish() can return before wandb-core has written the last records of the offline file
-    # (seen here under load): wait, up to 10 s, until every step's row is in the file.
-    deadline = time.monotonic() + 10
-    while True:
-        logged: dict[str, list[float]] = {}
-        for row in read_history(find_run_files(tmp_path)[0]):
-            for key, value in row.items():
-                logged.setdefault(key, []).append(value)
-        if len(logged.get("reward/mean", [])) >= steps or time.monotonic() > deadline:
-            return logged
-        time.sleep(0.2)
+    finish_offline_run()
+    logged: dict[str, list[float]] = {}
+    for row in read_history(complete(find_run_files(tmp_path)[0])):
+        for key, value in row.items():
+            logged.setdefault(key, []).append(value)
+    return logged
 
 
 def test_grpo_trains_on_the_code_task_with_the_sandbox(tmp_path, tiny_grpo):
