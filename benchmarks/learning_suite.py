@@ -73,6 +73,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "floor": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                   module=dict(loss=dict(entropy_target=0.8, entropy_coef=0.0, entropy_step=0.02, entropy_max_coef=0.2))),
     "wide": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=2, gens=16, dynamic_sampling=False),
+    # readme, sampling from the bf16 copy (adapter merged) instead of the LoRA policy under autocast
+    "copy": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
+                 module=dict(forward=dict(sampling_dtype="bfloat16"))),
+    # copy, with truncated importance sampling correcting for the copy's rounding
+    "copy_tis": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
+                     module=dict(forward=dict(sampling_dtype="bfloat16"), loss=dict(correction=dict(mode="token_truncate")))),
 }
 
 

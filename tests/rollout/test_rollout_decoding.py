@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rftlab.rollout.decoding import filter_logits, inverse_cdf, next_tokens
-from rftlab.rollout.sampler import SamplingParams, left_pad, sample_completions
+from rftlab.rollout.sampler import SamplingParams, left_pad, sample_completions, sampling_mode
 
 
 def _both(model, prompt_ids, prompt_mask, G, params, eos, pad):
@@ -102,18 +102,35 @@ def test_sampling_matches_torch_multinomial_in_distribution():
     torch.testing.assert_close(ours, theirs, atol=0.008, rtol=0)
 
 
-def test_each_prompt_is_prefilled_once(tiny_grpo, tokenizer, monkeypatch):
+@pytest.mark.parametrize("loop", ["generic", "static"])
+def test_each_prompt_is_prefilled_once(tiny_grpo, tokenizer, monkeypatch, loop):
+    from rftlab.rollout.decoding import decode
+    from rftlab.rollout.static_decode import StaticDecoder
+
     module = tiny_grpo()
     widths = []
-    original = module.policy.forward
+    if loop == "generic":
+        original = module.policy.forward
 
-    def spy(*args, **kwargs):
-        widths.append(tuple(kwargs["input_ids"].shape))
-        return original(*args, **kwargs)
+        def spy(*args, **kwargs):
+            widths.append(tuple(kwargs["input_ids"].shape))
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(module.policy, "forward", spy)
+        monkeypatch.setattr(module.policy, "forward", spy)
+    else:
+        original = StaticDecoder.forward
+
+        def spy(self, ids, *args, **kwargs):
+            widths.append(tuple(ids.shape))
+            return original(self, ids, *args, **kwargs)
+
+        monkeypatch.setattr(StaticDecoder, "forward", spy)
     prompt_ids, prompt_mask = left_pad([[11, 12, 13, 14], [21, 22]], tokenizer.pad_token_id)
-    sample_completions(module.policy, prompt_ids, prompt_mask, 4, SamplingParams(max_new_tokens=3),
-                       [-1], tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=3)
+    if loop == "generic":
+        with sampling_mode(module.policy):
+            decode(module.policy, prompt_ids, prompt_mask, 4, params, [-1], tokenizer.pad_token_id)
+    else:  # the tiny Llama is a plain model: sample_completions takes the static loop
+        sample_completions(module.policy, prompt_ids, prompt_mask, 4, params, [-1], tokenizer.pad_token_id)
     # prefill: 2 prompts (not 2 x 4); then one token for each of the 8 rows per step
     assert widths == [(2, 4), (8, 1), (8, 1)]

@@ -103,8 +103,11 @@ def test_sample_completions_shapes_and_modes_restored(tiny_grpo, tokenizer):
     assert bool(((ids == tokenizer.pad_token_id) | (mask == 1)).all())
 
 
-def test_sampling_uses_kv_cache_even_with_checkpointing(tiny_grpo, tokenizer, monkeypatch):
+@pytest.mark.parametrize("backend", ["rftlab", "hf"])
+def test_sampling_uses_kv_cache_even_with_checkpointing(tiny_grpo, tokenizer, monkeypatch, backend):
     module = tiny_grpo(policy={"model": "tiny", "gradient_checkpointing": True})
+    # rftlab's generic loop (the static-cache loop never calls the model's forward)
+    monkeypatch.setattr("rftlab.rollout.static_decode.unsupported_reason", lambda model: "the generic loop")
     seen = []
     original = module.policy.forward
 
@@ -114,7 +117,7 @@ def test_sampling_uses_kv_cache_even_with_checkpointing(tiny_grpo, tokenizer, mo
 
     monkeypatch.setattr(module.policy, "forward", spy)
     prompt_ids, prompt_mask = left_pad([[11, 12, 13, 14, 15]], tokenizer.pad_token_id)
-    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, backend=backend)
     sample_completions(module.policy, prompt_ids, prompt_mask, 1, params, [-1], tokenizer.pad_token_id)
     # With the cache, every step after the prefill feeds one new token, not the whole prefix.
     assert seen[0] == 5 and all(n == 1 for n in seen[1:]), seen
