@@ -63,7 +63,7 @@ def build(args: argparse.Namespace) -> tuple[L.LightningModule, RolloutDataModul
         raise SystemExit(f"--algo {args.algo!r} is not available yet")
     dm = RolloutDataModule(
         task=make_task(args), prompts_per_step=args.prompts, num_generations=args.gens, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, val_batch_size=100, seed=args.seed,
+        temperature=args.temperature, val_batch_size=100, seed=args.seed, sampler_backend=args.sampler_backend,
         num_iterations=args.num_iterations, num_minibatches=args.num_minibatches,
         **multi_turn_options(args),
     )
@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--module-options", default="{}", help='other GRPO options as JSON, merged group by group, e.g. '
                         '\'{"loss": {"entropy_target": 0.3, "entropy_coef": 0.01}}\'')
     parser.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's policy (e.g. an SFT run)")
-    parser.add_argument("--sampling-dtype", default=None, help="sample from a copy of the weights in this dtype (bfloat16)")
+    parser.add_argument("--sampling-dtype", default=None,
+                        help="sample from a copy of the weights in this dtype (bfloat16), or auto (rftlab's default)")
+    parser.add_argument("--sampler-backend", default="rftlab", choices=["rftlab", "hf", "vllm"],
+                        help="vllm needs vllm installed (benchmarks/.venv-vllm)")
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true or bf16-mixed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

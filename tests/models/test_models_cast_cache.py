@@ -126,7 +126,9 @@ def fit(tmp_path, cache_weight_casts: bool, **kwargs) -> GRPO:
 
     L.seed_everything(0)
     module = GRPO(**{"policy": "tiny", "lora": True, "lr": 5e-2, "log": {"validate_at_start": True},
-                     "forward": {"cache_weight_casts": cache_weight_casts}, **kwargs})
+                     # sampling with the policy itself (not the bf16 copy "auto" would take): its
+                     # frozen weights are cast at every decoded token unless cached
+                     "forward": {"cache_weight_casts": cache_weight_casts, "sampling_dtype": None}, **kwargs})
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards={"parity": length_parity}, prompts_per_step=2,
                            num_generations=3, max_new_tokens=5, val_batch_size=2, seed=0)
     module.configure_model()

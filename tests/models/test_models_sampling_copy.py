@@ -107,7 +107,7 @@ def test_a_critic_adapter_is_not_merged_into_the_sampling_copy():
     module = PPO(policy="tiny", lora=True, critic={"kind": "adapter"}, log={"validate_at_start": False},
                  forward={"sampling_dtype": "bfloat16"})
     module.configure_model()
-    module.runtime.sampling_model(module.policy, None)  # builds the copy
+    module.runtime.sampling_model(module.policy, None, "bfloat16")  # builds the copy
     with torch.no_grad():  # both adapters move away from zero, as after some training
         for name, p in module.policy.named_parameters():
             if "lora_B" in name:
@@ -120,3 +120,39 @@ def test_a_critic_adapter_is_not_merged_into_the_sampling_copy():
             + layer.get_delta_weight(CRITIC_ADAPTER)).to(torch.bfloat16)
     copied = module.runtime._sampling_copy.model.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(copied, policy_only) and not torch.equal(copied, both)
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_auto_samples_from_a_bf16_copy_only_in_a_bf16_run(tmp_path, vary_reward, monkeypatch, precision, expected):
+    from rftlab.algorithms import base
+
+    seen = []
+    original = base.sample_completions
+
+    def spy(model, *args, **kwargs):
+        seen.append((model, next(model.parameters()).dtype))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(base, "sample_completions", spy)
+    module = GRPO(policy="tiny", lora=True, log={"validate_at_start": False})
+    assert module.forward_options.sampling_dtype == "auto"
+    dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, num_generations=2,
+                           max_new_tokens=4, val_batch_size=2)
+    fit_tiny(module, dm, 2, tmp_path, precision=precision)
+    assert len(seen) == 2 and all(dtype == expected for _, dtype in seen)
+    assert all((model is module.policy) == (expected == torch.float32) for model, _ in seen)
+
+
+def test_auto_resolution():
+    lora = GRPO(policy="tiny", lora=True)
+    lora.configure_model()
+    assert lora.sampling_dtype() is None  # no trainer, no autocast: float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora.sampling_dtype() == "bfloat16"  # evaluate(precision="bf16-mixed")
+    pinned = GRPO(policy="tiny", lora=True, forward={"sampling_dtype": None})
+    pinned.configure_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pinned.sampling_dtype() is None
+    lora.sharded = True  # FSDP2: no process holds whole weights to copy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora.sampling_dtype() is None

@@ -161,7 +161,7 @@ def test_fsdp2_lets_the_rftlab_sampler_run_and_refuses_vllm():
     RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity}).check_trainer(trainer, "fit")
     dm = RolloutDataModule(task=Arithmetic(num_test=0), rewards={"parity": parity})
     object.__setattr__(dm.sampling, "backend", "vllm")  # vllm is not installed here: past its import check
-    with pytest.raises(ValueError, match="sampler_backend='vllm' supports one process on one GPU, got FSDP2Strategy"):
+    with pytest.raises(ValueError, match=r"sampler_backend='vllm' supports one process \(one engine\), got FSDP2Strategy"):
         dm.check_trainer(trainer, "fit")
 
 

@@ -15,13 +15,8 @@ from rftlab.rollout.sampler import (
     sample_completions,
     sampling_mode,
 )
-from rftlab.rollout.static_decode import (
-    StaticDecoder,
-    fuse,
-    pack_fused_weights,
-    static_decode,
-    unsupported_reason,
-)
+from rftlab.models.fused import fuse, pack_fused_weights, unsupported_reason
+from rftlab.rollout.static_decode import StaticDecoder, decoder_for, static_decode
 from tiny_models import lora_policy
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10]]
@@ -156,3 +151,36 @@ def test_bf16_copy_and_autocast_agree_with_the_generic_loop():
         auto = _both(fp32, params, eos=[-1])
     assert torch.equal(auto["static"][0], auto["generic"][0])
     assert_close(auto["static"][1], auto["generic"][1], rtol=0, atol=0.05)
+
+
+def test_the_decoder_is_kept_until_a_weight_changes():
+    model = tiny_qwen2()  # untied head: changing it changes the greedy tokens
+    first = decoder_for(model)
+    assert decoder_for(model) is first
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decoder_for(model) is not first  # autocast packs bf16 weights
+    params = SamplingParams(max_new_tokens=6, greedy=True)
+    ids, mask = left_pad(PROMPTS, 0)
+    with sampling_mode(model):
+        before = static_decode(model, ids, mask, 1, params, [-1], 0)
+    cached = decoder_for(model)
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    assert decoder_for(model) is not cached
+    with sampling_mode(model):
+        after = static_decode(model, ids, mask, 1, params, [-1], 0)
+        expected = decode(model, ids, mask, 1, params, [-1], 0)
+    assert torch.equal(after, expected) and not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("kernels", ["onednn", "aten"])
+def test_both_linear_kernels_match_the_generic_loop(kernels, monkeypatch):
+    import rftlab.rollout.static_decode as sd
+
+    model = tiny_llama(200, seed=2).eval()
+    monkeypatch.setattr(sd, "decoder_for", lambda m, kernels_=kernels: StaticDecoder(m, kernels_))
+    out = _both(model, SamplingParams(max_new_tokens=10, temperature=1.0), eos=[-1])
+    assert torch.equal(out["static"][0], out["generic"][0])
+    assert_close(out["static"][1], out["generic"][1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="kernels='fast' is invalid: must be one of auto, onednn, aten"):
+        StaticDecoder(model, "fast")

@@ -40,19 +40,39 @@ def test_without_vllm_construction_fails_naming_the_parameter_and_the_install(mo
         SamplingParams(backend="vllm")
 
 
-def test_without_a_gpu_construction_fails_naming_cuda(monkeypatch):
+def test_without_a_gpu_or_the_cpu_build_construction_fails_naming_both(monkeypatch):
     monkeypatch.setattr(vllm_backend, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_backend, "vllm_cpu_build", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"sampler_backend='vllm' needs a CUDA GPU.*sampler_backend='rftlab'"):
+    with pytest.raises(ValueError, match=r"sampler_backend='vllm' needs a CUDA GPU or vLLM's CPU build.*"
+                                         r"sampler_backend='rftlab'"):
         _datamodule(sampler_backend="vllm")
-    with pytest.raises(ValueError, match=r"backend='vllm' needs a CUDA GPU"):
+    with pytest.raises(ValueError, match=r"backend='vllm' needs a CUDA GPU or vLLM's CPU build"):
         SamplingParams(backend="vllm")
 
 
+def test_the_cpu_build_is_accepted_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(vllm_backend, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_backend, "vllm_cpu_build", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert SamplingParams(backend="vllm").backend == "vllm"
+    assert _datamodule(sampler_backend="vllm").sampling.backend == "vllm"
+
+
+def test_stacked_sources_follow_vllms_packed_modules():
+    mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert vllm_backend.stacked_sources("model.layers.3.self_attn.qkv_proj", mapping) == [
+        "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj"]
+    assert vllm_backend.stacked_sources("model.layers.0.mlp.gate_up_proj", mapping) == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    assert vllm_backend.stacked_sources("model.layers.0.mlp.down_proj", mapping) == ["model.layers.0.mlp.down_proj"]
+    assert vllm_backend.stacked_sources("lm_head", mapping) == ["lm_head"]
+
+
 def test_the_real_guard_here_refuses_vllm():
-    # This machine has neither vllm nor a GPU: whichever is checked first, construction fails.
-    if vllm_backend.vllm_installed() and torch.cuda.is_available():
-        pytest.skip("vllm and a GPU are present")
+    # rftlab's own environment has no vllm: construction fails, naming it.
+    if vllm_backend.vllm_installed() and (torch.cuda.is_available() or vllm_backend.vllm_cpu_build()):
+        pytest.skip("vllm is installed where it can run")
     with pytest.raises(ValueError, match="sampler_backend='vllm' needs"):
         _datamodule(sampler_backend="vllm")
 
