@@ -245,8 +245,11 @@ def push_cpu_weights(engine_model: nn.Module, weights: dict[str, Tensor]) -> dic
             if freed:
                 module.weight = nn.Parameter(weight.to(module.weight.dtype).contiguous(), requires_grad=False)
             else:
-                loader = getattr(module.weight, "weight_loader", None)
-                loader(module.weight, weight) if loader is not None else module.weight.copy_(weight)
+                loader = getattr(module.weight, "weight_loader", None)  # pads a vocabulary if vLLM did
+                if loader is not None:
+                    loader(module.weight, weight)
+                else:
+                    module.weight.copy_(weight)
             if getattr(module, "bias", None) is not None and all(b in weights for b in bias_names):
                 module.bias.copy_(torch.cat([weights[b] for b in bias_names]).to(module.bias.dtype))
                 used.update(bias_names)

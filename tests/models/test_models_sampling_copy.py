@@ -69,7 +69,8 @@ def test_invalid_sampling_dtype_is_refused_at_construction():
         SamplingCopy(tiny_llama(100), "float32")
 
 
-def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_reward, monkeypatch):
+def spy_on_sampling(monkeypatch) -> list:
+    """Record (model, dtype) of every model the algorithms sample with."""
     import rftlab.algorithms.base as base
 
     seen = []
@@ -80,6 +81,11 @@ def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_r
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(base, "sample_completions", spy)
+    return seen
+
+
+def test_grpo_samples_from_the_copy_refreshed_after_each_update(tmp_path, vary_reward, monkeypatch):
+    seen = spy_on_sampling(monkeypatch)
     refreshes = []
     monkeypatch.setattr(SamplingCopy, "refresh", lambda self, policy, real=SamplingCopy.refresh:
                         refreshes.append(1) or real(self, policy))
@@ -124,16 +130,7 @@ def test_a_critic_adapter_is_not_merged_into_the_sampling_copy():
 
 @pytest.mark.parametrize("precision, expected", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
 def test_auto_samples_from_a_bf16_copy_only_in_a_bf16_run(tmp_path, vary_reward, monkeypatch, precision, expected):
-    from rftlab.algorithms import base
-
-    seen = []
-    original = base.sample_completions
-
-    def spy(model, *args, **kwargs):
-        seen.append((model, next(model.parameters()).dtype))
-        return original(model, *args, **kwargs)
-
-    monkeypatch.setattr(base, "sample_completions", spy)
+    seen = spy_on_sampling(monkeypatch)
     module = GRPO(policy="tiny", lora=True, log={"validate_at_start": False})
     assert module.forward_options.sampling_dtype == "auto"
     dm = RolloutDataModule(task=Arithmetic(num_test=2), rewards=vary_reward, prompts_per_step=2, num_generations=2,
