@@ -50,6 +50,16 @@ def fuse(weights: list[Tensor]) -> Tensor:
     Args:
         weights: 2-D (or 1-D bias) tensors with equal trailing shape.
     """
+    view = adjacent_view(weights)
+    return view if view is not None else torch.cat(weights, dim=0)
+
+
+def adjacent_view(weights: list[Tensor]) -> Tensor | None:
+    """The weights concatenated along dim 0 as a view of their storage, or None if they are not back to back.
+
+    Args:
+        weights: 2-D (or 1-D bias) tensors with equal trailing shape.
+    """
     first = weights[0]
     offset = first.storage_offset()
     adjacent = all(w.is_contiguous() for w in weights)
@@ -57,10 +67,10 @@ def fuse(weights: list[Tensor]) -> Tensor:
         adjacent = adjacent and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
         adjacent = adjacent and w.storage_offset() == offset
         offset += w.numel()
-    if adjacent:
-        rows = sum(w.shape[0] for w in weights)
-        return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
-    return torch.cat(weights, dim=0)
+    if not adjacent:
+        return None
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def pack_fused_weights(model: nn.Module) -> None:

@@ -7,7 +7,8 @@ This loop runs the same math with
 
 * a key/value cache preallocated for the whole completion (no per-step concatenation),
 * one fused q/k/v matmul and one fused gate/up matmul per layer (fewer, larger matmuls), on
-  weights prepacked for oneDNN (``_Linear``),
+  weights prepacked for oneDNN (``_Linear``); a policy being trained (``sampling_dtype=None``) is
+  decoded on its own weights instead, without copies (``_Stacked``, ``_kernel``),
 * the attention of the single new token as two small matmuls (``_attention``),
 * the RoPE table computed once per call, the attention mask kept as one boolean table,
 * finished rows kept in the batch (their compute is nearly free when weights dominate) and
@@ -34,58 +35,106 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rftlab.models.fused import fuse, unsupported_reason
+from rftlab.models.fused import adjacent_view, unsupported_reason
 from rftlab.models.hf import position_ids_from_mask
 from rftlab.rollout.sampler import SamplingParams
 
 
-class _Linear:
-    """``x @ weight.T + bias``, with oneDNN from a weight prepacked in its blocked layout, or with ``F.linear``.
+#: How ``_Linear`` multiplies: oneDNN on a prepacked copy, oneDNN on the weight as it is, or ``F.linear``.
+Kernel = Literal["packed", "plain", "aten"]
 
-    At decoding shapes (8 rows) torch's default CPU kernel reads a bf16 weight at about half the
-    speed of oneDNN on a prepacked copy (measured here: 541 vs 293 us for a 3072 x 576 weight, one
-    thread, the weights out of cache). Prepacking costs about one read and write of the weights per
-    rollout. Under CPU autocast a float32 weight is packed in autocast's dtype, and the input cast to
-    it, which is the cast autocast would make.
+
+class _Linear:
+    """``x @ weight.T + bias`` with one of three kernels.
+
+    "packed": oneDNN on a copy of the weight prepacked in its blocked layout. At decoding shapes (8
+    rows) torch's default CPU kernel reads a bf16 weight at about half that speed (measured here:
+    541 vs 293 us for a 3072 x 576 weight, one thread, the weights out of cache); prepacking costs a
+    copy of the weight, made once per set of weights. Under CPU autocast a float32 weight is packed
+    in autocast's dtype and the input cast to it, which is the cast autocast would make.
+    "plain": oneDNN on the float32 weight itself, no copy (outside autocast). "aten": ``F.linear``.
 
     Args:
         weight: (out, in).
         bias: (out,) or None.
-        onednn: use oneDNN (else ``F.linear``).
+        kernel: "packed", "plain" or "aten".
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, onednn: bool) -> None:
-        self.onednn = onednn
-        self.weight, self.bias = weight, bias
-        if onednn:
-            dtype = weight.dtype
-            if torch.is_autocast_enabled("cpu") and dtype == torch.float32:
-                dtype = torch.get_autocast_dtype("cpu")
-            self.dtype = dtype
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
-            self.bias = None if bias is None else bias.detach().to(dtype)
+    def __init__(self, weight: Tensor, bias: Tensor | None, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.dtype = weight.dtype
+        if kernel == "packed":
+            if torch.is_autocast_enabled("cpu") and self.dtype == torch.float32:
+                self.dtype = torch.get_autocast_dtype("cpu")
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.to(self.dtype))
+            self.bias = None if bias is None else self.bias.to(self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if not self.onednn:
+        if self.kernel == "aten":
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [None], "")
 
 
-def _onednn_usable(model: nn.Module) -> bool:
+class _Stacked:
+    """Linear layers applied to the same input, their outputs side by side (q/k/v, gate/up).
+
+    One matmul when the weights lie back to back (``pack_fused_weights``) or are packed anyway (the
+    copy is made once); otherwise one per layer, so no weight is copied.
+
+    Args:
+        linears: the ``nn.Linear`` layers, in output order.
+        kernel: as ``_Linear``.
+    """
+
+    def __init__(self, linears: list[nn.Module], kernel: Kernel) -> None:
+        weights = [lin.weight for lin in linears]
+        biases = [lin.bias for lin in linears]
+        has_bias = biases[0] is not None
+        weight = adjacent_view(weights)
+        bias = adjacent_view(biases) if has_bias else None
+        if (weight is None or (has_bias and bias is None)) and kernel == "packed":
+            weight, bias = torch.cat(weights), torch.cat(biases) if has_bias else None
+        if weight is not None and (bias is not None or not has_bias):
+            self.parts = [_Linear(weight, bias, kernel)]
+        else:
+            self.parts = [_Linear(w, b, kernel) for w, b in zip(weights, biases)]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _kernel(model: nn.Module, kernels: str) -> Kernel:
+    """The ``_Linear`` kernel for ``model``: prepacked copies for weights that do not train (the
+    sampling copy); for a policy being trained (its weights change at every step, and copies would
+    add its size to the memory) oneDNN on the float32 weights as they are, or ``F.linear``."""
     from rftlab.models.onednn import onednn_linear_available
 
     weight = model.lm_head.weight
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and onednn_linear_available())
+    onednn = weight.device.type == "cpu" and onednn_linear_available()
+    if kernels == "aten" or not onednn:
+        if kernels == "onednn":
+            raise ValueError("kernels='onednn' needs weights on a CPU and a torch build with oneDNN")
+        return "aten"
+    if kernels == "onednn" or not any(p.requires_grad for p in model.parameters()):
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            if kernels == "onednn":
+                raise ValueError("kernels='onednn' needs float32 or bfloat16 weights")
+            return "aten"
+        return "packed"
+    plain = weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return "plain" if plain else "aten"
 
 
 @dataclass
 class _Layer:
     input_norm: Tensor
-    qkv: _Linear
+    qkv: _Stacked
     o: _Linear
     post_norm: Tensor
-    gate_up: _Linear
+    gate_up: _Stacked
     down: _Linear
 
 
@@ -118,7 +167,8 @@ class StaticDecoder:
     Args:
         model: a plain HF causal LM that ``unsupported_reason`` accepts.
         kernels: "onednn" prepacks the linear weights for oneDNN (a CPU, float32 or bfloat16
-            weights), "aten" runs ``F.linear`` on them as they are, "auto" picks oneDNN where it runs.
+            weights), "aten" runs ``F.linear`` on them as they are, "auto" prepacks a model that
+            does not train (the sampling copy) and runs a trained one without copying its weights.
     """
 
     def __init__(self, model: nn.Module, kernels: Literal["auto", "onednn", "aten"] = "auto") -> None:
@@ -133,24 +183,20 @@ class StaticDecoder:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
-        onednn = _onednn_usable(model) if kernels == "auto" else kernels == "onednn"
-        if onednn and not _onednn_usable(model):
-            raise ValueError("kernels='onednn' needs float32 or bfloat16 weights on a CPU and a torch build with oneDNN")
-        self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
-        self.lm_head = _Linear(model.lm_head.weight, None, onednn)
+        self.kernel = kernel = _kernel(model, kernels)
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.lm_head = _Linear(model.lm_head.weight, None, kernel)
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
             self.layers.append(_Layer(
-                input_norm=layer.input_layernorm.weight,
-                qkv=_Linear(fuse([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                            None if biases[0] is None else fuse(biases), onednn),
-                o=_Linear(attn.o_proj.weight, attn.o_proj.bias, onednn),
-                post_norm=layer.post_attention_layernorm.weight,
-                gate_up=_Linear(fuse([mlp.gate_proj.weight, mlp.up_proj.weight]), None, onednn),
-                down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias, onednn),
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv=_Stacked([attn.q_proj, attn.k_proj, attn.v_proj], kernel),
+                o=_Linear(attn.o_proj.weight, attn.o_proj.bias, kernel),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up=_Stacked([mlp.gate_proj, mlp.up_proj], kernel),
+                down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias, kernel),
             ))
         self.dtype = self.embed.dtype
         self.device = self.embed.device
@@ -228,15 +274,18 @@ _DECODERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, StaticDecoder]] = w
 def decoder_for(model: nn.Module, kernels: Literal["auto", "onednn", "aten"] = "auto") -> StaticDecoder:
     """The ``StaticDecoder`` of ``model``, rebuilt only when its weights have changed since the last call.
 
-    Prepacking copies every weight, so the decoder is kept between calls (a validation pass decodes
-    many batches with the same weights). A weight written in place (an optimizer step, the sampling
-    copy's refresh, ``load_state_dict``) bumps its tensor's version counter, a replaced one has a new
-    address: either rebuilds the decoder. So does a change of autocast, which sets the packed dtype.
+    Prepacking copies every weight, so the decoder of a model that does not train (the sampling
+    copy) is kept between calls: a validation pass decodes many batches with the same weights. A
+    weight written in place (the copy's refresh, ``load_state_dict``) bumps its tensor's version
+    counter, a replaced one has a new address: either rebuilds the decoder. So does a change of
+    autocast, which sets the packed dtype. A model being trained copies nothing and is not kept.
 
     Args:
         model: a model ``unsupported_reason`` accepts.
         kernels: as ``StaticDecoder``.
     """
+    if any(p.requires_grad for p in model.parameters()):
+        return StaticDecoder(model, kernels)
     key = (kernels, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
            tuple((p.data_ptr(), p._version) for p in model.parameters()))
     cached = _DECODERS.get(model)

@@ -155,7 +155,9 @@ def test_bf16_copy_and_autocast_agree_with_the_generic_loop():
 
 def test_the_decoder_is_kept_until_a_weight_changes():
     model = tiny_qwen2()  # untied head: changing it changes the greedy tokens
+    model.requires_grad_(False)  # as the sampling copy: only a model that does not train is kept
     first = decoder_for(model)
+    assert first.kernel == "packed"
     assert decoder_for(model) is first
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert decoder_for(model) is not first  # autocast packs bf16 weights
@@ -184,3 +186,19 @@ def test_both_linear_kernels_match_the_generic_loop(kernels, monkeypatch):
     assert_close(out["static"][1], out["generic"][1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="kernels='fast' is invalid: must be one of auto, onednn, aten"):
         StaticDecoder(model, "fast")
+
+
+def test_a_trained_model_is_decoded_without_copies_of_its_weights():
+    model = tiny_llama(200, seed=0).eval()  # parameters that require grad: a policy being trained
+    first = decoder_for(model)
+    assert decoder_for(model) is not first, "a trained model's decoder is not kept"
+    assert first.kernel in ("plain", "aten")
+    layer, attn = first.layers[0], model.model.layers[0].self_attn
+    # q/k/v are not back to back: three matmuls on the module weights themselves, no concatenated copy
+    assert [part.weight.data_ptr() for part in layer.qkv.parts] == [
+        attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(), attn.v_proj.weight.data_ptr()]
+    assert first.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decoder_for(model).kernel == "aten"  # autocast casts as it would in transformers' forward
+    out = _both(model, SamplingParams(max_new_tokens=8, temperature=1.0), eos=[-1])
+    assert torch.equal(out["static"][0], out["generic"][0])
