@@ -28,6 +28,7 @@ logits agree.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -169,9 +170,12 @@ class StaticDecoder:
         kernels: "onednn" prepacks the linear weights for oneDNN (a CPU, float32 or bfloat16
             weights), "aten" runs ``F.linear`` on them as they are, "auto" prepacks a model that
             does not train (the sampling copy) and runs a trained one without copying its weights.
+        previous: an earlier decoder of the same model with the same kernels: its packed layers
+            whose weights have not changed since are reused instead of packed again.
     """
 
-    def __init__(self, model: nn.Module, kernels: Literal["auto", "onednn", "aten"] = "auto") -> None:
+    def __init__(self, model: nn.Module, kernels: Literal["auto", "onednn", "aten"] = "auto",
+                 previous: "StaticDecoder | None" = None) -> None:
         if kernels not in ("auto", "onednn", "aten"):
             raise ValueError(f"kernels={kernels!r} is invalid: must be one of auto, onednn, aten")
         reason = unsupported_reason(model)
@@ -184,19 +188,34 @@ class StaticDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
         self.kernel = kernel = _kernel(model, kernels)
+        # Packed units of the previous decoder whose weights have not changed since are reused: a
+        # LoRA run changes only its adapted layers, and packing the others again (the output layer
+        # alone is 28M weights here) would be most of the rebuild.
+        reusable = previous.units if previous is not None and previous.kernel == kernel == "packed" else {}
+        #: Packed units by the (address, version) of the weights they were made from.
+        self.units: dict[tuple, _Linear | _Stacked] = {}
+
+        def unit(linears: list[nn.Module], build: Callable[[], _Linear | _Stacked]) -> _Linear | _Stacked:
+            if kernel != "packed":
+                return build()
+            key = tuple((t.data_ptr(), t._version) for lin in linears for t in (lin.weight, lin.bias) if t is not None)
+            made = self.units[key] = reusable.get(key) or build()
+            return made
+
         self.embed = model.model.embed_tokens.weight.detach()
         self.final_norm = model.model.norm.weight.detach()
-        self.lm_head = _Linear(model.lm_head.weight, None, kernel)
+        self.lm_head = unit([model.lm_head], lambda: _Linear(model.lm_head.weight, None, kernel))
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
             self.layers.append(_Layer(
                 input_norm=layer.input_layernorm.weight.detach(),
-                qkv=_Stacked([attn.q_proj, attn.k_proj, attn.v_proj], kernel),
-                o=_Linear(attn.o_proj.weight, attn.o_proj.bias, kernel),
+                qkv=unit(qkv, lambda qkv=qkv: _Stacked(qkv, kernel)),
+                o=unit([attn.o_proj], lambda o=attn.o_proj: _Linear(o.weight, o.bias, kernel)),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=_Stacked([mlp.gate_proj, mlp.up_proj], kernel),
-                down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias, kernel),
+                gate_up=unit(gate_up, lambda gate_up=gate_up: _Stacked(gate_up, kernel)),
+                down=unit([mlp.down_proj], lambda down=mlp.down_proj: _Linear(down.weight, down.bias, kernel)),
             ))
         self.dtype = self.embed.dtype
         self.device = self.embed.device
@@ -277,8 +296,9 @@ def decoder_for(model: nn.Module, kernels: Literal["auto", "onednn", "aten"] = "
     Prepacking copies every weight, so the decoder of a model that does not train (the sampling
     copy) is kept between calls: a validation pass decodes many batches with the same weights. A
     weight written in place (the copy's refresh, ``load_state_dict``) bumps its tensor's version
-    counter, a replaced one has a new address: either rebuilds the decoder. So does a change of
-    autocast, which sets the packed dtype. A model being trained copies nothing and is not kept.
+    counter, a replaced one has a new address: either rebuilds the decoder, which packs again only
+    the layers whose weights changed. A change of autocast, which sets the packed dtype, packs every
+    layer again. A model being trained copies nothing and is not kept.
 
     Args:
         model: a model ``unsupported_reason`` accepts.
@@ -291,7 +311,8 @@ def decoder_for(model: nn.Module, kernels: Literal["auto", "onednn", "aten"] = "
     cached = _DECODERS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    decoder = StaticDecoder(model, kernels)
+    previous = cached[1] if cached is not None and cached[0][:3] == key[:3] else None
+    decoder = StaticDecoder(model, kernels, previous=previous)
     _DECODERS[model] = (key, decoder)
     return decoder
 

@@ -175,6 +175,28 @@ def test_the_decoder_is_kept_until_a_weight_changes():
     assert torch.equal(after, expected) and not torch.equal(after, before)
 
 
+def test_a_rebuilt_decoder_packs_again_only_the_layers_that_changed():
+    model = tiny_qwen2()
+    model.requires_grad_(False)
+    first = decoder_for(model)
+    with torch.no_grad():  # as a LoRA refresh of the sampling copy: one attention projection changes
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    second = decoder_for(model)
+    assert second is not first
+    assert second.layers[0].qkv is not first.layers[0].qkv  # packed again from the new weights
+    assert second.layers[0].o is first.layers[0].o and second.layers[0].gate_up is first.layers[0].gate_up
+    assert second.lm_head is first.lm_head
+    assert all(b.qkv is a.qkv and b.down is a.down for a, b in zip(first.layers[1:], second.layers[1:]))
+    params = SamplingParams(max_new_tokens=6, greedy=True)
+    ids, mask = left_pad(PROMPTS, 0)
+    with sampling_mode(model):
+        assert torch.equal(static_decode(model, ids, mask, 1, params, [-1], 0),
+                           decode(model, ids, mask, 1, params, [-1], 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another packed dtype: nothing is reused
+        third = decoder_for(model)
+    assert third.lm_head is not second.lm_head and third.layers[1].down is not second.layers[1].down
+
+
 @pytest.mark.parametrize("kernels", ["onednn", "aten"])
 def test_both_linear_kernels_match_the_generic_loop(kernels, monkeypatch):
     import rftlab.rollout.static_decode as sd
