@@ -12,6 +12,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests compare runs bit for bit; a thread count that follows the machine's load would not let them
+# (tests/callbacks/test_callbacks_threads.py turns it back on).
+os.environ.setdefault("RFTLAB_ADAPTIVE_THREADS", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as wandb_records
 

@@ -8,6 +8,7 @@ from rftlab.callbacks.checkpointing import AtomicCheckpointIO, AtomicCheckpoints
 from rftlab.callbacks.clock import TrainClock
 from rftlab.callbacks.dashboards import PhaseTimer, RolloutHistograms
 from rftlab.callbacks.samples import CompletionTable
+from rftlab.callbacks.threads import AdaptiveThreads
 from rftlab.callbacks.wandb import RFTWandbLogger, WandbMetrics, make_wandb_logger, wandb_mode
 from rftlab.core.plugins import DEFAULT_CALLBACKS
 
@@ -16,8 +17,9 @@ DEFAULT_CALLBACKS.register("train_clock", TrainClock, overwrite=True)
 DEFAULT_CALLBACKS.register("completion_table", lambda: CompletionTable(every_n_steps=10), overwrite=True)
 DEFAULT_CALLBACKS.register("wandb_metrics", WandbMetrics, overwrite=True)
 DEFAULT_CALLBACKS.register("atomic_checkpoints", AtomicCheckpoints, overwrite=True)
+DEFAULT_CALLBACKS.register("adaptive_threads", AdaptiveThreads, overwrite=True)
 
 __all__ = [
-    "AtomicCheckpointIO", "AtomicCheckpoints", "CheckpointWriteError", "ResumableCheckpoint", "RFTWandbLogger",
+    "AdaptiveThreads", "AtomicCheckpointIO", "AtomicCheckpoints", "CheckpointWriteError", "ResumableCheckpoint", "RFTWandbLogger",
     "CompletionTable", "PhaseTimer", "RolloutHistograms", "TrainClock", "WandbMetrics", "make_wandb_logger", "wandb_mode",
 ]
