@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 #: Set to "0" to keep torch's thread count as the fit found it.
 ENV_SWITCH = "RFTLAB_ADAPTIVE_THREADS"
@@ -167,7 +168,13 @@ class AdaptiveThreads(L.Callback):
         self._ceiling = max_threads or 1
 
     def _decide(self) -> None:
-        busy = self.window.close(self.min_window)
+        try:
+            busy = self.window.close(self.min_window)
+        except (OSError, ValueError, IndexError) as err:
+            # A counter that cannot be read must not stop a run: keep the count from here on.
+            rank_zero_warn(f"AdaptiveThreads: CPU counters unreadable ({err}); keeping {torch.get_num_threads()} threads")
+            self._initial = None
+            return
         if busy is None:
             return
         self.others_busy = busy

@@ -167,3 +167,18 @@ def test_the_real_counters_on_this_machine_keep_the_count_within_bounds(tmp_path
 
 def test_every_algorithm_gets_it_by_default():
     assert DEFAULT_CALLBACKS.get("adaptive_threads") is AdaptiveThreads
+
+
+class BrokenWindow(FakeWindow):
+    def close(self, min_seconds):
+        raise OSError("/proc/stat: permission denied")
+
+
+def test_unreadable_counters_warn_and_leave_the_count_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFTLAB_ADAPTIVE_THREADS", "1")
+    torch.set_num_threads(2)
+    callback = AdaptiveThreads()
+    callback.window = BrokenWindow([])
+    with pytest.warns(UserWarning, match="CPU counters unreadable"):
+        seen, _ = tiny_fit(tmp_path, callback, steps=2)
+    assert seen == [2, 2] and torch.get_num_threads() == 2
