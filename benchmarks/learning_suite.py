@@ -63,6 +63,8 @@ SUITE = [
 #: 0.18 nats for 40 steps, where a target of 0.3 came too late to hold anything). "wide" is readme
 #: with the same 32 completions per step spread as 2 prompts x 16: at the same sampling cost, a group
 #: of 16 is more likely than a group of 8 to hold both a right and a wrong answer when few are right.
+#: "group16" is readme with 4 prompts x 16 completions: twice the sampling per step, the prompts of
+#: readme, sampled as the readme runs were (the LoRA policy under autocast, ``sampling_dtype=None``).
 RECIPES: dict[str, dict[str, Any]] = {
     "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
     "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
@@ -73,6 +75,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "floor": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                   module=dict(loss=dict(entropy_target=0.8, entropy_coef=0.0, entropy_step=0.02, entropy_max_coef=0.2))),
     "wide": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=2, gens=16, dynamic_sampling=False),
+    "group16": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=16, dynamic_sampling=False,
+                    module=dict(forward=dict(sampling_dtype=None))),
     # readme, sampling from the bf16 copy (adapter merged) instead of the LoRA policy under autocast
     "copy": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                  module=dict(forward=dict(sampling_dtype="bfloat16"))),
