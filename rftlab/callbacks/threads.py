@@ -164,7 +164,8 @@ class AdaptiveThreads(L.Callback):
         self.min_threads, self.max_threads, self.min_window = min_threads, max_threads, min_window
         self.window = CpuWindow()
         self.others_busy: float | None = None
-        self._initial: int | None = None
+        self._initial: int | None = None  # the count the fit started with, restored at its end
+        self._active = False
         self._ceiling = max_threads or 1
 
     def _decide(self) -> None:
@@ -173,7 +174,7 @@ class AdaptiveThreads(L.Callback):
         except (OSError, ValueError, IndexError) as err:
             # A counter that cannot be read must not stop a run: keep the count from here on.
             rank_zero_warn(f"AdaptiveThreads: CPU counters unreadable ({err}); keeping {torch.get_num_threads()} threads")
-            self._initial = None
+            self._active = False
             return
         if busy is None:
             return
@@ -189,10 +190,11 @@ class AdaptiveThreads(L.Callback):
         # Set by the strategy already: a DDP process on a CPU starts with its share of the cores.
         self._initial = torch.get_num_threads()
         self._ceiling = max(self.min_threads, self.max_threads or self._initial)
+        self._active = True
         self.window.start()  # loading the model and the sanity checks are the first window
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._initial is None:
+        if not self._active:
             return
         # The first step must already run with the right count: beside a busy process, a step with
         # one thread too many costs several steps. A window too short to tell is waited out.
@@ -203,7 +205,7 @@ class AdaptiveThreads(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._initial is None:
+        if not self._active:
             return
         self._decide()
         pl_module.log("cpu/threads", float(torch.get_num_threads()), on_step=True, batch_size=1)
@@ -211,13 +213,13 @@ class AdaptiveThreads(L.Callback):
             pl_module.log("cpu/others_busy", self.others_busy, on_step=True, batch_size=1)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._initial is not None and not trainer.sanity_checking:
+        if self._active and not trainer.sanity_checking:
             self._decide()
 
     def _restore(self) -> None:
         if self._initial is not None and torch.get_num_threads() != self._initial:
             torch.set_num_threads(self._initial)
-        self._initial = None
+        self._initial, self._active = None, False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

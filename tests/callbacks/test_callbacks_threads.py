@@ -170,7 +170,11 @@ def test_every_algorithm_gets_it_by_default():
 
 
 class BrokenWindow(FakeWindow):
+    """Reads its given readings, then fails as an unreadable /proc would."""
+
     def close(self, min_seconds):
+        if self.readings:
+            return self.readings.pop(0)
         raise OSError("/proc/stat: permission denied")
 
 
@@ -178,7 +182,8 @@ def test_unreadable_counters_warn_and_leave_the_count_alone(tmp_path, monkeypatc
     monkeypatch.setenv("RFTLAB_ADAPTIVE_THREADS", "1")
     torch.set_num_threads(2)
     callback = AdaptiveThreads()
-    callback.window = BrokenWindow([])
+    callback.window = BrokenWindow([1.0])  # busy at the start: one thread, then the counters fail
     with pytest.warns(UserWarning, match="CPU counters unreadable"):
-        seen, _ = tiny_fit(tmp_path, callback, steps=2)
-    assert seen == [2, 2] and torch.get_num_threads() == 2
+        seen, _ = tiny_fit(tmp_path, callback, steps=3)
+    assert seen == [1, 1, 1]  # kept as it was when the counters failed
+    assert torch.get_num_threads() == 2  # and still restored when the fit ends
