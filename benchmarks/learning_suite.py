@@ -65,6 +65,7 @@ SUITE = [
 #: of 16 is more likely than a group of 8 to hold both a right and a wrong answer when few are right.
 #: "group16" is readme with 4 prompts x 16 completions: twice the sampling per step, the prompts of
 #: readme, sampled as the readme runs were (the LoRA policy under autocast, ``sampling_dtype=None``).
+#: "rank64" is readme with a LoRA rank of 64 (alpha 128, the same alpha / rank), sampled the same way.
 RECIPES: dict[str, dict[str, Any]] = {
     "readme": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False),
     "sparse": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=True, max_gen_batches=2,
@@ -77,6 +78,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "wide": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=2, gens=16, dynamic_sampling=False),
     "group16": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=16, dynamic_sampling=False,
                     module=dict(forward=dict(sampling_dtype=None))),
+    "rank64": dict(algo="grpo", lr=2e-4, lora_r=64, prompts=4, gens=8, dynamic_sampling=False,
+                   module=dict(forward=dict(sampling_dtype=None))),
     # readme, sampling from the bf16 copy (adapter merged) instead of the LoRA policy under autocast
     "copy": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                  module=dict(forward=dict(sampling_dtype="bfloat16"))),
