@@ -55,7 +55,8 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["threads"] != "auto":
         torch.set_num_threads(int(cfg["threads"]))
     L.seed_everything(0, verbose=False)
-    module = GRPO(policy=dict(model=cfg.get("policy", "default"), lora_r=16, lora_alpha=32), lr=2e-4, beta=0.0, log=dict(validate_at_start=False))
+    module = GRPO(policy=dict(model=cfg.get("policy", "default"), lora_r=16, lora_alpha=32), lr=2e-4, beta=0.0,
+                  log=dict(validate_at_start=False))
     dm = RolloutDataModule(task=Arithmetic(num_test=0), prompts_per_step=cfg["prompts"],
                            num_generations=cfg["generations"], max_new_tokens=cfg["tokens"], temperature=1.0,
                            seed=0)
@@ -150,10 +151,10 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["median_step_s"] = statistics.median(row["medians"]) if row["medians"] else None
         row["threads_used"] = sorted(row["threads_used"])
         rows.append(row)
+    fastest_idle = min((r["median_step_s"] for r in rows if r["competitor"] == "none" and r["median_step_s"]),
+                       default=None)
     for row in rows:
         idle = table.get((row["threads"], row["wait_policy"], "none"))
-        fastest_idle = min((r["median_step_s"] for r in rows if r["competitor"] == "none" and r["median_step_s"]),
-                           default=None)
         row["vs_same_idle"] = (row["median_step_s"] / idle["median_step_s"]
                                if idle and idle.get("median_step_s") and row["median_step_s"] else None)
         row["vs_fastest_idle"] = (row["median_step_s"] / fastest_idle

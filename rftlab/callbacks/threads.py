@@ -166,7 +166,7 @@ class AdaptiveThreads(L.Callback):
         self.others_busy: float | None = None
         self._initial: int | None = None  # the count the fit started with, restored at its end
         self._active = False
-        self._ceiling = max_threads or 1
+        self._ceiling = 1  # set when the fit starts
 
     def _decide(self) -> None:
         try:
