@@ -31,11 +31,22 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "get_delta_weight") and hasattr(module, "lora_A")
 
 
-def _plain_model(policy: nn.Module) -> nn.Module:
-    """The policy as a plain HF model (adapter merged into a deep copy; the policy is not touched)."""
-    if not is_adapter_model(policy):
-        return copy.deepcopy(policy)
-    return copy.deepcopy(policy).merge_and_unload()
+def _plain_model(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The policy as a plain HF model in ``dtype`` (adapter merged into a copy; the policy is not touched).
+
+    Frozen weights are copied straight to ``dtype`` (through ``deepcopy``'s memo), so building the
+    copy never holds a second float32 model, only the float32 adapter weights; everything else
+    is cast afterwards. The merge here rounds in ``dtype``; ``SamplingCopy`` then rewrites every
+    merged weight from float32.
+    """
+    memo: dict[int, object] = {}
+    for param in policy.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    model = copy.deepcopy(policy, memo)
+    if is_adapter_model(model):
+        model = model.merge_and_unload()
+    return model.to(dtype)
 
 
 class SamplingCopy:
@@ -53,8 +64,9 @@ class SamplingCopy:
         # Lightning validates under inference mode, and the first rollout may be a validation one:
         # tensors made there are inference tensors, which later refreshes could not write to.
         with torch.inference_mode(False), torch.no_grad():
-            self.model = _plain_model(policy).to(self.dtype).eval()
+            self.model = _plain_model(policy, self.dtype).eval()
         self.model.requires_grad_(False)
+        self._copy_from(policy, adapted_too=True)
         if unsupported_reason(self.model) is None:
             # q/k/v and gate/up back to back: the static-cache loop fuses them without a copy, and
             # ``refresh`` writes through the module weights into the fused storage.
@@ -70,6 +82,10 @@ class SamplingCopy:
         Args:
             policy: the policy the copy was made from.
         """
+        self._copy_from(policy)
+
+    def _copy_from(self, policy: nn.Module, adapted_too: bool = False) -> None:
+        """``refresh``; ``adapted_too`` also rewrites adapted layers whose adapter is frozen (at creation)."""
         source = policy.get_base_model() if is_adapter_model(policy) else policy
         sources = dict(source.named_modules())
         with torch.inference_mode(False), torch.no_grad():
@@ -81,7 +97,7 @@ class SamplingCopy:
                 if src is None:
                     raise RuntimeError(f"sampling copy: the policy has no module {name!r} to copy from")
                 if _is_lora_layer(src):
-                    if not any(p.requires_grad for p in src.parameters()):
+                    if not adapted_too and not any(p.requires_grad for p in src.parameters()):
                         continue
                     base = src.base_layer
                     merged = base.weight.detach().float()

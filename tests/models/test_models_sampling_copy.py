@@ -48,6 +48,35 @@ def test_copy_merges_the_adapter_and_follows_updates_without_touching_the_policy
     assert all(torch.equal(updated[n], p) for n, p in policy.named_parameters()), "refresh wrote to the policy"
 
 
+def test_copy_made_from_a_trained_adapter_equals_the_fp32_merge_and_never_copies_frozen_weights_in_fp32(monkeypatch):
+    policy = lora_policy()
+    with torch.no_grad():  # a trained (resumed) adapter: B != 0, so the merge changes weights
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    expected = fresh_copy(policy)  # PEFT's merge in float32 of a float32 deep copy, then rounded
+    copied = []
+    real = torch.nn.Parameter.__deepcopy__
+
+    def spy(self, memo):
+        copied.append((self.dtype, self.requires_grad))
+        return real(self, memo)
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", spy)
+    sampling = SamplingCopy(policy, "bfloat16")
+    monkeypatch.undo()
+    # Only the trainable adapter weights were deep-copied as they are; no frozen float32 weight.
+    assert copied and all(requires_grad for _, requires_grad in copied)
+    assert len(copied) == sum(p.requires_grad for p in policy.parameters())
+    params = dict(sampling.model.named_parameters())
+    assert params.keys() == expected.keys()
+    assert all(torch.equal(params[n], expected[n]) for n in expected)
+    buffers, expected_buffers = dict(sampling.model.named_buffers()), dict(
+        copy.deepcopy(policy).merge_and_unload().to(torch.bfloat16).named_buffers())
+    assert buffers.keys() == expected_buffers.keys()
+    assert all(torch.equal(buffers[n], expected_buffers[n]) for n in buffers)
+
+
 def test_copy_of_a_fully_fine_tuned_policy_follows_every_weight():
     policy = tiny_llama(100, seed=0)
     sampling = SamplingCopy(policy, "float16")
