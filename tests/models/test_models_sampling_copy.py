@@ -48,13 +48,8 @@ def test_copy_merges_the_adapter_and_follows_updates_without_touching_the_policy
     assert all(torch.equal(updated[n], p) for n, p in policy.named_parameters()), "refresh wrote to the policy"
 
 
-def test_copy_made_from_a_trained_adapter_equals_the_fp32_merge_and_never_copies_frozen_weights_in_fp32(monkeypatch):
-    policy = lora_policy()
-    with torch.no_grad():  # a trained (resumed) adapter: B != 0, so the merge changes weights
-        for name, p in policy.named_parameters():
-            if "lora_" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    expected = fresh_copy(policy)  # PEFT's merge in float32 of a float32 deep copy, then rounded
+def deep_copied_parameters(monkeypatch, build):
+    """The (dtype, requires_grad) of every parameter ``build()`` deep-copies as it is, and its result."""
     copied = []
     real = torch.nn.Parameter.__deepcopy__
 
@@ -63,11 +58,23 @@ def test_copy_made_from_a_trained_adapter_equals_the_fp32_merge_and_never_copies
         return real(self, memo)
 
     monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", spy)
-    sampling = SamplingCopy(policy, "bfloat16")
+    copy.deepcopy(torch.nn.Linear(2, 2))  # the spy sees a deep copy (a control)
+    assert len(copied) == 2
+    copied.clear()
+    result = build()
     monkeypatch.undo()
-    # Only the trainable adapter weights were deep-copied as they are; no frozen float32 weight.
-    assert copied and all(requires_grad for _, requires_grad in copied)
-    assert len(copied) == sum(p.requires_grad for p in policy.parameters())
+    return copied, result
+
+
+def test_copy_made_from_a_trained_adapter_equals_the_fp32_merge_and_never_copies_weights_in_fp32(monkeypatch):
+    policy = lora_policy()
+    with torch.no_grad():  # a trained (resumed) adapter: B != 0, so the merge changes weights
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    expected = fresh_copy(policy)  # PEFT's merge in float32 of a float32 deep copy, then rounded
+    copied, sampling = deep_copied_parameters(monkeypatch, lambda: SamplingCopy(policy, "bfloat16"))
+    assert copied == []  # every weight went straight to bf16: no float32 copy of the model
     params = dict(sampling.model.named_parameters())
     assert params.keys() == expected.keys()
     assert all(torch.equal(params[n], expected[n]) for n in expected)
@@ -75,6 +82,18 @@ def test_copy_made_from_a_trained_adapter_equals_the_fp32_merge_and_never_copies
         copy.deepcopy(policy).merge_and_unload().to(torch.bfloat16).named_buffers())
     assert buffers.keys() == expected_buffers.keys()
     assert all(torch.equal(buffers[n], expected_buffers[n]) for n in buffers)
+
+
+def test_copy_of_a_full_policy_is_its_weights_rounded_and_keeps_tied_weights_tied(monkeypatch):
+    policy = tiny_llama(100, seed=0)
+    policy.config.tie_word_embeddings = True
+    policy.tie_weights()
+    copied, sampling = deep_copied_parameters(monkeypatch, lambda: SamplingCopy(policy, "float16"))
+    assert copied == []
+    expected = dict(copy.deepcopy(policy).to(torch.float16).named_parameters())
+    params = dict(sampling.model.named_parameters())
+    assert params.keys() == expected.keys() and all(torch.equal(params[n], expected[n]) for n in expected)
+    assert sampling.model.lm_head.weight is sampling.model.model.embed_tokens.weight
 
 
 def test_copy_of_a_fully_fine_tuned_policy_follows_every_weight():
