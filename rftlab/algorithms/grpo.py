@@ -38,6 +38,7 @@ from rftlab.core import (
     masked_mean,
     masked_sum,
     selective_log_softmax,
+    selective_log_softmax_and_entropy,
     takes_input,
     top_entropy_mask,
 )
@@ -222,14 +223,19 @@ class GRPO(RFTModule):
             ``(loss, logp, metrics)``: the 0-dim loss, the (N, T) log-probs, detached metrics.
         """
         spec, clip = self.loss_spec, self.clip_options
-        logp = selective_log_softmax(logits, batch.completion_ids)
-        old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()  # one update: no old forward
-        mask = self.loss_mask(batch)
         coef, adaptive = self.entropy_coef, spec.entropy_target is not None
         bonus = coef > 0 or adaptive
-        entropy = entropy_from_logits(logits) if bonus or spec.top_entropy_quantile < 1 else None
-        if entropy is not None and not bonus:
-            entropy = entropy.detach()
+        monitored = None  # the entropy metric, from the log-softmax the log-probs need anyway
+        if bonus or spec.top_entropy_quantile < 1:
+            logp = selective_log_softmax(logits, batch.completion_ids)
+            entropy = entropy_from_logits(logits)
+            if not bonus:
+                entropy = entropy.detach()
+        else:
+            logp, monitored = selective_log_softmax_and_entropy(logits, batch.completion_ids)
+            entropy = None
+        old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()  # one update: no old forward
+        mask = self.loss_mask(batch)
         advantages, metrics = self.token_advantages(batch, old_logp, None if entropy is None else entropy.detach(), mask)
         supplied = {"eps_low": clip.eps_low, "eps_high": clip.eps_high, "dual_clip": clip.dual_clip, "agg": spec.agg}
         loss, loss_metrics = call_plugin(POLICY_LOSSES.get(spec.name), (logp, old_logp, advantages, mask),
@@ -244,7 +250,7 @@ class GRPO(RFTModule):
                 loss = loss + self.kl_coef * kl_loss
                 metrics["loss/kl"] = kl_loss.detach()
         if entropy is None:
-            metrics["entropy"] = self.token_entropy(logits, batch.completion_mask)
+            metrics["entropy"] = masked_mean(monitored, batch.completion_mask)
         else:
             metrics["entropy"] = masked_mean(entropy.detach(), mask)
         if adaptive:

@@ -33,7 +33,7 @@ from rftlab.core.correction import (
     correction_weights,
 )
 from rftlab.core.entropy import adaptive_entropy_coef, entropy_bonus_active, top_entropy_mask
-from rftlab.core.logprobs import entropy_from_logits, selective_log_softmax
+from rftlab.core.logprobs import entropy_from_logits, selective_log_softmax, selective_log_softmax_and_entropy
 from rftlab.core.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -129,6 +129,7 @@ __all__ = [
     "overlong_penalty",
     "policy_loss",
     "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
     "value_loss",
     "whiten",
 ]

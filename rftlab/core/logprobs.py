@@ -89,3 +89,48 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
         logp = F.log_softmax(chunk.to(compute_dtype), dim=-1)
         chunks.append(-(logp.exp() * logp.clamp_min(floor)).sum(-1))
     return torch.cat(chunks).reshape(lead_shape)
+
+
+def selective_log_softmax_and_entropy(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``selective_log_softmax(logits, ids)`` and the detached ``entropy_from_logits(logits)``, in one pass.
+
+    A training step that only monitors the entropy would otherwise normalise the (N, T, V) logits
+    twice; here each row's normalisation serves both. The log-probs are the same numbers (and the
+    same gradient) as ``selective_log_softmax``'s, the entropies those of ``entropy_from_logits``.
+
+    Args:
+        logits: (N, T, V) floating logits.
+        ids: (N, T) integer token ids in ``[0, V)``.
+
+    Returns:
+        ``(logp, entropy)``: (N, T) log-probs as ``selective_log_softmax`` returns them
+        (differentiable), and (N, T) entropies in nats without grad, float32 (float64 for float64 input).
+    """
+    if logits.dim() < 2 or logits.shape[:-1] != ids.shape:
+        raise ValueError(
+            f"expected logits (N, T, V) and ids (N, T), got {tuple(logits.shape)} and {tuple(ids.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    ids = ids.long()
+    full = logits.dtype in _FULL_PRECISION
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    if logits.shape[0] == 0:
+        return (logits.new_zeros(ids.shape, dtype=logits.dtype if full else torch.float32),
+                logits.new_zeros(ids.shape, dtype=compute_dtype))
+    floor = torch.finfo(compute_dtype).min
+    rows, entropies = [], []
+    for row_logits, row_ids in zip(logits, ids):
+        if full:
+            picked = row_logits.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)
+            rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+            with torch.no_grad():
+                row_logp = F.log_softmax(row_logits.detach().to(compute_dtype), dim=-1)
+        else:
+            row_logp = F.log_softmax(row_logits.float(), dim=-1)
+            rows.append(row_logp.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1))
+        with torch.no_grad():
+            # As entropy_from_logits: -inf log-probs clamped so that 0 * log 0 counts as 0.
+            detached = row_logp.detach()
+            entropies.append(-(detached.exp() * detached.clamp_min(floor)).sum(-1))
+    return torch.stack(rows), torch.stack(entropies)

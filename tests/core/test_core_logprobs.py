@@ -1,4 +1,4 @@
-"""selective_log_softmax and entropy_from_logits."""
+"""selective_log_softmax, entropy_from_logits and the two in one pass."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rftlab.core import entropy_from_logits, selective_log_softmax
+from rftlab.core import entropy_from_logits, selective_log_softmax, selective_log_softmax_and_entropy
 
 
 def _ref_selective(logits, ids):
@@ -169,3 +169,43 @@ def test_no_full_size_log_softmax_is_materialised(monkeypatch, dtype):
     seen.clear()
     entropy_from_logits(logits, chunk_size=5)
     assert seen and max(seen) <= 5 * v  # one chunk of flattened rows at a time
+
+
+def test_fused_hand_computed():
+    # softmax = [0.1, 0.2, 0.3, 0.4]; then a uniform row over 4 tokens
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]]]))
+    logp, entropy = selective_log_softmax_and_entropy(logits, torch.tensor([[3, 2]]))
+    assert_close(logp, torch.tensor([[math.log(0.4), math.log(0.25)]]))
+    h0 = -sum(p * math.log(p) for p in (0.1, 0.2, 0.3, 0.4))  # 1.279854
+    assert_close(entropy, torch.tensor([[h0, math.log(4)]]))
+    assert not entropy.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_equals_the_two_functions_values_and_gradient(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 6, 13, generator=g) * 3
+    base[0, 1, :5] = float("-inf")  # tokens removed by top-k: 0 * log 0 = 0 in the entropy
+    ids = torch.randint(5, 13, (3, 6), generator=g)
+    a = base.to(dtype).requires_grad_(True)
+    b = base.to(dtype).requires_grad_(True)
+    logp, entropy = selective_log_softmax_and_entropy(a, ids)
+    expected_logp = selective_log_softmax(b, ids)
+    assert logp.dtype == expected_logp.dtype and torch.equal(logp, expected_logp)
+    expected_entropy = entropy_from_logits(b.detach())
+    assert entropy.dtype == expected_entropy.dtype
+    assert_close(entropy, expected_entropy, rtol=1e-6, atol=1e-6)
+    assert_close(entropy.double(), _ref_entropy(base.to(dtype)), rtol=1e-5, atol=1e-5)
+    weights = torch.randn(3, 6, generator=g)
+    (logp * weights).sum().backward()
+    (expected_logp * weights).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_fused_edge_cases():
+    logp, entropy = selective_log_softmax_and_entropy(torch.zeros(0, 4, 7), torch.zeros(0, 4, dtype=torch.long))
+    assert logp.shape == entropy.shape == (0, 4)
+    with pytest.raises(ValueError, match="expected logits"):
+        selective_log_softmax_and_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="floating point"):
+        selective_log_softmax_and_entropy(torch.zeros(2, 3, 5, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
