@@ -34,7 +34,8 @@ def _is_lora_layer(module: nn.Module) -> bool:
 def _plain_model(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The policy as a plain HF model in ``dtype`` (adapter merged into a copy; the policy is not touched).
 
-    Every floating-point weight is copied straight to ``dtype`` (through ``deepcopy``'s memo), so
+    Every floating-point weight is copied straight to ``dtype`` (through ``deepcopy``'s memo; a real
+    copy even when it already is in ``dtype``, so the copy never shares storage with the policy), so
     building the copy never holds a second float32 model (540 MB for a 135M model, 6 GB at 1.5B);
     buffers are cast afterwards. An adapter merged here rounds in ``dtype``: ``SamplingCopy`` then
     rewrites every merged weight from the float32 merge.
@@ -42,7 +43,7 @@ def _plain_model(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
     memo: dict[int, object] = {}
     for param in policy.parameters():
         if param.is_floating_point():
-            memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype, copy=True), requires_grad=False)
     model = copy.deepcopy(policy, memo)
     if is_adapter_model(model):
         model = model.merge_and_unload()

@@ -201,3 +201,18 @@ def test_auto_resolution():
     lora.sharded = True  # FSDP2: no process holds whole weights to copy
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lora.sampling_dtype() is None
+
+
+def test_copy_of_a_policy_already_in_its_dtype_shares_no_storage_and_leaves_the_policy_alone():
+    policy = lora_policy().to(torch.bfloat16)  # a bf16-true run: the weights are in the copy's dtype
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # a non-zero adapter: merging it into shared storage would change the policy
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    sampling = SamplingCopy(policy, "bfloat16")
+    policy_storage = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in policy_storage for p in sampling.model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters())
+    expected = fresh_copy(policy)
+    assert all(torch.equal(p, expected[n]) for n, p in sampling.model.named_parameters())
