@@ -16,6 +16,16 @@ from torch import Tensor
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
+def _check_logits_and_ids(logits: Tensor, ids: Tensor) -> None:
+    """Raise unless ``logits`` is floating (N, T, V) (any leading dims) and ``ids`` is (N, T)."""
+    if logits.dim() < 2 or logits.shape[:-1] != ids.shape:
+        raise ValueError(
+            f"expected logits (N, T, V) and ids (N, T), got {tuple(logits.shape)} and {tuple(ids.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
 def selective_log_softmax(logits: Tensor, ids: Tensor) -> Tensor:
     """``log_softmax(logits, -1).gather(-1, ids)`` without materialising the full log-softmax.
 
@@ -33,12 +43,7 @@ def selective_log_softmax(logits: Tensor, ids: Tensor) -> Tensor:
         lower-precision logits, because they feed ``exp(logp - old_logp)`` where bf16 rounding
         would be of the order of the PPO clip range itself. Differentiable w.r.t. ``logits``.
     """
-    if logits.dim() < 2 or logits.shape[:-1] != ids.shape:
-        raise ValueError(
-            f"expected logits (N, T, V) and ids (N, T), got {tuple(logits.shape)} and {tuple(ids.shape)}"
-        )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    _check_logits_and_ids(logits, ids)
     ids = ids.long()
     full = logits.dtype in _FULL_PRECISION
     out_dtype = logits.dtype if full else torch.float32
@@ -106,12 +111,7 @@ def selective_log_softmax_and_entropy(logits: Tensor, ids: Tensor) -> tuple[Tens
         ``(logp, entropy)``: (N, T) log-probs as ``selective_log_softmax`` returns them
         (differentiable), and (N, T) entropies in nats without grad, float32 (float64 for float64 input).
     """
-    if logits.dim() < 2 or logits.shape[:-1] != ids.shape:
-        raise ValueError(
-            f"expected logits (N, T, V) and ids (N, T), got {tuple(logits.shape)} and {tuple(ids.shape)}"
-        )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    _check_logits_and_ids(logits, ids)
     ids = ids.long()
     full = logits.dtype in _FULL_PRECISION
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
