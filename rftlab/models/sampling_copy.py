@@ -32,13 +32,13 @@ def _is_lora_layer(module: nn.Module) -> bool:
 
 
 def _plain_model(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The policy as a plain HF model in ``dtype`` (adapter merged into a copy; the policy is not touched).
+    """The policy's structure as a plain HF model in ``dtype`` (the policy is not touched).
 
     Every floating-point weight is copied straight to ``dtype`` (through ``deepcopy``'s memo; a real
     copy even when it already is in ``dtype``, so the copy never shares storage with the policy), so
     building the copy never holds a second float32 model (540 MB for a 135M model, 6 GB at 1.5B);
-    buffers are cast afterwards. An adapter merged here rounds in ``dtype``: ``SamplingCopy`` then
-    rewrites every merged weight from the float32 merge.
+    buffers are cast afterwards. An adapter is dropped, not merged: ``SamplingCopy`` writes every
+    adapted weight from the policy's float32 merge right after.
     """
     memo: dict[int, object] = {}
     for param in policy.parameters():
@@ -46,7 +46,7 @@ def _plain_model(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
             memo[id(param)] = nn.Parameter(param.detach().to(dtype, copy=True), requires_grad=False)
     model = copy.deepcopy(policy, memo)
     if is_adapter_model(model):
-        model = model.merge_and_unload()
+        model = model.unload()
     return model.to(dtype)
 
 
@@ -86,7 +86,7 @@ class SamplingCopy:
         self._copy_from(policy)
 
     def _copy_from(self, policy: nn.Module, adapted_too: bool = False) -> None:
-        """``refresh``; ``adapted_too`` also rewrites adapted layers whose adapter is frozen (at creation)."""
+        """``refresh``; ``adapted_too`` also writes adapted layers whose adapter is frozen (at creation)."""
         source = policy.get_base_model() if is_adapter_model(policy) else policy
         sources = dict(source.named_modules())
         with torch.inference_mode(False), torch.no_grad():
