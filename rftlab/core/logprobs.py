@@ -123,9 +123,10 @@ def selective_log_softmax_and_entropy(logits: Tensor, ids: Tensor) -> tuple[Tens
     for row_logits, row_ids in zip(logits, ids):
         if full:
             picked = row_logits.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)
-            rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-            with torch.no_grad():
-                row_logp = F.log_softmax(row_logits.detach().to(compute_dtype), dim=-1)
+            lse = torch.logsumexp(row_logits, dim=-1)
+            rows.append(picked - lse)
+            with torch.no_grad():  # the normaliser just computed serves the entropy too
+                row_logp = row_logits.detach() - lse.detach().unsqueeze(-1)
         else:
             row_logp = F.log_softmax(row_logits.float(), dim=-1)
             rows.append(row_logp.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1))
