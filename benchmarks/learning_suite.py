@@ -34,7 +34,7 @@ from rftlab import DAPO, GRPO, RolloutDataModule
 from rftlab.callbacks import TrainClock
 from rftlab.experiments.tracking import RunRecorder
 from rftlab.experiments.variants import Budget
-from rftlab.tasks import ReasoningGym
+from rftlab.tasks import Curriculum, ReasoningGym
 
 #: (kind, name, options, extract): the suite. Numeric answers are read as the last number written,
 #: the others by the "flexible" extraction (the <answer> tag, else a stated answer, else the last line).
@@ -87,15 +87,45 @@ RECIPES: dict[str, dict[str, Any]] = {
                      module=dict(forward=dict(sampling_dtype="bfloat16"), loss=dict(correction=dict(mode="token_truncate")))),
 }
 
+#: The easy stage of the "curriculum" recipe, one per suite task, by one rule rather than tuning:
+#: every count range (terms, digits, numbers, words, letters, string length, sequence terms and
+#: complexity) at its lowest value, every value range halved; aiw asks about siblings only, with at
+#: most 4 people, and syllogism uses "all" statements only (reasoning-gym's curriculum level 0 of each).
+EASY: dict[str, dict[str, Any]] = {
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 10},
+    "aiw": {"task_type_weights": [1.0, 0.0, 0.0], "max_entities": 4},
+    "letter_jumble": {"min_word_len": 3, "max_word_len": 3, "min_words": 1, "max_words": 1,
+                      "min_corruption_level": 0.1, "max_corruption_level": 0.1},
+    "syllogism": {"allow_no": False, "allow_some": False, "allow_some_not": False},
+    "isomorphic_strings": {"min_string_length": 2, "max_string_length": 2},
+    "number_sequence": {"min_terms": 4, "max_terms": 4, "min_value": -50, "max_value": 50, "max_complexity": 1},
+}
+# copy, with the first half of the run's prompts from the task's easy configuration (EASY)
+RECIPES["curriculum"] = dict(RECIPES["copy"], curriculum=0.5)
+
 # Every recipe but the copy ones samples from the LoRA policy under autocast, as all of them did when
 # first measured (the default sampling_dtype="auto" later moved bf16 runs to the merged copy).
 for _name, _recipe in RECIPES.items():
-    if not _name.startswith("copy"):
+    if not _name.startswith("copy") and "curriculum" not in _recipe:
         _recipe.setdefault("module", {}).setdefault("forward", {}).setdefault("sampling_dtype", None)
 
 
 def make_task(name: str, options: dict[str, Any], extract: str, num_test: int, seed: int) -> ReasoningGym:
     return ReasoningGym(name, num_test=num_test, seed=seed, extract=extract, **options)
+
+
+def make_training_task(name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
+                       args: argparse.Namespace) -> ReasoningGym | Curriculum:
+    """The task a recipe trains on: the suite's, or with ``curriculum`` (a share of the run's prompts)
+    a two-stage curriculum whose first stage is the task's ``EASY`` configuration."""
+    task = make_task(name, options, extract, args.num_test, args.seed)
+    share = recipe.get("curriculum")
+    if not share:
+        return task
+    easy = make_task(name, EASY[name], extract, 0, args.seed)
+    return Curriculum([easy, task], stage_prompts=[max(1, round(share * args.steps * recipe["prompts"]))])
 
 
 def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
@@ -106,7 +136,7 @@ def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe
                   lora=True, lr=recipe["lr"], beta=0.0, **recipe.get("module", {}))
     model = DAPO(**common) if recipe["algo"] == "dapo" else GRPO(**common)
     dm = RolloutDataModule(
-        task=make_task(name, options, extract, args.num_test, args.seed), prompts_per_step=recipe["prompts"],
+        task=make_training_task(name, options, extract, recipe, args), prompts_per_step=recipe["prompts"],
         num_generations=recipe["gens"], max_new_tokens=args.max_new_tokens, temperature=recipe.get("temperature", 1.0),
         dynamic_sampling=recipe["dynamic_sampling"], max_gen_batches=recipe.get("max_gen_batches", 4),
         val_batch_size=args.num_test, seed=args.seed,
@@ -188,7 +218,8 @@ def is_plain_grpo(recipe: dict[str, Any]) -> bool:
     module = {k: v for k, v in (recipe.get("module") or {}).items() if k != "forward"}
     forward = (recipe.get("module") or {}).get("forward") or {}
     own_sampling = forward == {"sampling_dtype": None} or not forward
-    return recipe["algo"] == "grpo" and not recipe["dynamic_sampling"] and not module and own_sampling
+    return (recipe["algo"] == "grpo" and not recipe["dynamic_sampling"] and not module and own_sampling
+            and not recipe.get("curriculum"))
 
 
 def check_trl_side(recipe: dict[str, Any], name: str) -> None:

@@ -54,3 +54,17 @@ def test_the_trl_side_refuses_what_it_cannot_run_before_any_work(tmp_path, monke
     with pytest.raises(SystemExit, match="needs TRL in its own venv"):
         suite.main(common + ["--recipe", "readme"])
     assert not (tmp_path / "out").exists()
+
+
+def test_every_suite_task_has_an_easy_stage_and_the_curriculum_recipe_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    suite = load_benchmark("learning_suite")
+    assert set(suite.EASY) == {name for _, name, *_ in suite.SUITE}
+    for _, name, options, extract in suite.SUITE:  # every easy configuration is one reasoning-gym accepts
+        assert suite.make_task(name, suite.EASY[name], extract, num_test=0, seed=0).train_rows()[0]["answer"]
+    assert not suite.is_plain_grpo(suite.RECIPES["curriculum"]), "TRL has no curriculum: not a TRL recipe"
+    suite.main(["--policy", "tiny", "--precision", "32-true", "--threads", "1", "--steps", "2", "--num-test", "4",
+                "--max-new-tokens", "4", "--tasks", "chain_sum", "--recipe", "curriculum", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "chain_sum.json").read_text())
+    assert result["recipe"]["curriculum"] == 0.5 and result["steps"] == 2
+    assert len(result["steps_log"]) == 2 and [e["step"] for e in result["evals"]] == [0, 1, 2]

@@ -435,22 +435,32 @@ class RolloutDataModule(L.LightningDataModule):
         return self._queue.pop(0)
 
     def next_prompt_rows(self, n: int) -> list[dict[str, Any]]:
-        """The next ``n`` prompts of this process, from a per-epoch seeded shuffle of the train rows."""
+        """The next ``n`` prompts of this process, from a per-epoch seeded shuffle of the train rows.
+
+        A curriculum task (one with ``stage_at``) picks the stage by the prompt's place in the run
+        and shuffles each stage's rows on its own.
+        """
         rows = []
-        size = len(self.train_rows)
         for _ in range(n):
             # Processes take interleaved slots of the global order, so ranks never share a prompt.
             slot = self.prompt_cursor * self.world_size + self.rank
-            epoch, offset = divmod(slot, size)
-            rows.append(self.train_rows[int(self._permutation(epoch)[offset])])
+            stage, source = 0, self.train_rows
+            if hasattr(self.task, "stage_at"):
+                stage, slot = self.task.stage_at(slot)
+                source = self.task.stage_rows(stage)
+            epoch, offset = divmod(slot, len(source))
+            rows.append(source[int(self._permutation(epoch, len(source), stage)[offset])])
             self.prompt_cursor += 1
         return rows
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def _permutation(self, epoch: int, size: int, stage: int = 0) -> torch.Tensor:
+        key = (stage, epoch, size)
         cached = getattr(self, "_perm_cache", None)
-        if cached is None or cached[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            cached = (epoch, torch.randperm(len(self.train_rows), generator=gen))
+        if cached is None or cached[0] != key:
+            # Stage 0 is seeded as a task without stages always was; later stages by their own key.
+            seed = self.seed * 1_000_003 + epoch if stage == 0 else zlib.crc32(f"{self.seed}-{epoch}-stage{stage}".encode())
+            gen = torch.Generator().manual_seed(seed)
+            cached = (key, torch.randperm(size, generator=gen))
             self._perm_cache = cached
         return cached[1]
 
