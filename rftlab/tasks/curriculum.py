@@ -22,6 +22,14 @@ from rftlab.tasks.base import Row, Task
 STAGE_COLUMN = "curriculum_stage"
 
 
+def _position(index: int, length: int) -> int:
+    """``index`` of a sequence of ``length`` items as a position from 0 (negative counts from the end)."""
+    position = index + length if index < 0 else index
+    if not 0 <= position < length:
+        raise IndexError(index)
+    return position
+
+
 def _prompt_key(prompt: Any) -> str:
     return json.dumps(prompt, sort_keys=True, default=str)
 
@@ -47,10 +55,7 @@ class _Chained(Sequence):
     def __getitem__(self, index: int) -> Row:  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = _position(index, len(self))
         stage = max(i for i, start in enumerate(self.starts[:-1]) if start <= index)
         part = self.parts[stage]
         local = index - self.starts[stage]
@@ -185,8 +190,4 @@ class _Slice(Sequence):
     def __getitem__(self, index: int) -> Row:  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.rows[self.start + index]
+        return self.rows[self.start + _position(index, len(self))]

@@ -131,3 +131,16 @@ def test_an_easier_stage_never_trains_on_a_held_out_question():
     with pytest.raises(ValueError, match="every training row of curriculum stage 0"):
         Curriculum([easy, RowsTask([{"prompt": "h"}], rewards=hard.reward_functions(),
                                    test=[{"prompt": f"q{i}"} for i in range(4)])], stage_prompts=[1]).stage_rows(0)[0]
+
+
+def test_rows_index_like_a_list():
+    c = Curriculum([_stage("a", 2, 0.0), _stage("b", 3, 1.0)], stage_prompts=[1])
+    rows = c.train_rows()
+    assert len(rows) == 5 and [r["prompt"] for r in rows[:]] == ["a0", "a1", "b0", "b1", "b2"]
+    assert rows[-1]["prompt"] == "b2" and c.stage_rows(1)[-3]["prompt"] == "b0"
+    assert [r[STAGE_COLUMN] for r in rows] == [0, 0, 1, 1, 1]
+    for bad in (5, -6):
+        with pytest.raises(IndexError):
+            rows[bad]
+    with pytest.raises(IndexError):
+        c.stage_rows(0)[2]
