@@ -31,7 +31,11 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_PHRASE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
-TEST_SEED_OFFSET = 1_000_003  # the held-out split's seed: seed + this, unless test_seed is given
+TEST_SEED_OFFSET = 1_000_003  # the held-out split's seed: the training seed + this, unless test_seed is given
+#: reasoning-gym generates row i of a dataset from ``Random(seed + i)``, so datasets seeded 0 and 1
+#: would share all rows but one. A task's seed is spread by this factor (beyond the held-out and spare
+#: offsets) so that every seed draws its own rows; seed 0 draws what it always did.
+SEED_STRIDE = 10_000_019
 
 
 def _tidy(answer: str) -> str:
@@ -140,8 +144,9 @@ class ReasoningGym(Task):
         name: the dataset's name in reasoning-gym (``basic_arithmetic``, ``letter_counting``, ...).
         num_train: training rows (generated lazily, row i from ``(seed, i)``).
         num_test: held-out rows.
-        seed: seeds the training rows.
-        test_seed: seeds the held-out rows (default: ``seed + 1000003``).
+        seed: seeds the training rows (reasoning-gym's seed ``seed * 10000019``: its row i comes from
+            its seed + i, so nearby seeds are spread apart).
+        test_seed: reasoning-gym's seed of the held-out rows (default: ``seed * 10000019 + 1000003``).
         extract: how the answer is read from a completion: "flexible" (the last ``<answer>...</answer>``,
             else an "answer is X" phrase, else the last line), "answer_tag" (the tag only),
             "last_number" (for numeric answers), "last_line", "whole", or a function.
@@ -181,12 +186,13 @@ class ReasoningGym(Task):
         self.name = name
         self.options = {**dict(config or {}), **options}
         self.seed = seed
-        self.test_seed = seed + TEST_SEED_OFFSET if test_seed is None else test_seed
+        base = seed * SEED_STRIDE
+        self.test_seed = base + TEST_SEED_OFFSET if test_seed is None else test_seed
         self.extract = extract
         self.system_prompt = system_prompt
         try:
-            self._train_ds = gym.create_dataset(name, size=num_train, seed=seed, **self.options)
-            self._spare_ds = gym.create_dataset(name, size=num_train, seed=seed + 2 * TEST_SEED_OFFSET, **self.options)
+            self._train_ds = gym.create_dataset(name, size=num_train, seed=base, **self.options)
+            self._spare_ds = gym.create_dataset(name, size=num_train, seed=base + 2 * TEST_SEED_OFFSET, **self.options)
             test_ds = gym.create_dataset(name, size=max(num_test, 1), seed=self.test_seed, **self.options)
         except (TypeError, ValueError, AssertionError) as err:
             raise ValueError(f"reasoning-gym dataset {name!r} refused the options {self.options}: "

@@ -29,6 +29,22 @@ def test_rows_are_seeded_and_the_held_out_split_is_unseen():
     assert row["prompt"][1]["content"] == row["entry"]["question"] and row["answer"] == str(row["entry"]["answer"])
 
 
+def test_nearby_seeds_draw_their_own_rows_and_seed_0_draws_what_it_always_did():
+    import reasoning_gym
+
+    wide = dict(min_terms=3, max_terms=4, min_digits=2, max_digits=3)  # a space where chance repeats are rare
+    tasks = [ReasoningGym("basic_arithmetic", num_train=50, num_test=50, seed=s, **wide) for s in (0, 1)]
+    questions = [[r["entry"]["question"] for r in t.test_rows()] for t in tasks]
+    # reasoning-gym draws row i from seed + i: unspread, seed 1's split would be seed 0's shifted by one
+    assert questions[1][:-1] != questions[0][1:] and len(set(questions[0]) & set(questions[1])) <= 2
+    train = [{tasks[k].train_rows()[i]["entry"]["question"] for i in range(50)} for k in (0, 1)]
+    assert len(train[0] & train[1]) <= 2
+    held_out = reasoning_gym.create_dataset("basic_arithmetic", size=50, seed=1_000_003, **wide)
+    assert questions[0] == [held_out[i]["question"] for i in range(50)]
+    train_0 = reasoning_gym.create_dataset("basic_arithmetic", size=50, seed=0, **wide)
+    assert [tasks[0].train_rows()[i]["entry"]["question"] for i in range(50)] == [train_0[i]["question"] for i in range(50)]
+
+
 def test_the_datasets_own_verifier_scores_the_extracted_answer():
     task = ReasoningGym("basic_arithmetic", num_test=3, extract="answer_tag", **SMALL)
     row = task.test_rows()[0]
