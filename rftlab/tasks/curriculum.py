@@ -3,10 +3,10 @@
 With a small model most groups of a hard task score alike (all wrong), so they carry no learning
 signal. Training first on an easier version of the same task (fewer terms, shorter words, ...)
 gives the policy prompts it sometimes solves; the held-out split stays the hardest stage's, so
-held-out accuracy measures the task that matters. The stages follow one another by prompt count,
-a fixed schedule (as reasoning-gym's and Kimi k1.5's curricula move from easy to hard; arXiv
-2501.12599, sec. 2.3.4), so a run is reproducible and a resumed run draws what an uninterrupted one
-would have.
+held-out accuracy measures the task that matters (Kimi k1.5's curriculum sampling, arXiv
+2501.12599, also moves from easy to hard problems). Here the stages follow one another by prompt
+count, a fixed schedule rather than one driven by measured accuracy (as reasoning-gym's curricula
+are), so a run is reproducible and a resumed run draws what an uninterrupted one would have.
 """
 
 from __future__ import annotations
