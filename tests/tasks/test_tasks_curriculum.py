@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_params_changed, fit_tiny, trainable_snapshot
 
 from rftlab import RolloutDataModule
 from rftlab.tasks import Curriculum, RowsTask
@@ -100,24 +99,6 @@ def test_stage_rewards_see_only_their_rows_columns():
     Curriculum(stages, stage_prompts=[1]).reward_functions()["r"](["x", "y", "z"], answer=["a1", "b1", "a2"],
                                                                   **{STAGE_COLUMN: [0, 1, 0]})
     assert seen == [["a1", "a2"], ["b1"]]
-
-
-def test_grpo_trains_through_a_curriculum(tiny_grpo, vary_reward):
-    import lightning as L
-
-    seen: list[int] = []
-
-    class Stages(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.extend(sorted({row[STAGE_COLUMN] for row in batch.rows}))
-
-    c = Curriculum([_stage("a", 4, 0.0), _stage("b", 4, 1.0)], stage_prompts=[2])
-    module = tiny_grpo()
-    dm = RolloutDataModule(task=c, rewards=vary_reward, prompts_per_step=2, num_generations=4, max_new_tokens=6)
-    before = trainable_snapshot(module)
-    fit_tiny(module, dm, max_steps=3, callbacks=[Stages()])
-    assert_params_changed(before, module)
-    assert seen == [0, 1, 1], "step 1 from the easy stage (its 2 prompts), then the last stage"
 
 
 def test_an_easier_stage_never_trains_on_a_held_out_question():

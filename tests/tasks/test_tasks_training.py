@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import WandbLogger
 from wandb_records import complete, find_run_files, finish_offline_run, read_history
 
 from rftlab import RolloutDataModule
-from rftlab.tasks import CodeFunctions
+from rftlab.tasks import CodeFunctions, Curriculum, RowsTask
+from rftlab.tasks.curriculum import STAGE_COLUMN
 
 
 def _fit_and_read(tmp_path, module, task, rewards, weights, steps=2):
@@ -41,3 +42,24 @@ def test_grpo_trains_on_the_code_task_with_the_sandbox(tmp_path, tiny_grpo):
         assert all(math.isfinite(v) for v in logged[key])
     assert logged["reward/tests/mean"] == [0.0, 0.0]  # random text passes no test, and harms nothing
 
+
+def test_grpo_trains_through_a_curriculum(tiny_grpo, vary_reward):
+    import lightning as L
+
+    seen: list[int] = []
+
+    class Stages(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.extend(sorted({row[STAGE_COLUMN] for row in batch.rows}))
+
+    def stage(tag: str) -> RowsTask:
+        return RowsTask([{"prompt": f"{tag}{i}"} for i in range(4)],
+                        rewards={"correct": lambda completions, **_: [0.0] * len(completions)})
+
+    c = Curriculum([stage("a"), stage("b")], stage_prompts=[2])
+    module = tiny_grpo()
+    dm = RolloutDataModule(task=c, rewards=vary_reward, prompts_per_step=2, num_generations=4, max_new_tokens=6)
+    before = trainable_snapshot(module)
+    fit_tiny(module, dm, max_steps=3, callbacks=[Stages()])
+    assert_params_changed(before, module)
+    assert seen == [0, 1, 1], "step 1 from the easy stage (its 2 prompts), then the last stage"
