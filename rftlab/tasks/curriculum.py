@@ -11,11 +11,13 @@ are), so a run is reproducible and a resumed run draws what an uninterrupted one
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rftlab.rewards.base import RewardFn
+from rftlab.rewards.pool import WithTimeout, is_async
 from rftlab.tasks.base import Row, Task
 
 #: The column every training row of a curriculum carries: the index of the stage it came from.
@@ -56,7 +58,7 @@ class _Chained(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = _position(index, len(self))
-        stage = max(i for i, start in enumerate(self.starts[:-1]) if start <= index)
+        stage = bisect.bisect_right(self.starts, index) - 1
         part = self.parts[stage]
         local = index - self.starts[stage]
         for tried in range(len(part)):
@@ -126,6 +128,12 @@ class Curriculum(Task):
                 raise ValueError(f"stages[{i}] names the reward functions {found}, the last stage {names[-1]}: "
                                  "every stage must name the same ones, in the same order")
         for i, stage in enumerate(stages):
+            for reward, fn in stage.reward_functions().items():
+                # the curriculum calls each stage's function itself, so it must be a plain callable
+                if is_async(fn) or isinstance(fn, WithTimeout):
+                    raise ValueError(f"stages[{i}]'s reward {reward!r} is async or wrapped in WithTimeout: a "
+                                     "curriculum's stages need plain reward functions (give timeouts to the "
+                                     "DataModule's reward_timeout)")
             if len(stage.train_rows() or ()) == 0:
                 raise ValueError(f"stages[{i}] ({getattr(stage, 'name', stage)!r}) has no training rows")
         self.stages = stages

@@ -125,3 +125,15 @@ def test_rows_index_like_a_list():
             rows[bad]
     with pytest.raises(IndexError):
         c.stage_rows(0)[2]
+
+
+def test_stage_rewards_must_be_plain_callables():
+    from rftlab.rewards.pool import WithTimeout
+
+    async def slow(completions, **_):
+        return [0.0] * len(completions)
+
+    for fn in (slow, WithTimeout(lambda completions, **_: [0.0] * len(completions), timeout=1.0)):
+        odd = RowsTask([{"prompt": "q"}], rewards={"correct": fn})
+        with pytest.raises(ValueError, match=r"stages\[0\]'s reward 'correct' is async or wrapped in WithTimeout"):
+            Curriculum([odd, _stage("b", 3, 1.0)], stage_prompts=[1])
