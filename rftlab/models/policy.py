@@ -65,15 +65,44 @@ def is_adapter_model(model: nn.Module) -> bool:
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
     """The reference policy of an adapter model: the same weights with the adapter switched off.
 
-    Which parameters train is left as it was: PEFT's ``disable_adapter`` re-enables by calling
-    ``set_adapter``, which sets ``requires_grad`` on the active adapter only and silently freezes
-    any other adapter (e.g. a critic's own LoRA adapter, see ``add_adapter``).
+    Which parameters train is left as it was: PEFT re-enables an adapter by calling ``set_adapter``,
+    which sets ``requires_grad`` on the active adapter only and silently freezes any other adapter
+    (e.g. a critic's own LoRA adapter, see ``add_adapter``). Each adapter layer is switched directly:
+    PEFT's ``disable_adapter`` first walks the model to report its status, which cost a reference
+    forward of a 135M model a quarter of its time.
     """
     if not is_adapter_model(model):
         yield
         return
-    with _trainable_kept(model), model.disable_adapter():
-        yield
+    layers = _adapter_layers(model)
+    if layers is None:  # prompt learning and other non-layer adapters: PEFT's own switch
+        with _trainable_kept(model), model.disable_adapter():
+            yield
+        return
+    was_off = [layer.disable_adapters for layer in layers]
+    with _trainable_kept(model):
+        try:
+            for layer in layers:
+                layer.enable_adapters(False)
+            yield
+        finally:
+            for layer, off in zip(layers, was_off):
+                layer.enable_adapters(not off)
+
+
+def _adapter_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The PEFT tuner layers of ``model`` (LoRA and kin), or None when its adapter is not layer-based."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:  # modules_to_save wrappers switch with the adapter (peft >= 0.15)
+        from peft.utils.other import AuxiliaryTrainingWrapper
+        kinds: tuple[type, ...] = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    except ImportError:
+        kinds = (BaseTunerLayer,)
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if config is None or getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False):
+        return None
+    return [module for module in model.modules() if isinstance(module, kinds)]
 
 
 @contextmanager
@@ -260,8 +289,9 @@ def _packs(model: nn.Module, prompt_mask: Tensor, completion_mask: Tensor, group
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    """float32 logits divided by the sampling temperature."""
-    return logits.float() / temperature if temperature != 1.0 or logits.dtype != torch.float32 else logits
+    """float32 logits divided by the sampling temperature (no division at 1: a full pass over (N, T, V))."""
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def _shared_prompt_forward(

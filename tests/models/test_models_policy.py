@@ -58,6 +58,66 @@ def test_adapter_disabled_logits_equal_the_base_model_exactly():
     assert not torch.allclose(on, expected)
 
 
+def _lora_model_with_a_critic_adapter():
+    from rftlab.models.policy import add_adapter
+
+    model = apply_lora(tiny_llama(100, seed=0), r=4)
+    add_adapter(model, "critic", r=2, target_modules=["q_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return model
+
+
+def test_adapter_disabled_switches_every_adapter_back_and_keeps_what_trains():
+    model = _lora_model_with_a_critic_adapter()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("critic" in n for n in trainable) and any("default" in n for n in trainable)
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with adapter_disabled(model):
+            off = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad(), model.disable_adapter():  # PEFT's own switch (which freezes the critic's adapter)
+        peft_off = model(input_ids=ids).logits
+    assert torch.equal(off, peft_off) and not torch.allclose(off, before)
+    assert torch.equal(after, before)
+
+
+def test_adapter_disabled_leaves_a_layer_that_was_off_off():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = _lora_model_with_a_critic_adapter()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers[0].enable_adapters(False)
+    with adapter_disabled(model):
+        assert all(layer.disable_adapters for layer in layers)
+    assert layers[0].disable_adapters
+    assert not any(layer.disable_adapters for layer in layers[1:])
+
+
+def test_a_loaded_model_runs_without_hub_kernels(tmp_path):
+    # Hub kernels would be fetched over the network, and transformers re-kernelizes at every
+    # train()/eval() switch when they are on (its default when the kernels package is installed).
+    tiny_llama(100, seed=0).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path))
+    assert getattr(model, "use_kernels", False) is False
+
+
+def test_logits_at_temperature_one_are_only_made_float32():
+    from rftlab.models.policy import _scaled
+
+    logits = torch.randn(2, 3, 5).to(torch.bfloat16)
+    assert _scaled(logits, 1.0).dtype == torch.float32
+    assert torch.equal(_scaled(logits, 1.0), logits.float())
+    assert torch.equal(_scaled(logits, 2.0), logits.float() / 2.0)
+    full = torch.randn(2, 3, 5)
+    assert _scaled(full, 1.0) is full
+
+
 def test_completion_logits_match_a_full_forward_with_left_padding():
     model = tiny_llama(100, seed=0).eval()
     prompt_ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
