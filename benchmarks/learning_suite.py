@@ -82,6 +82,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # readme, sampling from the bf16 copy (adapter merged) instead of the LoRA policy under autocast
     "copy": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                  module=dict(forward=dict(sampling_dtype="bfloat16"))),
+    # copy, with DAPO's soft overlong penalty alone (GRPO's loss and symmetric clip kept): a reply in
+    # the last 16 of the 64 new tokens loses up to 1, a truncated one 1 (DAPO, arXiv 2503.14476, eq. 13).
+    # In the copy runs the replies of aiw and letter_jumble grew to the 64-token limit, so their last
+    # number or line was cut off; a group whose answers are all wrong still ranks them by length.
+    "copy_overlong": dict(algo="dapo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
+                          module=dict(forward=dict(sampling_dtype="bfloat16"), loss=dict(agg="seq-mean-token-mean"),
+                                      clip=dict(eps_low=0.2, eps_high=0.2), overlong=dict(buffer_len=16))),
     # copy, with truncated importance sampling correcting for the copy's rounding
     "copy_tis": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                      module=dict(forward=dict(sampling_dtype="bfloat16"), loss=dict(correction=dict(mode="token_truncate")))),
@@ -128,13 +135,18 @@ def make_training_task(name: str, options: dict[str, Any], extract: str, recipe:
     return Curriculum([easy, task], stage_prompts=[max(1, round(share * args.steps * recipe["prompts"]))])
 
 
+def build_module(recipe: dict[str, Any], policy: str, seed: int) -> GRPO:
+    """The recipe's algorithm (GRPO, or DAPO with ``algo="dapo"``) with its module options."""
+    common = dict(policy=dict(model=policy, lora_r=recipe["lora_r"], lora_alpha=2 * recipe["lora_r"], seed=seed),
+                  lora=True, lr=recipe["lr"], beta=0.0, **recipe.get("module", {}))
+    return DAPO(**common) if recipe["algo"] == "dapo" else GRPO(**common)
+
+
 def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
              args: argparse.Namespace) -> dict[str, Any]:
     """Train one task with the recipe; held-out greedy accuracy before, midway and after."""
     L.seed_everything(args.seed, workers=True)
-    common = dict(policy=dict(model=args.policy, lora_r=recipe["lora_r"], lora_alpha=2 * recipe["lora_r"], seed=args.seed),
-                  lora=True, lr=recipe["lr"], beta=0.0, **recipe.get("module", {}))
-    model = DAPO(**common) if recipe["algo"] == "dapo" else GRPO(**common)
+    model = build_module(recipe, args.policy, args.seed)
     dm = RolloutDataModule(
         task=make_training_task(name, options, extract, recipe, args), prompts_per_step=recipe["prompts"],
         num_generations=recipe["gens"], max_new_tokens=args.max_new_tokens, temperature=recipe.get("temperature", 1.0),

@@ -68,3 +68,15 @@ def test_every_suite_task_has_an_easy_stage_and_the_curriculum_recipe_runs(tmp_p
     result = json.loads((tmp_path / "chain_sum.json").read_text())
     assert result["recipe"]["curriculum"] == 0.5 and result["steps"] == 2
     assert len(result["steps_log"]) == 2 and [e["step"] for e in result["evals"]] == [0, 1, 2]
+
+
+def test_every_recipe_builds_and_the_overlong_recipe_changes_only_the_penalty():
+    suite = load_benchmark("learning_suite")
+    modules = {name: suite.build_module(recipe, "tiny", 0) for name, recipe in suite.RECIPES.items()}
+    copy, overlong = modules["copy"], modules["copy_overlong"]
+    assert type(overlong).__name__ == "DAPO" and overlong.overlong.buffer_len == 16
+    assert overlong.overlong.penalty_factor == 1.0
+    assert overlong.loss_spec.agg == copy.loss_spec.agg == "seq-mean-token-mean"
+    assert (overlong.clip_options.eps_low, overlong.clip_options.eps_high) == (copy.clip_options.eps_low, copy.clip_options.eps_high)
+    assert overlong.forward_options.sampling_dtype == copy.forward_options.sampling_dtype == "bfloat16"
+    assert not suite.is_plain_grpo(suite.RECIPES["copy_overlong"]), "TRL's GRPOTrainer has no overlong penalty"
