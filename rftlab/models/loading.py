@@ -83,7 +83,8 @@ def default_model_dir() -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         use_kernels=False)
         # save_pretrained refuses a GGUF-loaded model while it still looks quantized; the weights
         # are already dequantised to fp32, so we drop the quantizer bookkeeping.
         model.hf_quantizer = None

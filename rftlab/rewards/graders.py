@@ -556,7 +556,8 @@ class _LocalJudge:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True, padding_side="left")
             if self._tokenizer.pad_token is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
-            self._model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True).eval()
+            self._model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True,
+                                                               use_kernels=False).eval()  # no hub kernels: no network
         tok = self._tokenizer
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) if tok.chat_template
                  else "\n".join(m["content"] for m in c) + "\n" for c in conversations]

@@ -44,7 +44,8 @@ class RewardModel:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(self.path, local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(self.path, local_files_only=True,
+                                                                       use_kernels=False)  # no hub kernels: no network
         except OSError as err:
             raise ValueError(f"reward model path={self.path!r} is not a local model folder: {err}") from err
         if tokenizer.pad_token is None:
