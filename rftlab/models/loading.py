@@ -370,7 +370,7 @@ def _causal_lm_from_pretrained(path: str, local_files_only: bool, **kwargs: Any)
     # transformers does not pass local_files_only on to its look-up of a PEFT adapter config, which
     # would then ask the Hub (with retries) even for a cached model. Hub kernels stay off: they are
     # fetched over the network (no network at run time), and transformers 5 re-kernelizes the whole
-    # model at every train()/eval() switch, which rftlab makes twice a step.
+    # model at every train()/eval() switch, which rftlab makes several times a step.
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only, use_kernels=False,
                                                 adapter_kwargs={"local_files_only": local_files_only}, **kwargs)
 
