@@ -107,14 +107,14 @@ def _adapter_layers(model: nn.Module) -> list[nn.Module] | None:
 
 @contextmanager
 def _trainable_kept(model: nn.Module) -> Iterator[None]:
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())  # one walk of the module tree, not one per phase
+    trains = [p.requires_grad for p in params]
     try:
         yield
     finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
+        for p, flag in zip(params, trains):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def add_adapter(
