@@ -80,3 +80,14 @@ def test_every_recipe_builds_and_the_overlong_recipe_changes_only_the_penalty():
     assert (overlong.clip_options.eps_low, overlong.clip_options.eps_high) == (copy.clip_options.eps_low, copy.clip_options.eps_high)
     assert overlong.forward_options.sampling_dtype == copy.forward_options.sampling_dtype == "bfloat16"
     assert not suite.is_plain_grpo(suite.RECIPES["copy_overlong"]), "TRL's GRPOTrainer has no overlong penalty"
+
+
+def test_the_dynamic_sampling_recipe_differs_from_copy_only_in_dynamic_sampling():
+    suite = load_benchmark("learning_suite")
+    copy, ds = suite.RECIPES["copy"], suite.RECIPES["copy_ds"]
+    assert ds["dynamic_sampling"] and not copy["dynamic_sampling"] and ds["max_gen_batches"] == 4
+    def rest(recipe):
+        return {k: v for k, v in recipe.items() if k not in ("dynamic_sampling", "max_gen_batches")}
+
+    assert rest(ds) == rest(copy)
+    assert not suite.is_plain_grpo(ds), "TRL's GRPOTrainer has no dynamic sampling"
