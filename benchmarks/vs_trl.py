@@ -192,6 +192,40 @@ def _summary(times: list[float], tokens: list[int]) -> dict[str, Any]:
     }
 
 
+def paired_ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[float]:
+    """Step-time ratio of each round's two runs (they ran back to back, so share the machine's state).
+
+    The spread of these says how much of a difference is noise, which the ratio of the two sides'
+    medians hides.
+
+    Args:
+        ours: one side's runs, in round order (each with "median_step_s").
+        theirs: the other side's runs, in the same order.
+    """
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired_ratios needs one run per side per round: got {len(ours)} and {len(theirs)}")
+    return [a["median_step_s"] / b["median_step_s"] for a, b in zip(ours, theirs)]
+
+
+def pooled_ratios(paths: list[Path], side: str = "rftlab", other: str = "trl") -> dict[str, dict[str, Any]]:
+    """Every round's paired ratio ``side``/``other`` from several result files, per config.
+
+    Args:
+        paths: result files written by this script.
+        side: the numerator side ("rftlab", "rftlab+copy" or "baseline").
+        other: the denominator side ("trl" or "baseline").
+    """
+    pooled: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for name, row in json.loads(Path(path).read_text())["configs"].items():
+            if side in row and other in row and "runs" in row[other]:
+                pooled.setdefault(name, {"ratios": []})["ratios"] += paired_ratios(row[side]["runs"], row[other]["runs"])
+    for entry in pooled.values():
+        ratios = sorted(entry["ratios"])
+        entry.update(rounds=len(ratios), median=statistics.median(ratios), low=ratios[0], high=ratios[-1])
+    return pooled
+
+
 WORKERS = {"rftlab": run_rftlab, "rftlab+copy": run_rftlab, "trl": run_trl, "floor": run_floor}
 
 
@@ -235,11 +269,20 @@ def main() -> None:
                              "runs as one more side, alternated with the others, and rftlab/baseline ratios are reported")
     parser.add_argument("--no-trl", action="store_true",
                         help="skip TRL and the floor (with --baseline: a side-by-side of two rftlab commits only)")
+    parser.add_argument("--pool", nargs="+", type=Path,
+                        help="only print every round's paired rftlab/TRL ratio pooled from these result files, per config")
+    parser.add_argument("--goal", type=float, default=0.25, help="with --pool: count the rounds at or under this ratio")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cfg", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(args.cfg))), flush=True)
+        return
+    if args.pool:
+        for name, entry in pooled_ratios(args.pool).items():
+            at_or_under = sum(r <= args.goal for r in entry["ratios"])
+            print(f"{name:18s} rounds {entry['rounds']:3d}  median {entry['median']:.3f}  range {entry['low']:.3f}-"
+                  f"{entry['high']:.3f}  at or under {args.goal}: {at_or_under}")
         return
     if not args.no_trl and not TRL_PYTHON.exists():
         raise SystemExit(f"TRL venv missing at {TRL_PYTHON}: see this file's docstring to create it")
@@ -271,7 +314,7 @@ def main() -> None:
         if "baseline" in row:
             row["ratio_rftlab_vs_baseline"] = row["rftlab"]["median_step_s"] / row["baseline"]["median_step_s"]
             # per repeat (the two sides ran next to each other): how much of the difference is noise
-            row["ratios_by_repeat"] = [a["median_step_s"] / b["median_step_s"] for a, b in zip(runs["rftlab"], runs["baseline"])]
+            row["ratios_by_repeat"] = paired_ratios(runs["rftlab"], runs["baseline"])
         if args.no_trl:
             results["configs"][name] = row
             print(name, json.dumps({k: v for k, v in row.items() if k.startswith("ratio")}), flush=True)
@@ -279,6 +322,7 @@ def main() -> None:
         floor = spawn("floor", cfg)
         row["floor"] = floor
         row["ratio_rftlab_vs_trl"] = row["rftlab"]["median_step_s"] / row["trl"]["median_step_s"]
+        row["ratios_vs_trl_by_repeat"] = paired_ratios(runs["rftlab"], runs["trl"])
         row["ratio_rftlab_vs_floor"] = row["rftlab"]["median_step_s"] / floor["median_step_s"]
         if "baseline" in row:
             row["ratio_baseline_vs_trl"] = row["baseline"]["median_step_s"] / row["trl"]["median_step_s"]
