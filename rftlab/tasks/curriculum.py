@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rftlab.rewards.base import RewardFn
-from rftlab.rewards.pool import WithTimeout, is_async
+from rftlab.rewards.pool import WithTimeout, is_async, own_counters
 from rftlab.tasks.base import Row, Task
 
 #: The column every training row of a curriculum carries: the index of the stage it came from.
@@ -72,6 +72,9 @@ class StagedReward:
     """One reward function of a curriculum: each row is scored by its own stage's function.
 
     Rows without a stage column (the held-out split, which is the last stage's) go to the last stage.
+    The counters the stages' functions keep themselves (their ``counters``, and ``timeouts`` for one
+    that times itself out, as ``MathAnswer`` does) read here as the sum over the stages, so that
+    ``RewardSet`` logs them as it would for the functions alone.
 
     Args:
         name: the reward's name (the same in every stage).
@@ -81,6 +84,16 @@ class StagedReward:
     def __init__(self, name: str, fns: Sequence[RewardFn]) -> None:
         self.name = name
         self.fns = list(fns)
+        self.counters = tuple(dict.fromkeys(
+            counter for fn in self.fns for counter in own_counters(fn) if counter != "timeouts"))
+
+    def __getattr__(self, name: str) -> int:
+        # Reached only for attributes not set on the instance: a counter of the stages, summed.
+        fns = self.__dict__.get("fns", [])  # via __dict__: unpickling calls this before __init__'s fields exist
+        counts = [own_counters(fn)[name] for fn in fns if name in own_counters(fn)]
+        if counts and (name == "timeouts" or name in self.__dict__.get("counters", ())):
+            return sum(counts)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[float | None]:
         last = len(self.fns) - 1

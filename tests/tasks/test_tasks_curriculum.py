@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from rftlab import RolloutDataModule
+from rftlab.rewards import RewardSet
 from rftlab.tasks import Curriculum, RowsTask
 from rftlab.tasks.curriculum import STAGE_COLUMN, StagedReward
 
@@ -137,3 +140,33 @@ def test_stage_rewards_must_be_plain_callables():
         odd = RowsTask([{"prompt": "q"}], rewards={"correct": fn})
         with pytest.raises(ValueError, match=r"stages\[0\]'s reward 'correct' is async or wrapped in WithTimeout"):
             Curriculum([odd, _stage("b", 3, 1.0)], stage_prompts=[1])
+
+
+class _Counting:
+    """A reward that keeps its own counters, as MathAnswer (timeouts) and the graders (counters) do."""
+
+    counters = ("unparsed",)
+
+    def __init__(self) -> None:
+        self.timeouts = 0
+        self.unparsed = 0
+
+    def __call__(self, completions, **_):
+        self.timeouts += 1
+        self.unparsed += len(completions)
+        return [0.0] * len(completions)
+
+
+def test_the_stages_own_counters_reach_the_reward_set():
+    first, last = _Counting(), _Counting()
+    stages = [RowsTask([{"prompt": "p", "answer": "a"}], rewards={"r": fn}) for fn in (first, last)]
+    staged = Curriculum(stages, stage_prompts=[1]).reward_functions()["r"]
+    assert staged.counters == ("unparsed",) and staged.timeouts == 0
+    result = RewardSet({"r": staged}).score(["x", "y", "z"], ["p"] * 3,
+                                       [{"answer": "a", STAGE_COLUMN: s} for s in (0, 1, 0)])
+    # each stage ran once (one timeout each, by its own count) and saw its own rows (2 + 1 unparsed)
+    assert result.timeouts == {"r": 2} and result.counts == {"r": {"unparsed": 3}}
+    assert (first.unparsed, last.unparsed) == (2, 1)
+    assert pickle.loads(pickle.dumps(staged)).timeouts == 2, "a process pool's copy counts the same way"
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        staged.missing
