@@ -27,7 +27,7 @@ from rftlab.core import KL_ESTIMATORS, selective_log_softmax
 from rftlab.core.arguments import check_init_arguments
 from rftlab.core.plugins import DEFAULT_CALLBACKS
 from rftlab.models.build import PolicySpec, build_policy, frozen_reference
-from rftlab.models.hf import stop_token_ids
+from rftlab.models.hf import evaluation_mode, stop_token_ids
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.optim import check_optimizer, optimizer_with_warmup
 from rftlab.models.runtime import ForwardOptions, PolicyRuntime
@@ -262,15 +262,11 @@ class RFTModule(Monitoring, ModuleState, L.LightningModule):
     def batched_logprobs(self, rollout: Rollout, reference: bool = False) -> Tensor:
         """Log-probs of the rollout's completions, in chunks of ``forward.logprob_batch_size``, no grad."""
         out = []
-        was_training = self.policy.training
-        self.policy.eval()  # no dropout: the log-probs of the distribution that sampled
-        try:
+        with evaluation_mode(self.policy):  # no dropout: the log-probs of the distribution that sampled
             for mb, real in self.rollout_chunks(rollout):
                 logits = self.policy_logits(mb, reference=reference)
                 if real:
                     out.append(selective_log_softmax(logits, mb.completion_ids).float())
-        finally:
-            self.policy.train(was_training)
         return torch.cat(out)
 
     def rollout_chunks(self, rollout: Rollout) -> Iterator[tuple[Rollout, bool]]:

@@ -30,6 +30,7 @@ from rftlab.core import (
     whiten,
 )
 from rftlab.models.build import build_policy
+from rftlab.models.hf import evaluation_mode
 from rftlab.models.loading import load_tokenizer
 from rftlab.models.policy import adapter_active, add_adapter
 from rftlab.models.sharding import shard_model, shard_module
@@ -179,12 +180,9 @@ class PPO(GRPO):
         """Old values (always) and old log-probs (when needed) in one chunked no-grad pass."""
         kl = self.kl_options
         need_logp = rollout.num_updates > 1 or (self.needs_reference and (kl.in_reward or self.kl_controller is not None))
-        modules = [m for m in (self.policy, self.critic, self.value_head) if m is not None]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()  # no dropout: the distribution (and critic) that sampled
         logps, values = [], []
-        try:
+        # no dropout: the distribution (and critic) that sampled
+        with evaluation_mode(self.policy, self.critic, self.value_head):
             for mb, real in self.rollout_chunks(rollout):
                 logits, vals = self.policy_and_values(mb, logits=need_logp)
                 if not real:
@@ -192,9 +190,6 @@ class PPO(GRPO):
                 if need_logp:
                     logps.append(selective_log_softmax(logits, mb.completion_ids).float())
                 values.append(vals.float())
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
         rollout.values = torch.cat(values)
         rollout.old_logp = torch.cat(logps) if need_logp else None
         return rollout

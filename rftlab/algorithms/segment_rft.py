@@ -51,6 +51,7 @@ from rftlab.core import (
     split_segments,
     whiten,
 )
+from rftlab.models.hf import evaluation_mode
 from rftlab.models.sharding import shard_module
 from rftlab.models.value_head import ValueHead, values_at
 from rftlab.rewards.critics import ArithmeticStepCritic, Critic, missing_columns
@@ -236,25 +237,18 @@ class SegmentRFT(RFTModule):
     def record_sampling_state(self, rollout: Rollout) -> Rollout:
         """pi_rollout's log-probs (when they can differ from the trained ones) and state values."""
         need_logp = rollout.num_updates > 1 or self._rollout_state is not None
-        modules = (self.policy, self.value_head)
-        modes = [m.training for m in modules]
         logps, states = [], []
-        try:
-            for m in modules:
-                m.eval()  # no dropout: the distribution that sampled
-            with self.rollout_policy():
-                for mb, real in self.rollout_chunks(rollout):
-                    out = self.runtime.forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                               mb.attention_mask, mb.temperature, logits=need_logp, hidden=True)
-                    state = self.value_head(out.hidden).float()  # a collective too when sharded
-                    if not real:
-                        continue
-                    if need_logp:
-                        logps.append(selective_log_softmax(out.logits, mb.completion_ids).float())
-                    states.append(state)
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
+        # no dropout: the distribution that sampled
+        with evaluation_mode(self.policy, self.value_head), self.rollout_policy():
+            for mb, real in self.rollout_chunks(rollout):
+                out = self.runtime.forward(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                           mb.attention_mask, mb.temperature, logits=need_logp, hidden=True)
+                state = self.value_head(out.hidden).float()  # a collective too when sharded
+                if not real:
+                    continue
+                if need_logp:
+                    logps.append(selective_log_softmax(out.logits, mb.completion_ids).float())
+                states.append(state)
         rollout.old_logp = torch.cat(logps) if need_logp else None
         rollout.state_values = torch.cat(states)  # (N, T + 1), consumed by compute_advantages
         if self._rollout_state is not None:

@@ -18,6 +18,7 @@ import torch
 
 from rftlab.algorithms.base import RFTModule
 from rftlab.models.export import load_lightning_checkpoint
+from rftlab.models.hf import evaluation_mode
 from rftlab.models.migration import migrate_hparams
 from rftlab.rollout.datamodule import RolloutDataModule
 from rftlab.rollout.evaluation import score_answers
@@ -146,22 +147,18 @@ def evaluate(
                            environment=environment, max_turns=max_turns).attach(module)
     start = time.perf_counter()
     result = EvaluationResult(num_prompts=len(rows), num_samples=num_samples)
-    was_training = module.training
     # bf16 autocast on the module's device, as Lightning's "bf16-mixed" precision plugin does in validation
     device = next(module.parameters()).device.type
-    try:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            if greedy:
-                params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-                correct = [score_answers(dm, module, rows[i : i + batch_size], params).correct
-                           for i in range(0, len(rows), batch_size)]
-                result.greedy_accuracy = float(torch.cat(correct).mean())
-            if num_samples:
-                result.correct_counts = _sampled_correct_counts(dm, module, rows, num_samples, batch_size, seed)
-                result.pass_at_k = {kk: sum(pass_at_k(num_samples, c, kk) for c in result.correct_counts) / len(rows)
-                                    for kk in ks}
-    finally:
-        module.train(was_training)
+    with evaluation_mode(module), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        if greedy:
+            params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+            correct = [score_answers(dm, module, rows[i : i + batch_size], params).correct
+                       for i in range(0, len(rows), batch_size)]
+            result.greedy_accuracy = float(torch.cat(correct).mean())
+        if num_samples:
+            result.correct_counts = _sampled_correct_counts(dm, module, rows, num_samples, batch_size, seed)
+            result.pass_at_k = {kk: sum(pass_at_k(num_samples, c, kk) for c in result.correct_counts) / len(rows)
+                                for kk in ks}
     result.seconds = time.perf_counter() - start
     return result
 

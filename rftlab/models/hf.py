@@ -6,6 +6,8 @@ without models importing rollout.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,6 +21,27 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp_min(0)
+
+
+@contextmanager
+def evaluation_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Every module in eval mode (no dropout) inside; afterwards each submodule's own mode again.
+
+    Restoring by the top-level flag (``model.train(was_training)``) would put back in train mode a
+    submodule the user had frozen in eval mode; this keeps each submodule's flag as it was.
+
+    Args:
+        modules: the modules to switch (None entries are skipped).
+    """
+    states = [(m, m.training) for module in modules if module is not None for m in module.modules()]
+    for module in modules:
+        if module is not None:
+            module.eval()
+    try:
+        yield
+    finally:
+        for m, training in states:
+            m.training = training
 
 
 def set_checkpointing(model: nn.Module, enabled: bool) -> None:

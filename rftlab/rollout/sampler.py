@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from rftlab.models.hf import hf_model, is_checkpointing, set_checkpointing
+from rftlab.models.hf import evaluation_mode, hf_model, is_checkpointing, set_checkpointing
 
 
 BACKENDS = ("rftlab", "hf", "vllm")
@@ -105,19 +105,16 @@ def sampling_mode(model: nn.Module) -> Iterator[None]:
     With gradient checkpointing on, HF turns ``use_cache`` off and generation recomputes the whole
     prefix at every new token (quadratic); we switch checkpointing off while sampling.
     """
-    was_training = model.training
     inner = getattr(model, "get_base_model", lambda: model)()
     checkpointing = is_checkpointing(inner)
     if checkpointing:
         set_checkpointing(inner, False)
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             yield
     finally:
         if checkpointing:
             set_checkpointing(inner, True)
-        model.train(was_training)
 
 
 def generation_config(params: SamplingParams, num_generations: int, eos_token_ids: list[int], pad_token_id: int) -> Any:

@@ -8,6 +8,7 @@ import torch
 from rftlab import GRPO, RolloutDataModule
 from rftlab.models import precision
 from rftlab.models.build import PolicySpec, build_policy
+from rftlab.models.sharding import decoder_layers
 from rftlab.tasks import Arithmetic
 
 
@@ -153,3 +154,14 @@ def test_offloaded_reference_visits_the_device_for_each_forward(tiny_grpo, vary_
 def test_an_adapter_run_keeps_no_reference_copy(tiny_grpo):
     module = tiny_grpo(lora=True, beta=0.1, policy={"model": "tiny", "reference_placement": "cpu"})
     assert module.ref_policy is None
+
+
+def test_scoring_a_rollout_keeps_a_frozen_submodule_in_eval_mode(tiny_grpo, vary_reward):
+    module = tiny_grpo(beta=0.1)
+    batch = _rollout(module, vary_reward)
+    module.policy.train()
+    frozen = decoder_layers(module.policy)[0]
+    frozen.eval()
+    module.batched_logprobs(batch)
+    module.batched_logprobs(batch, reference=True)
+    assert module.policy.training and not any(m.training for m in frozen.modules())

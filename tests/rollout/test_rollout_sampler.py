@@ -130,3 +130,34 @@ def test_greedy_is_deterministic(tiny_grpo, tokenizer):
     a = sample_completions(module.policy, prompt_ids, prompt_mask, 1, params, [EOS], tokenizer.pad_token_id)[0]
     b = sample_completions(module.policy, prompt_ids, prompt_mask, 1, params, [EOS], tokenizer.pad_token_id)[0]
     assert torch.equal(a, b)
+
+
+def test_evaluation_mode_restores_every_submodule_flag():
+    from torch import nn
+
+    from rftlab.models.hf import evaluation_mode
+
+    model, other = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.5))), nn.Dropout(0.1)
+    model.train()
+    model[2].eval()  # a part the user froze in eval mode
+    inside = []
+    with evaluation_mode(model, None, other):
+        inside = [m.training for m in [*model.modules(), other]]
+    assert not any(inside), "everything is in eval mode inside"
+    assert [m.training for m in model.modules()] == [True, True, True, False, False]
+    assert other.training, "a module passed in train mode is in train mode again"
+    with pytest.raises(RuntimeError), evaluation_mode(model):
+        raise RuntimeError("the modes come back after an error too")
+    assert model.training and not model[2].training
+
+
+def test_sampling_and_scoring_keep_a_frozen_submodule_in_eval_mode(tiny_grpo, tokenizer):
+    module = tiny_grpo()
+    model = module.policy
+    model.train()
+    frozen = next(m for m in model.modules() if m is not model and len(list(m.children())) > 0)
+    frozen.eval()
+    prompt_ids, prompt_mask = left_pad([[11, 12, 13]], tokenizer.pad_token_id)
+    sample_completions(model, prompt_ids, prompt_mask, 2, SamplingParams(max_new_tokens=3), [EOS],
+                       tokenizer.pad_token_id)
+    assert model.training and not any(m.training for m in frozen.modules()), "sampling kept the frozen part"
