@@ -1,4 +1,4 @@
-"""Layers point one way: each rftlab package imports only the packages DESIGN.md allows.
+"""Layers point one way: each rftlab package imports only the packages docs/design.md allows.
 
 Walks the source with ``ast`` (no rftlab import), so imports inside functions count too.
 """
@@ -11,14 +11,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rftlab"
 
 #: package -> the other rftlab packages it may import (imports inside a package are always allowed).
-#: From DESIGN.md, "Which way things may import". Top-level modules (``rftlab/__init__.py``,
+#: The table of docs/design.md, "Layers: which package may import which" (a test below keeps the two
+#: the same). Top-level modules (``rftlab/__init__.py``,
 #: ``cli.py``, ``demo.py``) may import everything and are not listed.
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "rewards": set(),
     "tasks": {"rewards"},
     "models": {"core"},  # never rollout: the HF helpers live in models.hf
-    # Multi-turn environments and tools (not in DESIGN.md's graph yet): between tasks and rollout.
+    # Multi-turn environments and tools: between tasks and rollout.
     "environments": {"core", "rewards", "tasks"},
     "rollout": {"models", "core", "rewards", "tasks", "environments"},
     "algorithms": {"rollout", "models", "core", "rewards"},
@@ -99,3 +100,15 @@ def test_walk_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "module.py"
     source.write_text("def f():\n    from rftlab.rollout.sampler import SamplingParams\n    import rftlab.core.masked\n")
     assert [(line, target) for line, target, _ in _imports(source, "models")] == [(2, "rollout"), (3, "core")]
+
+
+def test_the_design_page_states_the_same_graph():
+    page = (PACKAGE.parent / "docs" / "design.md").read_text()
+    section = page.split("## Layers: which package may import which", 1)[1].split("\n## ", 1)[0]
+    stated = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`") and not cells[0].startswith("`__init__"):
+            targets = set() if cells[1].startswith("nothing") else {t.strip(" `") for t in cells[1].split(",")}
+            stated[cells[0].strip("`")] = targets
+    assert stated == ALLOWED
