@@ -8,9 +8,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric
 
-from torch import Tensor
-
-from rftlab.core import KL_ESTIMATORS, entropy_from_logits, kl_penalty, masked_mean
+from rftlab.core import KL_ESTIMATORS, kl_penalty, masked_mean
 from rftlab.rollout.evaluation import EvalBatch
 from rftlab.rollout.rollout import Rollout
 
@@ -91,8 +89,3 @@ class Monitoring:
         # An estimator over the sampled tokens (SegmentRFT's "exact" needs logits; k3 stands in).
         kind = self.kl_options.estimator if self.kl_options.estimator in KL_ESTIMATORS else "k3"
         return float(masked_mean(kl_penalty(current, ref, kind=kind), rollout.completion_mask))
-
-    def token_entropy(self, logits: Tensor, mask: Tensor) -> Tensor:
-        """Masked mean entropy of the policy at the completion tokens (a monitoring metric)."""
-        with torch.no_grad():
-            return masked_mean(entropy_from_logits(logits.detach()), mask)

@@ -48,6 +48,7 @@ from rftlab.core import (
     segment_value_loss,
     segment_value_targets,
     selective_log_softmax,
+    selective_log_softmax_and_entropy,
     split_segments,
     whiten,
 )
@@ -324,7 +325,8 @@ class SegmentRFT(RFTModule):
         T = batch.completion_ids.shape[1]
         out = self.runtime.forward(self.policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                    batch.attention_mask, batch.temperature, logits=True, hidden=True)
-        logp = selective_log_softmax(out.logits, batch.completion_ids)
+        # the entropy metric comes from the same normalisation of the logits as the log-probs
+        logp, entropy = selective_log_softmax_and_entropy(out.logits, batch.completion_ids)
         old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()
         starts, seg_mask, targets = batch.segment_starts.clamp(max=T), batch.segment_mask, batch.segment_targets
         values = values_at(self.value_head(out.hidden), starts)  # V_theta(s_k), (N, K)
@@ -352,7 +354,7 @@ class SegmentRFT(RFTModule):
         metrics["value/explained_variance"] = explained_variance(values.detach(), targets, seg_mask)
         metrics["value/mean"] = masked_mean(values.detach(), seg_mask)
         metrics["advantages/mean"] = masked_mean(advantages, seg_mask)
-        metrics["entropy"] = self.token_entropy(out.logits, batch.completion_mask)
+        metrics["entropy"] = masked_mean(entropy, batch.completion_mask)
         return loss, metrics
 
     def token_kl(self, logits: Tensor, logp: Tensor, batch: Rollout) -> Tensor:

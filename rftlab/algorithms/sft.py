@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rftlab.algorithms.base import RFTModule, _require
-from rftlab.core import AGGREGATIONS, aggregate, masked_mean, selective_log_softmax
+from rftlab.core import AGGREGATIONS, aggregate, masked_mean, selective_log_softmax_and_entropy
 from rftlab.rollout.references import SFTDataModule, reference_text, right_pad
 from rftlab.rollout.rollout import Rollout
 
@@ -58,12 +58,13 @@ class SFT(RFTModule):
 
     def compute_loss(self, batch: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.policy_logits(batch)  # temperature 1: the model's own distribution
-        logp = selective_log_softmax(logits, batch.completion_ids)
+        # the entropy metric comes from the same normalisation of the logits as the log-probs
+        logp, entropy = selective_log_softmax_and_entropy(logits, batch.completion_ids)
         mask = batch.completion_mask.float()
         loss = aggregate(-logp, mask, self.hparams.loss_agg)
         with torch.no_grad():
             token_nll = masked_mean(-logp.detach(), mask)
             accuracy = masked_mean((logits.detach().argmax(-1) == batch.completion_ids).float(), mask)
         metrics = {"loss/nll": loss.detach(), "sft/perplexity": token_nll.exp(), "sft/token_accuracy": accuracy,
-                   "entropy": self.token_entropy(logits, batch.completion_mask)}
+                   "entropy": masked_mean(entropy, batch.completion_mask)}
         return loss, metrics
