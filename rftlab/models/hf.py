@@ -33,15 +33,18 @@ def evaluation_mode(*modules: nn.Module | None) -> Iterator[None]:
     Args:
         modules: the modules to switch (None entries are skipped).
     """
-    states = [(m, m.training) for module in modules if module is not None for m in module.modules()]
+    modules = tuple(m for m in modules if m is not None)
+    states = [[(m, m.training) for m in module.modules()] for module in modules]
     for module in modules:
-        if module is not None:
-            module.eval()
+        module.eval()
     try:
         yield
     finally:
-        for m, training in states:
-            m.training = training
+        for module, flags in zip(modules, states):
+            module.train(flags[0][1])  # through train(), which a model class may extend (HF's does)
+            for m, training in flags:  # then each submodule that differed from the top-level flag
+                if m.training != training:
+                    m.training = training
 
 
 def set_checkpointing(model: nn.Module, enabled: bool) -> None:

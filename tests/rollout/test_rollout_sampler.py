@@ -150,6 +150,16 @@ def test_evaluation_mode_restores_every_submodule_flag():
         raise RuntimeError("the modes come back after an error too")
     assert model.training and not model[2].training
 
+    class Switching(nn.Linear):  # a model class that extends train() (as HF's does) sees both switches
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    calls = []
+    with evaluation_mode(Switching(2, 2)):
+        pass
+    assert calls == [False, True]
+
 
 def test_sampling_and_scoring_keep_a_frozen_submodule_in_eval_mode(tiny_grpo, tokenizer):
     module = tiny_grpo()
