@@ -34,14 +34,14 @@ def evaluation_mode(*modules: nn.Module | None) -> Iterator[None]:
         modules: the modules to switch (None entries are skipped).
     """
     modules = tuple(m for m in modules if m is not None)
-    states = [[(m, m.training) for m in module.modules()] for module in modules]
+    states = [(module.training, [(m, m.training) for m in module.modules()]) for module in modules]
     for module in modules:
         module.eval()
     try:
         yield
     finally:
-        for module, flags in zip(modules, states):
-            module.train(flags[0][1])  # through train(), which a model class may extend (HF's does)
+        for module, (top, flags) in zip(modules, states):
+            module.train(top)  # through train(), which a model class may extend (HF's does)
             for m, training in flags:  # then each submodule that differed from the top-level flag
                 if m.training != training:
                     m.training = training

@@ -90,7 +90,7 @@ class StagedReward:
     def __getattr__(self, name: str) -> int:
         # Reached only for attributes not set on the instance: a counter of the stages, summed.
         fns = self.__dict__.get("fns", [])  # via __dict__: unpickling calls this before __init__'s fields exist
-        counts = [own_counters(fn)[name] for fn in fns if name in own_counters(fn)]
+        counts = [kept[name] for kept in map(own_counters, fns) if name in kept]
         if counts and (name == "timeouts" or name in self.__dict__.get("counters", ())):
             return sum(counts)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
