@@ -165,7 +165,8 @@ class PPO(GRPO):
         if logits or shared:
             with torch.set_grad_enabled(torch.is_grad_enabled() and train_policy):
                 out = self.runtime.forward(self.policy, *inputs, batch.temperature, logits=logits, hidden=shared)
-        layout = {"share_prompt": self.forward_options.share_prompt, "packing": self.forward_options.packing}
+        layout = {"share_prompt": self.forward_options.share_prompt, "packing": self.forward_options.packing,
+                  "packed_attention": self.forward_options.packed_attention}
         if shared:
             state = self.value_head(out.hidden)
         elif self.critic is not None:

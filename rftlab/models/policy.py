@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from rftlab.models.hf import hf_model, is_checkpointing, position_ids_from_mask
-from rftlab.models.packing import (PACKING, attention_pair_cost, is_prefix_mask, pack_groups, packable, packed_states,
-                                   packing_pays)
+from rftlab.models.packing import (PACKED_ATTENTION, PACKING, attention_pair_cost, is_prefix_mask, pack_groups, packable,
+                                   packed_states, packing_pays)
 from rftlab.models.sharding import root_is_sharded
 
 
@@ -170,7 +170,8 @@ class CompletionOutput(NamedTuple):
     """What ``completion_forward`` returns.
 
     Attributes:
-        logits: (N, T, V) float32 temperature-scaled logits, row t predicts completion token t;
+        logits: (N, T, V) temperature-scaled logits, row t predicts completion token t (float32, or
+            the head's dtype at temperature 1: see ``_scaled``);
             None when not asked for.
         hidden: (N, T + 1, H) last-layer hidden states (after the final norm) of the T + 1 last
             positions: ``hidden[:, t]`` is the state after the prompt and t completion tokens
@@ -206,6 +207,7 @@ def completion_forward(
     hidden: bool = False,
     share_prompt: bool = True,
     packing: str = "never",
+    packed_attention: str = "auto",
 ) -> CompletionOutput:
     """One forward over prompt + completion giving the completion logits and/or last hidden states.
 
@@ -239,14 +241,19 @@ def completion_forward(
         hidden: return the (N, T + 1, H) last hidden states.
         share_prompt: encode each distinct prompt once (when some rows repeat one).
         packing: "auto", "always" or "never": lay out each group as one packed row (see above).
+        packed_attention: "auto", "sdpa" or "eager": the attention kernel of packed rows ("auto":
+            explicit attention on a CPU while the rows are short, see ``rftlab.models.packing``).
     """
+    if packed_attention not in PACKED_ATTENTION:
+        raise ValueError(f"packed_attention={packed_attention!r} is invalid: must be one of {', '.join(PACKED_ATTENTION)}")
     T = completion_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)
     if share_prompt and T > 0:
         first, group = prompt_groups(prompt_ids, prompt_mask)
         if _packs(model, prompt_mask, completion_mask, group, len(first), packing):
-            states = packed_states(model, pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, group))
+            states = packed_states(model, pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, group),
+                                   packed_attention)
             scaled = _scaled(hf_model(model).get_output_embeddings()(states[:, :T]), temperature) if logits else None
             return CompletionOutput(scaled, states if hidden else None)
         if len(first) < len(group) and not _recomputes(model):
@@ -289,9 +296,16 @@ def _packs(model: nn.Module, prompt_mask: Tensor, completion_mask: Tensor, group
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    """float32 logits divided by the sampling temperature (no division at 1: a full pass over (N, T, V))."""
-    logits = logits.float()
-    return logits / temperature if temperature != 1.0 else logits
+    """Logits divided by the sampling temperature: float32, or as the head made them at temperature 1.
+
+    At temperature 1 nothing is divided, and a bf16 head's logits stay bf16: the log-prob helpers
+    (``rftlab.core.logprobs``) upcast them a row at a time, to the same float32 numbers, where a
+    float32 copy of the whole (N, T, V) tensor (and its backward) cost about a twentieth of a bf16
+    LoRA step. A division needs float32: bf16 would round the divided logits.
+    """
+    if temperature == 1.0:
+        return logits
+    return logits.float() / temperature
 
 
 def _shared_prompt_forward(
@@ -336,6 +350,7 @@ def completion_logits(
     temperature: float = 1.0,
     share_prompt: bool = True,
     packing: str = "never",
+    packed_attention: str = "auto",
 ) -> Tensor:
     """Logits that predicted each completion token, divided by the sampling temperature.
 
@@ -350,12 +365,14 @@ def completion_logits(
         temperature: sampling temperature (> 0).
         share_prompt: encode each distinct prompt once (see ``completion_forward``).
         packing: "auto", "always" or "never" (see ``completion_forward``).
+        packed_attention: "auto", "sdpa" or "eager" (see ``completion_forward``).
 
     Returns:
-        (N, T, V) float32 logits; row t predicts ``completion_ids[:, t]``.
+        (N, T, V) logits (float32, or the head's dtype at temperature 1); row t predicts
+        ``completion_ids[:, t]``.
     """
     return completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                              share_prompt=share_prompt, packing=packing).logits
+                              share_prompt=share_prompt, packing=packing, packed_attention=packed_attention).logits
 
 
 def trainable_state_keys(module: nn.Module) -> set[str]:

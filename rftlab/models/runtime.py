@@ -38,6 +38,13 @@ class ForwardOptions(OptionGroup):
             estimated cheaper (attention over a packed row grows with the square of its length),
             "always" whenever the model's attention takes the mask (SDPA or eager), "never" keeps
             the padded layout.
+        packed_attention: the attention kernel of packed rows. "auto" (the default) runs explicit
+            attention (transformers' "eager": two matmuls and a float32 softmax, as the sampler's
+            decoding loop computes it) on a CPU when every layer's attention weights fit in 256 MiB
+            (rows of up to ~350 tokens for a 135M model), and the model's own (SDPA) otherwise or on
+            a GPU: torch's CPU flash-attention backward is the slower one for short rows (a bf16
+            LoRA step 0.86-0.90x as long). "sdpa" or "eager" always uses that kernel. The scores of
+            the explicit form are rounded to bf16 under bf16 autocast, as in the sampler.
         sampling_dtype: "auto" (the default) samples from a bfloat16 copy when the run computes in
             bfloat16 (a "bf16-mixed" or "bf16-true" Trainer, or bf16 autocast around ``evaluate``)
             and the policy is neither quantized nor sharded, else from the policy itself; None
@@ -62,6 +69,7 @@ class ForwardOptions(OptionGroup):
     group: ClassVar[str] = "forward"
     share_prompt: bool = True
     packing: Literal["auto", "always", "never"] = "auto"
+    packed_attention: Literal["auto", "sdpa", "eager"] = "auto"
     sampling_dtype: Literal["auto", "bfloat16", "float16"] | None = "auto"
     cache_weight_casts: bool = True
     onednn_kernels: bool = True
@@ -134,7 +142,7 @@ class PolicyRuntime:
         """
         return completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
                                   logits=logits, hidden=hidden, share_prompt=self.options.share_prompt,
-                                  packing=self.options.packing)
+                                  packing=self.options.packing, packed_attention=self.options.packed_attention)
 
     def logits(self, policy: nn.Module, reference: nn.Module | None, use_reference: bool, prompt_ids: Tensor,
                prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor, temperature: float) -> Tensor:

@@ -85,6 +85,7 @@ def completion_state_values(
     completion_mask: Tensor,
     share_prompt: bool = True,
     packing: str = "never",
+    packed_attention: str = "auto",
 ) -> Tensor:
     """Values of every state along the completions, from a trunk's own forward (separate critic).
 
@@ -98,13 +99,14 @@ def completion_state_values(
         completion_mask: (N, T).
         share_prompt: encode each distinct prompt once (see ``completion_forward``).
         packing: "auto", "always" or "never" (see ``completion_forward``).
+        packed_attention: "auto", "sdpa" or "eager" (see ``completion_forward``).
 
     Returns:
         (N, T + 1) float32: column t is V(prompt + completion[:t]); columns past a row's length
         L_i read padding and mean nothing.
     """
     out = completion_forward(trunk, prompt_ids, prompt_mask, completion_ids, completion_mask, logits=False, hidden=True,
-                             share_prompt=share_prompt, packing=packing)
+                             share_prompt=share_prompt, packing=packing, packed_attention=packed_attention)
     return head(out.hidden)
 
 

@@ -9,7 +9,8 @@ import rftlab.models.policy as policy_module
 from rftlab.models import apply_lora
 from rftlab.models.hf import set_checkpointing
 from rftlab.models.loading import tiny_llama
-from rftlab.models.packing import (ATTENTION_SLOWDOWN, attention_pair_cost, is_prefix_mask, pack_groups, packable,
+from rftlab.models.packing import (ATTENTION_SLOWDOWN, EXPLICIT_ATTENTION_BYTES_PER_SCORE, PackedRows,
+                                   attention_pair_cost, explicit_attention_pays, is_prefix_mask, pack_groups, packable,
                                    packed_attention_mask, packed_row_lengths, packing_pays)
 from rftlab.models.policy import completion_forward
 from tests.models.test_models_shared_prompt import gradient_model, grouped_batch, layout_grads
@@ -67,10 +68,11 @@ def _row_by_row(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
     return logits, hidden
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention,packed_attention", [("sdpa", "sdpa"), ("sdpa", "auto"), ("sdpa", "eager"),
+                                                         ("eager", "auto"), ("eager", "sdpa")])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_logits_and_hidden_equal_each_sequence_alone(attention, shuffle, temperature):
+def test_packed_logits_and_hidden_equal_each_sequence_alone(attention, packed_attention, shuffle, temperature):
     model = tiny_llama(100, seed=0).eval()
     model.config._attn_implementation = attention
     batch = grouped_batch(torch.Generator().manual_seed(0), shuffle)
@@ -78,9 +80,11 @@ def test_packed_logits_and_hidden_equal_each_sequence_alone(attention, shuffle, 
     original = policy_module.packed_states
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(policy_module, "packed_states", lambda *a: calls.append(1) or original(*a))
-        packed = completion_forward(model, *batch, temperature, hidden=True, packing="always")
+        packed = completion_forward(model, *batch, temperature, hidden=True, packing="always",
+                                    packed_attention=packed_attention)
         logits, hidden = _row_by_row(model, *batch, temperature)
     assert calls == [1]
+    assert model.config._attn_implementation == attention  # the packed forward's kernel switch is undone
     assert packed.logits.shape == (6, 4, 100) and packed.hidden.shape == (6, 5, 64)
     lengths = batch[3].sum(-1)
     for n, length in enumerate(lengths.tolist()):
@@ -89,9 +93,10 @@ def test_packed_logits_and_hidden_equal_each_sequence_alone(attention, shuffle, 
         assert (packed.hidden[n, length + 1 :] == 0).all()  # past the end: zeros, never read
 
 
+@pytest.mark.parametrize("packed_attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
-def test_packed_gradients_equal_the_padded_forward(lora, checkpointing):
+def test_packed_gradients_equal_the_padded_forward(lora, checkpointing, packed_attention):
     model = gradient_model(lora)
     batch = grouped_batch(torch.Generator().manual_seed(1), shuffle=True)
     full = layout_grads(model, batch, share_prompt=False)
@@ -101,7 +106,7 @@ def test_packed_gradients_equal_the_padded_forward(lora, checkpointing):
     original = policy_module.packed_states
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(policy_module, "packed_states", lambda *a: calls.append(1) or original(*a))
-        packed = layout_grads(model, batch, packing="always")
+        packed = layout_grads(model, batch, packing="always", packed_attention=packed_attention)
     assert calls == [1]  # packed also under gradient checkpointing
     assert full.keys() == packed.keys() and full
     for name in full:
@@ -177,3 +182,68 @@ def test_attention_pair_cost_hand_computed():
     model = tiny_llama(100, seed=0)  # 2 layers, 4 heads x 16, 80448 parameters
     assert sum(p.numel() for p in model.parameters()) == 80448
     assert attention_pair_cost(model) == pytest.approx(ATTENTION_SLOWDOWN * 2 * 2 * 64 / 80448)
+
+
+def _rows(batch: int, width: int, device: str = "cpu") -> PackedRows:
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+    return PackedRows(ids, ids, ids, ids)
+
+
+def test_explicit_attention_pays_hand_computed():
+    model = tiny_llama(100, seed=0)  # 2 layers, 4 heads
+    assert EXPLICIT_ATTENTION_BYTES_PER_SCORE == 8
+    # 3 rows of 10 tokens: 3 * 4 heads * 10 * 10 * 2 layers = 2400 scores, 19,200 bytes
+    assert explicit_attention_pays(model, _rows(3, 10), budget=19_200)
+    assert not explicit_attention_pays(model, _rows(3, 10), budget=19_199)
+    assert explicit_attention_pays(apply_lora(tiny_llama(100, seed=0), r=4), _rows(3, 10), budget=19_200)
+    # never off the CPU: an accelerator's SDPA kernels are the fast ones
+    assert not explicit_attention_pays(model, _rows(3, 10, device="meta"), budget=10**9)
+
+
+class _KernelSpy:
+    """Records the attention kernel the model's config names while its first attention layer runs."""
+
+    def __init__(self, model):
+        self.seen = []
+        config = model.config
+        attention = model.model.layers[0].self_attn
+        attention.register_forward_pre_hook(lambda *_: self.seen.append(config._attn_implementation))
+
+
+def test_packed_attention_auto_picks_explicit_attention_for_short_rows_only(monkeypatch):
+    model = tiny_llama(100, seed=0)
+    spy = _KernelSpy(model)
+    batch = grouped_batch(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        completion_forward(model, *batch, packing="always")  # rows of 10 and 12 tokens: a few KB
+        assert spy.seen == ["eager"] and model.config._attn_implementation == "sdpa"
+        monkeypatch.setattr("rftlab.models.packing.EXPLICIT_ATTENTION_BUDGET", 100)
+        completion_forward(model, *batch, packing="always")  # over the budget: the model's own
+        completion_forward(model, *batch, packing="always", packed_attention="eager")  # forced
+        assert spy.seen == ["eager", "sdpa", "eager"]
+    # under gradient checkpointing the backward recomputes each layer after the call: never switched
+    monkeypatch.setattr("rftlab.models.packing.EXPLICIT_ATTENTION_BUDGET", 10**9)
+    set_checkpointing(model, True)
+    model.train()
+    out = completion_forward(model, *batch, packing="always", packed_attention="eager")
+    out.logits.float().logsumexp(-1).sum().backward()
+    assert spy.seen[3:] == ["sdpa", "sdpa"]  # the forward, then its recompute
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_attention_kernel_is_restored_when_the_forward_fails(monkeypatch):
+    model = tiny_llama(100, seed=0)
+    model.model.layers[0].register_forward_pre_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        completion_forward(model, *grouped_batch(torch.Generator().manual_seed(3)), packing="always")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_attention_must_be_a_known_kernel():
+    model = tiny_llama(100, seed=0)
+    with pytest.raises(ValueError, match="packed_attention='flash'.*auto, sdpa, eager"):
+        completion_forward(model, *grouped_batch(torch.Generator().manual_seed(3)), packed_attention="flash")
+    from rftlab import GRPO
+
+    with pytest.raises(ValueError, match="forward.packed_attention='flash'"):
+        GRPO(policy="tiny", forward={"packed_attention": "flash"})

@@ -107,15 +107,23 @@ def test_a_loaded_model_runs_without_hub_kernels(tmp_path):
     assert getattr(model, "use_kernels", False) is False
 
 
-def test_logits_at_temperature_one_are_only_made_float32():
+def test_logits_at_temperature_one_stay_as_the_head_made_them():
+    from rftlab.core import selective_log_softmax, selective_log_softmax_and_entropy
     from rftlab.models.policy import _scaled
 
-    logits = torch.randn(2, 3, 5).to(torch.bfloat16)
-    assert _scaled(logits, 1.0).dtype == torch.float32
-    assert torch.equal(_scaled(logits, 1.0), logits.float())
+    logits = (3 * torch.randn(2, 3, 50)).to(torch.bfloat16)
+    assert _scaled(logits, 1.0) is logits  # no float32 copy of the (N, T, V) tensor
+    assert _scaled(logits, 2.0).dtype == torch.float32  # a division is made in float32
     assert torch.equal(_scaled(logits, 2.0), logits.float() / 2.0)
     full = torch.randn(2, 3, 5)
     assert _scaled(full, 1.0) is full
+    # The log-prob helpers upcast bf16 logits themselves: the same numbers as from a float32 copy.
+    ids = torch.randint(0, 50, (2, 3))
+    assert torch.allclose(selective_log_softmax(logits, ids), selective_log_softmax(logits.float(), ids), atol=1e-6)
+    logp, entropy = selective_log_softmax_and_entropy(logits, ids)
+    logp32, entropy32 = selective_log_softmax_and_entropy(logits.float(), ids)
+    assert logp.dtype == torch.float32 and torch.allclose(logp, logp32, atol=1e-6)
+    assert torch.allclose(entropy, entropy32, atol=1e-6)
 
 
 def test_completion_logits_match_a_full_forward_with_left_padding():
