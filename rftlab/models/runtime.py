@@ -43,8 +43,8 @@ class ForwardOptions(OptionGroup):
             decoding loop computes it) on a CPU when every layer's attention weights fit in 256 MiB
             (rows of up to ~350 tokens for a 135M model), and the model's own (SDPA) otherwise or on
             a GPU: torch's CPU flash-attention backward is the slower one for short rows (a bf16
-            LoRA step 0.86-0.90x as long). "sdpa" or "eager" always uses that kernel. The scores of
-            the explicit form are rounded to bf16 under bf16 autocast, as in the sampler.
+            LoRA step at 8 x 32 tokens 0.86-0.91x as long). "sdpa" or "eager" always uses that
+            kernel. The explicit form rounds the scores to bf16 under bf16 autocast, as the sampler.
         sampling_dtype: "auto" (the default) samples from a bfloat16 copy when the run computes in
             bfloat16 (a "bf16-mixed" or "bf16-true" Trainer, or bf16 autocast around ``evaluate``)
             and the policy is neither quantized nor sharded, else from the policy itself; None
