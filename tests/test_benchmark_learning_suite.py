@@ -91,3 +91,11 @@ def test_the_dynamic_sampling_recipe_differs_from_copy_only_in_dynamic_sampling(
 
     assert rest(ds) == rest(copy)
     assert not suite.is_plain_grpo(ds), "TRL's GRPOTrainer has no dynamic sampling"
+
+
+def test_the_kl_recipe_differs_from_copy_only_in_beta_and_reaches_the_module():
+    suite = load_benchmark("learning_suite")
+    copy, kl = suite.RECIPES["copy"], suite.RECIPES["copy_kl"]
+    assert {k: v for k, v in kl.items() if k != "beta"} == copy and "beta" not in copy
+    assert suite.build_module(kl, "tiny", 0).beta == 0.04
+    assert suite.build_module(copy, "tiny", 0).beta == 0.0
