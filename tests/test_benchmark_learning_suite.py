@@ -99,3 +99,10 @@ def test_the_kl_recipe_differs_from_copy_only_in_beta_and_reaches_the_module():
     assert {k: v for k, v in kl.items() if k != "beta"} == copy and "beta" not in copy
     assert suite.build_module(kl, "tiny", 0).beta == 0.04
     assert suite.build_module(copy, "tiny", 0).beta == 0.0
+
+
+def test_the_learning_rate_recipe_differs_from_copy_only_in_lr():
+    suite = load_benchmark("learning_suite")
+    copy, fast = suite.RECIPES["copy"], suite.RECIPES["copy_lr4"]
+    assert {k: v for k, v in fast.items() if k != "lr"} == {k: v for k, v in copy.items() if k != "lr"}
+    assert fast["lr"] == 2 * copy["lr"] == 4e-4
