@@ -46,6 +46,12 @@ PACKED_ATTENTION = ("auto", "sdpa", "eager")
 EXPLICIT_ATTENTION_BUDGET = 256 * 2**20
 EXPLICIT_ATTENTION_BYTES_PER_SCORE = 8
 
+
+def check_packed_attention(attention: str) -> None:
+    """Raise a ValueError naming ``packed_attention`` unless it is one of ``PACKED_ATTENTION``."""
+    if attention not in PACKED_ATTENTION:
+        raise ValueError(f"packed_attention={attention!r} is invalid: must be one of {', '.join(PACKED_ATTENTION)}")
+
 # How much slower attention runs per flop than the rest of the model (mostly matmuls). Measured for
 # SmolLM2-135M in float32 on 2 CPU threads: one query-key pair cost 1.26e-6 s (forward + backward)
 # against 3.15e-3 s per token, 1.56x the flop ratio (see ``attention_pair_cost``). 2.0 leans to the
@@ -267,8 +273,7 @@ def packed_states(model: nn.Module, packed: PackedRows, attention: str = "auto")
         attention: "auto", "sdpa" or "eager": the attention kernel (see ``PACKED_ATTENTION``); the
             model's own under gradient checkpointing, whose recompute runs outside this call.
     """
-    if attention not in PACKED_ATTENTION:
-        raise ValueError(f"packed_attention={attention!r} is invalid: must be one of {', '.join(PACKED_ATTENTION)}")
+    check_packed_attention(attention)
     lm = hf_model(model)
     config = lm.config
     own = config._attn_implementation

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from rftlab.models.hf import hf_model, is_checkpointing, position_ids_from_mask
-from rftlab.models.packing import (PACKED_ATTENTION, PACKING, attention_pair_cost, is_prefix_mask, pack_groups, packable,
-                                   packed_states, packing_pays)
+from rftlab.models.packing import (PACKING, attention_pair_cost, check_packed_attention, is_prefix_mask, pack_groups,
+                                   packable, packed_states, packing_pays)
 from rftlab.models.sharding import root_is_sharded
 
 
@@ -244,8 +244,7 @@ def completion_forward(
         packed_attention: "auto", "sdpa" or "eager": the attention kernel of packed rows ("auto":
             explicit attention on a CPU while the rows are short, see ``rftlab.models.packing``).
     """
-    if packed_attention not in PACKED_ATTENTION:
-        raise ValueError(f"packed_attention={packed_attention!r} is invalid: must be one of {', '.join(PACKED_ATTENTION)}")
+    check_packed_attention(packed_attention)  # here too: a batch that does not pack never reaches packed_states
     T = completion_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)

@@ -42,9 +42,10 @@ class ForwardOptions(OptionGroup):
             attention (transformers' "eager": two matmuls and a float32 softmax, as the sampler's
             decoding loop computes it) on a CPU when every layer's attention weights fit in 256 MiB
             (rows of up to ~350 tokens for a 135M model), and the model's own (SDPA) otherwise or on
-            a GPU: torch's CPU flash-attention backward is the slower one for short rows (a bf16
-            LoRA step at 8 x 32 tokens 0.86-0.91x as long). "sdpa" or "eager" always uses that
-            kernel. The explicit form rounds the scores to bf16 under bf16 autocast, as the sampler.
+            a GPU: torch's CPU flash-attention backward is the slower one for short rows (the
+            backward of a bf16 LoRA step at 8 x 32 tokens, one thread: 245 against 340 ms). "sdpa"
+            or "eager" always uses that kernel. The explicit form rounds the scores to bf16 under
+            bf16 autocast, as the sampler does.
         sampling_dtype: "auto" (the default) samples from a bfloat16 copy when the run computes in
             bfloat16 (a "bf16-mixed" or "bf16-true" Trainer, or bf16 autocast around ``evaluate``)
             and the policy is neither quantized nor sharded, else from the policy itself; None
