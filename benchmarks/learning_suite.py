@@ -358,8 +358,11 @@ def report(dirs: list[Path], out: Path) -> str:
     head = "| task | kind | constant answer | untrained | " + " | ".join(f"{k}: after | {k}: gain" for k in runs) + " |"
     lines = [head, "| " + " | ".join(["---"] * 2 + ["---:"] * (2 + 2 * len(runs))) + " |"]
     for name in names:
-        first = next(r[name] for r in runs.values() if name in r)
-        cells = [f"`{name}`", first["kind"], f"{100 * first['majority_share']:.0f}%", f"{100 * first['accuracy_before']:.0f}%"]
+        these = [r[name] for r in runs.values() if name in r]
+        # runs of another seed hold other questions: their constant answer and untrained score differ
+        constant, before = (" / ".join(dict.fromkeys(f"{100 * v[key]:.0f}%" for v in these))
+                            for key in ("majority_share", "accuracy_before"))
+        cells = [f"`{name}`", these[0]["kind"], constant, before]
         for r in runs.values():
             if name in r:
                 cells += [f"{100 * r[name]['accuracy_after']:.0f}%", f"{gain(r[name]):+.0f}"]

@@ -106,3 +106,23 @@ def test_the_learning_rate_recipe_differs_from_copy_only_in_lr():
     copy, fast = suite.RECIPES["copy"], suite.RECIPES["copy_lr4"]
     assert {k: v for k, v in fast.items() if k != "lr"} == {k: v for k, v in copy.items() if k != "lr"}
     assert fast["lr"] == 2 * copy["lr"] == 4e-4
+
+
+def test_the_batch_recipe_differs_from_copy_only_in_prompts_per_step():
+    suite = load_benchmark("learning_suite")
+    copy, p8 = suite.RECIPES["copy"], suite.RECIPES["copy_p8"]
+    assert {k: v for k, v in p8.items() if k != "prompts"} == {k: v for k, v in copy.items() if k != "prompts"}
+    assert p8["prompts"] == 2 * copy["prompts"] == 8
+
+
+def test_the_report_shows_each_seeds_own_untrained_and_constant_scores(tmp_path):
+    suite = load_benchmark("learning_suite")
+    def result(before, after, constant):
+        return {"kind": "arithmetic", "name": "gcd", "accuracy_before": before, "accuracy_after": after,
+                "majority_share": constant, "wall_minutes": 1.0, "steps_log": [{"entropy": 1.0}]}
+
+    for folder, values in {"seed0": (0.27, 0.47, 0.29), "seed1": (0.33, 0.57, 0.36), "again": (0.27, 0.30, 0.29)}.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "gcd.json").write_text(json.dumps(result(*values)))
+    table = suite.report([tmp_path / "seed0", tmp_path / "seed1", tmp_path / "again"], tmp_path / "report")
+    assert "| `gcd` | arithmetic | 29% / 36% | 27% / 33% | 47% | +20 | 57% | +24 | 30% | +3 |" in table
