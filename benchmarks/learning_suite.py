@@ -114,6 +114,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # worse, which is what a noise-limited step predicts. DAPO trains on 512 prompts a step.
     "copy_p8": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=8, gens=8, dynamic_sampling=False,
                     module=dict(forward=dict(sampling_dtype="bfloat16"))),
+    # copy with a system message that asks for what the answer extraction reads (the final answer at
+    # the end of the reply) instead of <answer> tags, which the untrained model never writes: its
+    # example tag (<answer>7</answer>) is a number the model may copy, and a reward it never earns
+    # is an instruction it cannot learn from.
+    "copy_plain": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
+                       system_prompt="You are a careful solver. Be brief. End your reply with the final answer.",
+                       module=dict(forward=dict(sampling_dtype="bfloat16"))),
 }
 
 #: The easy stage of the "curriculum" recipe, one per suite task, by one rule rather than tuning:
@@ -141,19 +148,22 @@ for _name, _recipe in RECIPES.items():
         _recipe.setdefault("module", {}).setdefault("forward", {}).setdefault("sampling_dtype", None)
 
 
-def make_task(name: str, options: dict[str, Any], extract: str, num_test: int, seed: int) -> ReasoningGym:
-    return ReasoningGym(name, num_test=num_test, seed=seed, extract=extract, **options)
+def make_task(name: str, options: dict[str, Any], extract: str, num_test: int, seed: int,
+              system_prompt: str | None = None) -> ReasoningGym:
+    """A suite task; ``system_prompt`` None keeps the task's default system message."""
+    prompt = {} if system_prompt is None else {"system_prompt": system_prompt}
+    return ReasoningGym(name, num_test=num_test, seed=seed, extract=extract, **prompt, **options)
 
 
 def make_training_task(name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
                        args: argparse.Namespace) -> ReasoningGym | Curriculum:
     """The task a recipe trains on: the suite's, or with ``curriculum`` (a share of the run's prompts)
     a two-stage curriculum whose first stage is the task's ``EASY`` configuration."""
-    task = make_task(name, options, extract, args.num_test, args.seed)
+    task = make_task(name, options, extract, args.num_test, args.seed, recipe.get("system_prompt"))
     share = recipe.get("curriculum")
     if not share:
         return task
-    easy = make_task(name, EASY[name], extract, 0, args.seed)
+    easy = make_task(name, EASY[name], extract, 0, args.seed, recipe.get("system_prompt"))
     return Curriculum([easy, task], stage_prompts=[max(1, round(share * args.steps * recipe["prompts"]))])
 
 
@@ -209,7 +219,7 @@ def run_task_trl(kind: str, name: str, options: dict[str, Any], extract: str, re
 
     from rftlab.experiments import evaluate
 
-    task = make_task(name, options, extract, args.num_test, args.seed)
+    task = make_task(name, options, extract, args.num_test, args.seed, recipe.get("system_prompt"))
 
     def accuracy(policy: str) -> float:
         # the same precision as the rftlab side's validation (greedy answers can flip under bf16)
@@ -291,7 +301,7 @@ def trl_worker(cfg: dict[str, Any]) -> None:
 
     torch.set_num_threads(cfg["threads"])
     recipe = cfg["recipe"]
-    task = make_task(cfg["name"], cfg["options"], cfg["extract"], cfg["num_test"], cfg["seed"])
+    task = make_task(cfg["name"], cfg["options"], cfg["extract"], cfg["num_test"], cfg["seed"], recipe.get("system_prompt"))
     rows = [task.train_rows()[i] for i in range(cfg["steps"] * recipe["prompts"])]
     data = Dataset.from_list([{"prompt": r["prompt"], "row": i} for i, r in enumerate(rows)])
     score = task.reward_functions()["correct"]

@@ -126,3 +126,18 @@ def test_the_report_shows_each_seeds_own_untrained_and_constant_scores(tmp_path)
         (tmp_path / folder / "gcd.json").write_text(json.dumps(result(*values)))
     table = suite.report([tmp_path / "seed0", tmp_path / "seed1", tmp_path / "again"], tmp_path / "report")
     assert "| `gcd` | arithmetic | 29% / 36% | 27% / 33% | 47% | +20 | 57% | +24 | 30% | +3 |" in table
+
+
+def test_the_plain_prompt_recipe_reaches_the_task_and_changes_nothing_else():
+    import argparse
+
+    suite = load_benchmark("learning_suite")
+    copy, plain = suite.RECIPES["copy"], suite.RECIPES["copy_plain"]
+    assert {k: v for k, v in plain.items() if k != "system_prompt"} == copy and "system_prompt" not in copy
+    args = argparse.Namespace(num_test=2, seed=0, steps=2)
+    _, name, options, extract = suite.SUITE[0]
+    task = suite.make_training_task(name, options, extract, plain, args)
+    default = suite.make_training_task(name, options, extract, copy, args)
+    assert task.system_prompt == plain["system_prompt"] != default.system_prompt
+    assert task.train_rows()[0]["prompt"][0] == {"role": "system", "content": plain["system_prompt"]}
+    assert task.train_rows()[0]["prompt"][1:] == default.train_rows()[0]["prompt"][1:]
