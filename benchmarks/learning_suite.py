@@ -369,7 +369,7 @@ def report(dirs: list[Path], out: Path) -> str:
     lines = [head, "| " + " | ".join(["---"] * 2 + ["---:"] * (2 + 2 * len(runs))) + " |"]
     for name in names:
         these = [r[name] for r in runs.values() if name in r]
-        # runs of another seed hold other questions: their constant answer and untrained score differ
+        # runs of another seed (other questions) or another system message score otherwise before training
         constant, before = (" / ".join(dict.fromkeys(f"{100 * v[key]:.0f}%" for v in these))
                             for key in ("majority_share", "accuracy_before"))
         cells = [f"`{name}`", these[0]["kind"], constant, before]
