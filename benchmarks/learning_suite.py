@@ -121,6 +121,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "copy_plain": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
                        system_prompt="You are a careful solver. Be brief. End your reply with the final answer.",
                        module=dict(forward=dict(sampling_dtype="bfloat16"))),
+    # copy with two optimisation passes over each rollout (GRPO's inner iterations mu, DeepSeekMath,
+    # arXiv 2402.03300, Algorithm 1; PPO's epochs): the same 40 rollouts and sampling, 80 optimizer
+    # steps. The second pass starts from the updated policy, so the clipped ratio bounds how far it
+    # moves, where twice the learning rate (copy_lr4) moved every token twice as far and was worse.
+    "copy_mu2": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, iterations=2,
+                     module=dict(forward=dict(sampling_dtype="bfloat16"))),
 }
 
 #: The easy stage of the "curriculum" recipe, one per suite task, by one rule rather than tuning:
@@ -176,19 +182,24 @@ def build_module(recipe: dict[str, Any], policy: str, seed: int) -> GRPO:
 
 def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe: dict[str, Any],
              args: argparse.Namespace) -> dict[str, Any]:
-    """Train one task with the recipe; held-out greedy accuracy before, midway and after."""
+    """Train one task with the recipe; held-out greedy accuracy before, midway and after.
+
+    ``args.steps`` counts rollouts: a recipe with ``iterations`` > 1 takes that many optimizer steps on each.
+    """
     L.seed_everything(args.seed, workers=True)
+    iterations = recipe.get("iterations", 1)
+    updates = args.steps * iterations
     model = build_module(recipe, args.policy, args.seed)
     dm = RolloutDataModule(
         task=make_training_task(name, options, extract, recipe, args), prompts_per_step=recipe["prompts"],
         num_generations=recipe["gens"], max_new_tokens=args.max_new_tokens, temperature=recipe.get("temperature", 1.0),
         dynamic_sampling=recipe["dynamic_sampling"], max_gen_batches=recipe.get("max_gen_batches", 4),
-        val_batch_size=args.num_test, seed=args.seed,
+        num_iterations=iterations, val_batch_size=args.num_test, seed=args.seed,
     )
     clock = TrainClock()
-    rec = RunRecorder(clock, Budget(steps=args.steps))
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,
-                        enable_checkpointing=False, callbacks=[clock, rec], val_check_interval=max(1, args.steps // 2),
+    rec = RunRecorder(clock, Budget(steps=updates))
+    trainer = L.Trainer(max_steps=updates, accelerator="cpu", devices=1, precision=args.precision, logger=False,
+                        enable_checkpointing=False, callbacks=[clock, rec], val_check_interval=max(1, updates // 2),
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=False)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -199,7 +210,7 @@ def run_task(kind: str, name: str, options: dict[str, Any], extract: str, recipe
     return {
         "kind": kind, "name": name, "options": options, "extract": extract, "recipe": recipe,
         "majority_share": majority_share(dm.task),
-        "steps": trainer.global_step, "train_minutes": round(clock.train_seconds / 60, 2),
+        "steps": trainer.global_step, "rollouts": trainer.global_step // iterations, "train_minutes": round(clock.train_seconds / 60, 2),
         "wall_minutes": round((time.perf_counter() - start) / 60, 2),
         "accuracy_before": rec.evals[0]["val/accuracy"], "accuracy_after": rec.evals[-1]["val/accuracy"],
         "evals": [{k: e[k] for k in ("step", "train_seconds", "val/accuracy")} for e in rec.evals],
@@ -263,7 +274,7 @@ def is_plain_grpo(recipe: dict[str, Any]) -> bool:
     forward = (recipe.get("module") or {}).get("forward") or {}
     own_sampling = forward == {"sampling_dtype": None} or not forward
     return (recipe["algo"] == "grpo" and not recipe["dynamic_sampling"] and not module and own_sampling
-            and not recipe.get("curriculum"))
+            and not recipe.get("curriculum") and recipe.get("iterations", 1) == 1)
 
 
 def check_trl_side(recipe: dict[str, Any], name: str) -> None:

@@ -141,3 +141,17 @@ def test_the_plain_prompt_recipe_reaches_the_task_and_changes_nothing_else():
     assert task.system_prompt == plain["system_prompt"] != default.system_prompt
     assert task.train_rows()[0]["prompt"][0] == {"role": "system", "content": plain["system_prompt"]}
     assert task.train_rows()[0]["prompt"][1:] == default.train_rows()[0]["prompt"][1:]
+
+
+def test_the_passes_recipe_takes_two_optimizer_steps_per_rollout(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    suite = load_benchmark("learning_suite")
+    copy, mu2 = suite.RECIPES["copy"], suite.RECIPES["copy_mu2"]
+    assert {k: v for k, v in mu2.items() if k != "iterations"} == copy and mu2["iterations"] == 2
+    assert not suite.is_plain_grpo(dict(suite.RECIPES["readme"], iterations=2))  # the TRL worker passes no passes
+    suite.main(["--policy", "tiny", "--precision", "32-true", "--threads", "1", "--steps", "2", "--num-test", "2",
+                "--max-new-tokens", "4", "--tasks", "syllogism", "--recipe", "copy_mu2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "syllogism.json").read_text())
+    # 2 rollouts, 4 optimizer steps; held-out accuracy before, after the first rollout's passes, at the end
+    assert (result["rollouts"], result["steps"]) == (2, 4) and [e["step"] for e in result["evals"]] == [0, 2, 4]
+    assert len(result["steps_log"]) == 4
