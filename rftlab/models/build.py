@@ -9,6 +9,7 @@ see the same network.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,18 +91,18 @@ class PolicySpec(OptionGroup):
         self.require(0 <= self.seed <= 2**32 - 1, "seed", "in [0, 2**32 - 1] (as Lightning's seed_everything)")
 
     @classmethod
-    def resolve(cls, policy: "str | PolicySpec | Mapping[str, Any]", lora: bool | None = None, **overrides: Any) -> "PolicySpec":
+    def resolve(cls, policy: "str | os.PathLike[str] | PolicySpec | Mapping[str, Any]", lora: bool | None = None, **overrides: Any) -> "PolicySpec":
         """The group an algorithm's ``policy`` and ``lora`` arguments describe.
 
         Args:
-            policy: a model name, a ``PolicySpec``, or a mapping of its fields.
+            policy: a model name or folder, a ``PolicySpec``, or a mapping of its fields.
             lora: overrides the group's ``lora`` when not None.
             **overrides: other fields to replace (e.g. ``model=`` a moved base model).
         """
         if lora is not None:
             overrides["lora"] = lora
-        if isinstance(policy, str):
-            return cls(**{"model": policy, **overrides})
+        if isinstance(policy, (str, os.PathLike)):
+            return cls(**{"model": os.fspath(policy), **overrides})
         if isinstance(policy, Mapping):  # the overrides join the fields before the group is checked
             return as_group({**policy, **overrides}, cls)
         spec = as_group(policy, cls)

@@ -103,13 +103,18 @@ def default_model_dir() -> Path:
     return target
 
 
-def resolve_model_path(policy: str) -> str:
-    """Map a policy name to something ``from_pretrained`` accepts (a folder or a hub id).
+def resolve_model_path(policy: str | os.PathLike[str]) -> str:
+    """Map a policy name or folder to something ``from_pretrained`` accepts (a folder or a hub id).
 
     Raises:
         ModelNotFoundError: for a name that can only be a path (absolute, relative with ``.`` or
             ``~``, or with more than one ``/``, which no hub id has) where there is no folder.
     """
+    if isinstance(policy, os.PathLike):  # e.g. default_model_dir(): a folder, whatever its name
+        path = Path(policy).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"policy={str(policy)!r}: no such folder ({path.absolute()})")
+        return str(path)
     if policy == DEFAULT_POLICY:
         return str(default_model_dir())
     if policy == TINY_POLICY:
@@ -265,7 +270,7 @@ def config_context_length(config: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def load_tokenizer(policy: str):
+def load_tokenizer(policy: str | os.PathLike[str]):
     """The policy's tokenizer, with a pad token (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
 
@@ -305,7 +310,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers
 
 
 def load_causal_lm(
-    policy: str,
+    policy: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     vocab_size: int | None = None,
     seed: int = 0,

@@ -156,3 +156,17 @@ def test_a_folder_given_by_a_relative_path_loads(tmp_path, monkeypatch):
 
     monkeypatch.chdir(default_model_dir().parent)
     assert load_tokenizer(f"./{default_model_dir().name}").eos_token is not None
+
+
+def test_a_folder_given_as_a_path_object_loads_and_a_missing_one_is_named(tmp_path):
+    # default_model_dir() returns a Path; loaders and the policy group take it as they take its str.
+    from pathlib import Path
+
+    from rftlab.models import PolicySpec, load_tokenizer
+    from rftlab.models.loading import default_model_dir, resolve_model_path
+
+    assert load_tokenizer(default_model_dir()).vocab_size == load_tokenizer("default").vocab_size
+    assert resolve_model_path(default_model_dir()) == str(default_model_dir())
+    assert PolicySpec.resolve(default_model_dir()).model == str(default_model_dir())
+    with pytest.raises(ModelNotFoundError, match=r"policy='.*missing': no such folder"):
+        resolve_model_path(Path(tmp_path / "missing"))
