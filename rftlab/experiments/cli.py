@@ -85,7 +85,9 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--precision", type=Literal["32-true", "bf16-mixed"], default="32-true",
                         help="32-true, or bf16-mixed to answer under bf16 autocast as a bf16-mixed Trainer validates")
     parser.add_argument("--threads", type=int | None, default=None, help="torch threads")
-    parser.add_argument("--output", type=str | None, default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--show", type=int, default=0, help="print the first n greedy answers with their questions and verdicts")
+    parser.add_argument("--output", type=str | None, default=None,
+                        help="also write the metrics and every greedy answer (question, reference, answer, verdict) to this JSON file")
     return parser
 
 
@@ -113,9 +115,13 @@ def evaluate_main(argv: list[str] | None = None) -> Any:
     )
     source = init.checkpoint or init.policy
     print(f"{source} on {getattr(init.task, 'name', init.task)}: {result}  ({result.seconds:.1f} s)")
+    for shown in result.greedy_answers[: max(0, init.show)]:
+        verdict = "right" if shown["correct"] else "wrong"
+        print(f"\n[{verdict}] {shown['question']!r}\n  reference: {shown['reference']!r}\n  answer: {shown['answer']!r}")
     if init.output:
         path = Path(init.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"source": source, **result.metrics(), "num_prompts": result.num_prompts,
-                                    "num_samples": result.num_samples}, indent=2))
+                                    "num_samples": result.num_samples, "greedy_answers": result.greedy_answers},
+                                   indent=2, default=str))
     return result

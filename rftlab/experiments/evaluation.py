@@ -56,6 +56,8 @@ class EvaluationResult:
         num_samples: sampled answers per prompt (0 if not run).
         pass_at_k: k -> mean unbiased pass@k over prompts, from the sampled answers.
         correct_counts: per prompt, how many sampled answers were correct.
+        greedy_answers: per prompt, its question (the last user message), reference answer, greedy
+            answer and whether the verifier accepted it: what the score is made of.
         seconds: wall time.
     """
 
@@ -64,6 +66,7 @@ class EvaluationResult:
     num_samples: int = 0
     pass_at_k: dict[int, float] = field(default_factory=dict)
     correct_counts: list[int] = field(default_factory=list)
+    greedy_answers: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def metrics(self) -> dict[str, float]:
@@ -152,15 +155,26 @@ def evaluate(
     with evaluation_mode(module), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         if greedy:
             params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-            correct = [score_answers(dm, module, rows[i : i + batch_size], params).correct
-                       for i in range(0, len(rows), batch_size)]
-            result.greedy_accuracy = float(torch.cat(correct).mean())
+            batches = [score_answers(dm, module, rows[i : i + batch_size], params) for i in range(0, len(rows), batch_size)]
+            result.greedy_accuracy = float(torch.cat([b.correct for b in batches]).mean())
+            answers = [(a, bool(c)) for b in batches for a, c in zip(b.completions, b.correct.tolist())]
+            result.greedy_answers = [{"question": question_of(row), "reference": row.get("answer"), "answer": a,
+                                      "correct": c} for row, (a, c) in zip(rows, answers)]
         if num_samples:
             result.correct_counts = _sampled_correct_counts(dm, module, rows, num_samples, batch_size, seed)
             result.pass_at_k = {kk: sum(pass_at_k(num_samples, c, kk) for c in result.correct_counts) / len(rows)
                                 for kk in ks}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def question_of(row: dict[str, Any]) -> str:
+    """A held-out row's question: its prompt text, or the last user message of a chat prompt."""
+    prompt = row.get("prompt", "")
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return str(users[-1]) if users else str(prompt)
 
 
 def _sampled_correct_counts(dm: RolloutDataModule, module: RFTModule, rows: list[dict[str, Any]],

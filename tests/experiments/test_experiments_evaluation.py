@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from rftlab import GRPO, RolloutDataModule
 from rftlab.cli import main
 from rftlab.experiments import evaluate, load_policy, pass_at_k
+from rftlab.experiments.evaluation import question_of
 from rftlab.tasks import Arithmetic, RowsTask
 
 
@@ -66,6 +67,16 @@ def test_greedy_and_sampled_scores_follow_the_verifier(tiny_policy):
     assert evaluate(tiny_policy, rows_task(always), max_new_tokens=3, num_samples=2, k=[1, 2]).metrics() == {
         "eval/greedy/accuracy": 1.0, "eval/sampled/pass@1": 1.0, "eval/sampled/pass@2": 1.0}
     assert evaluate(tiny_policy, rows_task(never), max_new_tokens=3).greedy_accuracy == 0.0
+
+
+def test_each_greedy_answer_is_kept_with_its_question_and_verdict(tiny_policy):
+    result = evaluate(tiny_policy, rows_task(even_length), max_new_tokens=5, batch_size=3)  # two batches
+    kept = result.greedy_answers
+    assert [a["question"] for a in kept] == [f"Say something about {w}." for w in ("cats", "dogs", "rain", "tea")]
+    assert all(a["reference"] == "x" and a["correct"] == (len(a["answer"]) % 2 == 0) for a in kept)
+    assert result.greedy_accuracy == sum(a["correct"] for a in kept) / 4
+    chat = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]}
+    assert question_of(chat) == "2 + 2?" and question_of({"prompt": "plain"}) == "plain"
 
 
 def test_sampled_pass_at_k_is_consistent_and_reproducible(tiny_policy):
@@ -136,7 +147,15 @@ def test_rftlab_evaluate_command(tmp_path, capsys):
     assert scores["num_prompts"] == 3 and scores["num_samples"] == 2
     assert {"eval/greedy/accuracy", "eval/sampled/pass@1", "eval/sampled/pass@2"} <= set(scores)
     assert all(0.0 <= scores[k] <= 1.0 and math.isfinite(scores[k]) for k in scores if k.startswith("eval/"))
-    assert "greedy accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "greedy accuracy" in printed
+    answers = scores["greedy_answers"]
+    assert len(answers) == 3 and all(a["question"].startswith("Calculate") for a in answers)
+    assert scores["eval/greedy/accuracy"] == sum(a["correct"] for a in answers) / 3
+    assert "reference:" not in printed  # --show 0: no answers printed
+    main(["evaluate", "--policy", "tiny", "--task.class_path", "rftlab.tasks.Arithmetic",
+          "--task.init_args.num_test", "3", "--max_new_tokens", "3", "--show", "2"])
+    assert capsys.readouterr().out.count("reference:") == 2
 
 
 def test_evaluate_takes_the_checkpoint_as_export_and_generate_do():
