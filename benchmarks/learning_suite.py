@@ -127,6 +127,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # moves, where twice the learning rate (copy_lr4) moved every token twice as far and was worse.
     "copy_mu2": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False, iterations=2,
                      module=dict(forward=dict(sampling_dtype="bfloat16"))),
+    # copy as Dr. GRPO (arXiv 2503.20783, section 3.2): advantages centred on the group mean, not
+    # divided by its std, and every completion's token losses summed over a constant (the longest
+    # completion allowed) instead of averaged over its own length. GRPO's per-reply average lets a long
+    # wrong reply lose less per token than a short one; in the copy and copy_mu2 runs the replies of
+    # the three tasks that never learn grew to the 64-token limit, where the last number is cut off.
+    "copy_dr": dict(algo="grpo", lr=2e-4, lora_r=16, prompts=4, gens=8, dynamic_sampling=False,
+                    module=dict(forward=dict(sampling_dtype="bfloat16"), advantage="dr_grpo",
+                                loss=dict(agg="seq-mean-token-sum-norm"))),
 }
 
 #: The easy stage of the "curriculum" recipe, one per suite task, by one rule rather than tuning:

@@ -155,3 +155,13 @@ def test_the_passes_recipe_takes_two_optimizer_steps_per_rollout(tmp_path, monke
     # 2 rollouts, 4 optimizer steps; held-out accuracy before, after the first rollout's passes, at the end
     assert (result["rollouts"], result["steps"]) == (2, 4) and [e["step"] for e in result["evals"]] == [0, 2, 4]
     assert len(result["steps_log"]) == 4
+
+
+def test_the_dr_grpo_recipe_changes_only_the_advantage_and_the_aggregation():
+    suite = load_benchmark("learning_suite")
+    copy, dr = suite.RECIPES["copy"], suite.RECIPES["copy_dr"]
+    assert {k: v for k, v in dr.items() if k != "module"} == {k: v for k, v in copy.items() if k != "module"}
+    assert {k: v for k, v in dr["module"].items() if k not in ("advantage", "loss")} == copy["module"]
+    module = suite.build_module(dr, "tiny", 0)
+    assert (module.advantage_spec.name, module.loss_spec.agg) == ("dr_grpo", "seq-mean-token-sum-norm")
+    assert suite.build_module(copy, "tiny", 0).advantage_spec.name == "grpo"

@@ -66,7 +66,7 @@ class GRPO(RFTModule):
     #: Inputs this algorithm passes to an advantage estimator that names them.
     advantage_inputs: tuple[str, ...] = ("kl", "kl_coef", "baseline_rewards")
     #: Inputs this algorithm passes to a policy loss that names them.
-    loss_inputs: tuple[str, ...] = ("eps_low", "eps_high", "dual_clip", "agg")
+    loss_inputs: tuple[str, ...] = ("eps_low", "eps_high", "dual_clip", "agg", "max_len")
     #: The fewest completions per prompt, for estimators that do not declare ``min_group_size``.
     min_group_size: int = 2
     kl_in_reward_supported = True
@@ -237,7 +237,11 @@ class GRPO(RFTModule):
         old_logp = batch.old_logp if batch.old_logp is not None else logp.detach()  # one update: no old forward
         mask = self.loss_mask(batch)
         advantages, metrics = self.token_advantages(batch, old_logp, None if entropy is None else entropy.detach(), mask)
-        supplied = {"eps_low": clip.eps_low, "eps_high": clip.eps_high, "dual_clip": clip.dual_clip, "agg": spec.agg}
+        # The generation budget is the constant of Dr. GRPO's "seq-mean-token-sum-norm" (arXiv 2503.20783
+        # §3.2; TRL's max_completion_length, verl's padded response length), whatever this batch's longest reply.
+        max_len = batch.max_new_tokens
+        supplied = {"eps_low": clip.eps_low, "eps_high": clip.eps_high, "dual_clip": clip.dual_clip, "agg": spec.agg,
+                    "max_len": max_len}
         loss, loss_metrics = call_plugin(POLICY_LOSSES.get(spec.name), (logp, old_logp, advantages, mask),
                                          supplied, spec.options)
         metrics.update(loss_metrics)
@@ -246,7 +250,7 @@ class GRPO(RFTModule):
             kl = kl_penalty(logp, batch.ref_logp, kind=kl_kind or self.kl_options.estimator)
             metrics["kl"] = masked_mean(kl.detach(), batch.completion_mask)
             if kl_in_loss:
-                kl_loss = aggregate(kl, mask, spec.agg)
+                kl_loss = aggregate(kl, mask, spec.agg, max_len)
                 loss = loss + self.kl_coef * kl_loss
                 metrics["loss/kl"] = kl_loss.detach()
         if entropy is None:
@@ -262,7 +266,7 @@ class GRPO(RFTModule):
                                                       spec.entropy_max_coef)
             coef = coef if entropy_bonus_active(measured, spec.entropy_target) else 0.0
         if coef > 0:  # entropy bonus: maximise the policy's entropy on the loss tokens
-            loss = loss - coef * aggregate(entropy, mask, spec.agg)
+            loss = loss - coef * aggregate(entropy, mask, spec.agg, max_len)
         return loss, logp, metrics
 
     def _mean_across_processes(self, value: Tensor) -> float:

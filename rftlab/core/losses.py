@@ -93,7 +93,8 @@ def _agg_seq_mean_token_sum(per_token: Tensor, mask: Tensor, max_len: int | None
 @AGGREGATIONS.register("seq-mean-token-sum-norm")
 def _agg_seq_mean_token_sum_norm(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     # Dr. GRPO arXiv 2503.20783 §3.2: divide by a constant instead of each length |o_i|, which
-    # removes the length bias; the constant is the generation budget.
+    # removes the length bias; the constant is the generation budget (the algorithms supply it). T,
+    # the longest completion of the batch, would change the scale of the step from batch to batch.
     max_len = per_token.shape[-1] if max_len is None else max_len
     return masked_sum(per_token, mask) / (max(per_token.shape[0], 1) * max_len)
 
@@ -159,6 +160,7 @@ def policy_loss(
     eps_high: float = 0.2,
     agg: str = "token-mean",
     dual_clip: float | None = None,
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate policy loss (PPO / GRPO / DAPO), aggregated by ``agg``.
 
@@ -179,6 +181,8 @@ def policy_loss(
         eps_high: >= eps_low, upper clip ``1 + eps_high``.
         agg: a mode of ``aggregate`` / ``AGGREGATIONS``.
         dual_clip: None, or c > 1.
+        max_len: the constant of ``agg="seq-mean-token-sum-norm"`` (the generation budget, supplied
+            by the algorithm); None uses T.
 
     Returns:
         ``(loss, metrics)``: 0-dim loss; metrics are detached 0-dim tensors, masked token-means:
@@ -206,7 +210,7 @@ def policy_loss(
         negative = adv < 0
         metrics["clip_ratio/dual"] = masked_mean((negative & (per_token > cap)).to(logp.dtype), mask)
         per_token = torch.where(negative, torch.minimum(per_token, cap), per_token)
-    loss = aggregate(per_token, mask, agg)
+    loss = aggregate(per_token, mask, agg, max_len)
     with torch.no_grad():
         metrics["clip_ratio/low"] = masked_mean(((adv < 0) & (ratio < 1.0 - eps_low)).to(logp.dtype), mask)
         metrics["clip_ratio/high"] = masked_mean(((adv > 0) & (ratio > 1.0 + eps_high)).to(logp.dtype), mask)

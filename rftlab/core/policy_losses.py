@@ -162,6 +162,7 @@ def gspo_token_loss(
     agg: str = "seq-mean-token-mean",
     seq_eps_low: float = 3e-4,
     seq_eps_high: float = 4e-4,
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token: GSPO's sequence ratio with a per-token advantage and a per-token gradient.
 
@@ -182,6 +183,7 @@ def gspo_token_loss(
         advantages: (N,) per sequence, broadcast over T, or (N, T) per token.
         mask: (N, T) 1 on real completion tokens.
         agg: a mode of ``aggregate`` (supplied by the algorithm).
+        max_len: the constant of ``agg="seq-mean-token-sum-norm"`` (supplied by the algorithm; None: T).
         seq_eps_low: in [0, 1), lower clip ``1 - seq_eps_low`` of the sequence ratio.
         seq_eps_high: >= 0, upper clip ``1 + seq_eps_high``.
 
@@ -201,7 +203,7 @@ def gspo_token_loss(
     token_log_ratio = seq_log_ratio.detach().unsqueeze(-1) + (log_ratio - log_ratio.detach())
     ratio = torch.exp(token_log_ratio)
     per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - seq_eps_low, 1.0 + seq_eps_high))
-    loss = aggregate(per_token, mask, agg)
+    loss = aggregate(per_token, mask, agg, max_len)
     with torch.no_grad():
         metrics = {
             "clip_ratio/low": masked_mean(((adv < 0) & (ratio < 1.0 - seq_eps_low)).to(logp.dtype), mask),
@@ -234,6 +236,7 @@ def cispo_loss(
     agg: str = "token-mean",
     is_eps_low: float | None = None,
     is_eps_high: float = 4.0,
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO: REINFORCE with a truncated, stop-gradient importance weight on every token.
 
@@ -260,6 +263,7 @@ def cispo_loss(
         advantages: (N,) per sequence, broadcast over T, or (N, T) per token.
         mask: (N, T) 1 on real completion tokens.
         agg: a mode of ``aggregate`` (supplied by the algorithm).
+        max_len: the constant of ``agg="seq-mean-token-sum-norm"`` (supplied by the algorithm; None: T).
         is_eps_low: None for no lower bound, or >= 0: weights below ``1 - is_eps_low`` are raised to it.
         is_eps_high: >= 0, weights above ``1 + is_eps_high`` are truncated to it.
 
@@ -276,7 +280,7 @@ def cispo_loss(
     # logp itself enters the loss: zero it on padding so the per-token loss is 0 there, not NaN,
     # even for an aggregation that multiplies by the mask instead of selecting with it.
     per_token = -weight * adv * _zero_if_padded(logp, real)
-    loss = aggregate(per_token, mask, agg)
+    loss = aggregate(per_token, mask, agg, max_len)
     with torch.no_grad():
         metrics = {
             "cispo/truncated_share": masked_mean((weight != ratio).to(logp.dtype), mask),
@@ -307,6 +311,7 @@ def sapo_loss(
     agg: str = "seq-mean-token-mean",
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAPO: a temperature-controlled sigmoid gate on the token ratio instead of the hard clip.
 
@@ -330,6 +335,7 @@ def sapo_loss(
         advantages: (N,) per sequence, broadcast over T, or (N, T) per token.
         mask: (N, T) 1 on real completion tokens.
         agg: a mode of ``aggregate`` (supplied by the algorithm).
+        max_len: the constant of ``agg="seq-mean-token-sum-norm"`` (supplied by the algorithm; None: T).
         tau_pos: > 0, gate temperature for tokens with ``A > 0``.
         tau_neg: > 0, gate temperature for tokens with ``A <= 0``.
 
@@ -345,7 +351,7 @@ def sapo_loss(
     gate = torch.sigmoid(tau * (ratio - 1.0))
     # The 4 / tau factor makes the gate's slope at r = 1 equal to 1 whatever tau is.
     per_token = -(gate * 4.0 / tau) * adv
-    loss = aggregate(per_token, mask, agg)
+    loss = aggregate(per_token, mask, agg, max_len)
     with torch.no_grad():
         metrics = {
             "sapo/gate_weight_mean": masked_mean(4.0 * gate * (1.0 - gate), mask),

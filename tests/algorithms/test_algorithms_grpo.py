@@ -132,3 +132,26 @@ def test_nonfinite_loss_skips_the_update(tiny_grpo, vary_reward, monkeypatch):
         fit_tiny(module, dm, 2, max_epochs=1, limit_train_batches=2)
     assert module.faults.total == 2
     assert_params_unchanged(before, module)
+
+
+def test_dr_grpo_divides_by_the_generation_budget_not_the_longest_reply(tiny_grpo, vary_reward):
+    # Dr. GRPO (arXiv 2503.20783 §3.2) sums each reply's token losses over one constant, the budget:
+    # a batch of short replies must not get a larger step than a batch of long ones.
+    import dataclasses
+
+    module = tiny_grpo(advantage="dr_grpo", loss={"agg": "seq-mean-token-sum-norm"}, beta=0.0)
+    dm = RolloutDataModule(task=Arithmetic(), rewards=vary_reward, prompts_per_step=2, num_generations=4,
+                           max_new_tokens=4).attach(module)
+    rollout = dm.build_rollout()
+    width = rollout.completion_ids.shape[1]
+    assert rollout.max_new_tokens == 4 and width <= 4
+    def gradient(r):
+        module.zero_grad()
+        module.compute_loss(r)[0].backward()
+        return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+    at_budget = gradient(rollout)
+    assert at_budget.abs().sum() > 0  # vary_reward: the groups carry a signal
+    torch.testing.assert_close(gradient(dataclasses.replace(rollout, max_new_tokens=40)), at_budget / 10)
+    # an unknown budget falls back to the batch's width T
+    torch.testing.assert_close(gradient(dataclasses.replace(rollout, max_new_tokens=None)), at_budget * 4 / width)
