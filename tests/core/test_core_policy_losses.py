@@ -13,7 +13,7 @@ from rftlab.core.policy_losses import cispo_loss, gmpo_loss, gspo_loss, gspo_tok
 NAMES = ("gspo", "gspo_token", "cispo", "sapo", "gmpo")
 TOKEN_LEVEL = ("gspo_token", "cispo", "sapo")  # take the algorithm's ``agg``
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-SUPPLIED = ("eps_low", "eps_high", "dual_clip", "agg")
+SUPPLIED = ("eps_low", "eps_high", "dual_clip", "agg", "max_len")  # GRPO.loss_inputs
 NAN = float("nan")
 METRIC_KEYS = {
     "gspo": {"clip_ratio/low", "clip_ratio/high", "gspo/seq_ratio_mean", "approx_kl"},
