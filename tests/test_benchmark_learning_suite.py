@@ -148,7 +148,7 @@ def test_the_passes_recipe_takes_two_optimizer_steps_per_rollout(tmp_path, monke
     suite = load_benchmark("learning_suite")
     copy, mu2 = suite.RECIPES["copy"], suite.RECIPES["copy_mu2"]
     assert {k: v for k, v in mu2.items() if k != "iterations"} == copy and mu2["iterations"] == 2
-    assert not suite.is_plain_grpo(dict(suite.RECIPES["readme"], iterations=2))  # the TRL worker passes no passes
+    assert not suite.is_plain_grpo(dict(suite.RECIPES["readme"], iterations=2))  # the TRL worker runs one pass per rollout
     suite.main(["--policy", "tiny", "--precision", "32-true", "--threads", "1", "--steps", "2", "--num-test", "2",
                 "--max-new-tokens", "4", "--tasks", "syllogism", "--recipe", "copy_mu2", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "syllogism.json").read_text())

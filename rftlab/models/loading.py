@@ -107,20 +107,18 @@ def resolve_model_path(policy: str | os.PathLike[str]) -> str:
     """Map a policy name or folder to something ``from_pretrained`` accepts (a folder or a hub id).
 
     Raises:
-        ModelNotFoundError: for a name that can only be a path (absolute, relative with ``.`` or
+        ModelNotFoundError: for a ``Path`` or a name that can only be a path (absolute, relative with ``.`` or
             ``~``, or with more than one ``/``, which no hub id has) where there is no folder.
     """
-    if isinstance(policy, os.PathLike):  # e.g. default_model_dir(): a folder, whatever its name
-        path = Path(policy).expanduser()
-        if not path.exists():
-            raise ModelNotFoundError(f"policy={str(policy)!r}: no such folder ({path.absolute()})")
-        return str(path)
-    if policy == DEFAULT_POLICY:
+    given_as_path = isinstance(policy, os.PathLike)  # e.g. default_model_dir(): a folder, whatever its name
+    policy = os.fspath(policy)
+    if policy == DEFAULT_POLICY and not given_as_path:
         return str(default_model_dir())
-    if policy == TINY_POLICY:
+    if policy == TINY_POLICY and not given_as_path:
         return str(default_model_dir())  # the tokenizer comes from here; the weights are random
     path = Path(policy).expanduser()
-    looks_like_a_path = policy.startswith(("/", ".", "~")) or policy.count("/") > 1 or "\\" in policy
+    looks_like_a_path = (given_as_path or policy.startswith(("/", ".", "~")) or policy.count("/") > 1
+                         or "\\" in policy)
     if looks_like_a_path and not path.exists():
         # Otherwise transformers takes it for a hub id and reports an invalid repository name.
         raise ModelNotFoundError(f"policy={policy!r}: no such folder ({path.absolute()})")
